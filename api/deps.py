@@ -1,0 +1,63 @@
+"""Dependencies shared by every route: settings, a database session, storage, the current tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from core.db.models import Tenant
+from core.db.session import session_factory
+from core.settings import Settings, get_settings
+from core.storage import Storage
+
+from .security import authenticate
+
+bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer pk_...")
+
+
+def settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(settings_dep)]
+
+
+def get_db(settings: SettingsDep) -> Iterator[Session]:
+    """A session per request; routes commit their writes explicitly before responding."""
+    session = session_factory(settings.resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+
+
+def get_storage(settings: SettingsDep) -> Storage:
+    return Storage(settings.data_dir)
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def current_tenant(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Tenant:
+    tenant = authenticate(session, credentials.credentials) if credentials else None
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid API key: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+__all__ = ["SessionDep", "SettingsDep", "StorageDep", "TenantDep", "get_settings"]

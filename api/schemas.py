@@ -1,0 +1,114 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"]
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class DatasetOut(Out):
+    id: str
+    name: str
+    builtin: bool = False
+    description: str | None = None
+    file_name: str | None = None
+    format: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    fingerprint: str | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+    classes: list[str] | None = None
+    input_shape: list[int] | None = None
+    created_at: dt.datetime | None = None
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class ArchitectureOut(BaseModel):
+    name: str
+    description: str
+    family: str
+    min_input_size: int
+    params_cifar10: int = Field(description="parameters at 10 classes, 3×32×32")
+
+
+class PresetOut(BaseModel):
+    name: str
+    description: str
+    spec: dict[str, Any]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(
+        None, description="a built-in dataset name (digits, cifar10, cifar100, tinyimagenet) or an uploaded dataset id; default: the preset's"
+    )
+    preset: str | None = Field(None, description="start from a named preset (see /v1/presets)")
+    spec: dict[str, Any] = Field(default_factory=dict, description="job-spec fields, merged over the preset")
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps_per_epoch: int | None = None
+    images_per_sec: float | None = None
+    eta_seconds: float | None = None
+    fraction: float = 0.0
+    losses: dict[str, float] | None = None
+
+
+class JobOut(Out):
+    id: str
+    status: JobStatus
+    phase: str
+    dataset: str = Field(validation_alias="dataset_name")
+    dataset_id: str | None
+    preset: str | None
+    spec: dict[str, Any]
+    progress: Progress
+    latest_metrics: dict[str, Any] | None
+    best_metrics: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class EpochMetricOut(Out):
+    epoch: int
+    attempt: int
+    record: dict[str, Any]
+
+
+class ArtifactOut(Out):
+    name: str
+    file_name: str
+    media_type: str
+    size_bytes: int
+    sha256: str
+    created_at: dt.datetime
+    url: str = ""

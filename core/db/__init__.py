@@ -1,0 +1,1 @@
+"""The service's database: SQLAlchemy 2 models (the source of truth for jobs) and sessions."""

@@ -1,0 +1,133 @@
+"""Run a robustification job locally: `python -m core.engine.cli train --preset digits-demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .data import BUILTIN_DATASETS, DatasetError, load_splits
+from .job import run_job
+from .models import list_models
+from .spec import PRESETS, SpecError, build_spec
+from .trainer import EpochRecord, StepProgress, TrainingCallbacks
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """`a.b=value` pairs into a nested dict; values are JSON where they parse, else strings."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise SpecError([{"field": assignment, "message": "expected KEY=VALUE"}])
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = overrides
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return overrides
+
+
+class ProgressBar(TrainingCallbacks):
+    def __init__(self, file=sys.stderr):
+        self.bar: tqdm | None = None
+        self.file = file
+
+    def on_step(self, p: StepProgress) -> None:
+        if self.bar is None or self.bar.desc != f"epoch {p.epoch + 1}/{p.epochs}":
+            self._close()
+            self.bar = tqdm(total=p.steps_per_epoch, desc=f"epoch {p.epoch + 1}/{p.epochs}", file=self.file, leave=False)
+        self.bar.update(p.step - self.bar.n)
+        self.bar.set_postfix({"img/s": f"{p.images_per_sec:.0f}", **{k: f"{v:.3f}" for k, v in p.losses.items() if k.startswith("loss")}})
+
+    def on_epoch(self, r: EpochRecord) -> None:
+        self._close()
+        line = f"epoch {r.epoch + 1}: lr {r.lr:.4g}  student clean {r.student['clean_acc']:.1%} pgd {r.student['pgd_acc']:.1%}"
+        if r.swa_student:
+            line += f"  swa clean {r.swa_student['clean_acc']:.1%} pgd {r.swa_student['pgd_acc']:.1%}"
+        print(f"{line}  ({r.images_per_sec:.0f} img/s)", file=self.file)
+
+    def on_phase(self, phase: str) -> None:
+        self._close()
+        print(phase, file=self.file)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    names = list(next(iter(metrics.values()))["test"])  # clean, fgsm, pgdK, autoattack: final_report's order
+    lines = [f"{'model':<14}{'epoch':>6}" + "".join(f"{n.removesuffix('_acc'):>12}" for n in names)]
+    for key, m in metrics.items():
+        lines.append(f"{key:<14}{m['best_epoch'] + 1:>6}" + "".join(f"{m['test'].get(n, float('nan')):>12.2%}" for n in names))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = json.loads(Path(args.spec).read_text()) if args.spec else {}
+    overrides = {**overrides, **parse_overrides(args.set or [])}
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    spec = build_spec(args.preset, overrides)
+    splits = load_splits(spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed)
+    print(
+        f"{spec.method}: {spec.student} student"
+        + (f", {spec.peer_architecture} peer" if spec.peer_architecture else "")
+        + f" on {splits.name} ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+        f"{'×'.join(map(str, splits.input_shape))}), ε = {spec.epsilon:.4f}, {spec.epochs} epochs; workdir {args.workdir}",
+        file=sys.stderr,
+    )
+    result = run_job(spec, splits, Path(args.workdir), device=args.device, callbacks=ProgressBar())
+    print(format_report(result.report))
+    print(f"weights and model card in {Path(args.workdir) / 'artifacts'}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "presets":
+        for name, (description, _) in PRESETS.items():
+            print(f"{name:<24}{description}")
+    elif args.what == "architectures":
+        for info in list_models():
+            print(f"{info.name:<16}{info.description}")
+    else:
+        for name, description in BUILTIN_DATASETS.items():
+            print(f"{name:<16}{description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peeraid-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train, evaluate and export a robust student")
+    train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    train.add_argument("--spec", help="a JSON file of job-spec fields (applied over the preset)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. epochs=5 or peeraid.tau=3")
+    train.add_argument("--dataset", help="built-in name or a dataset file (.zip, .tar.gz, .npz)")
+    train.add_argument("--workdir", default="runs/local", help="checkpoints and artifacts; an existing checkpoint is resumed")
+    train.add_argument("--data-root", default="data", help="where CIFAR/TinyImageNet live or are downloaded to")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.set_defaults(func=cmd_train)
+    listing = sub.add_parser("list", help="list presets, architectures or built-in datasets")
+    listing.add_argument("what", choices=["presets", "architectures", "datasets"])
+    listing.set_defaults(func=cmd_list)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Clean and robust accuracy: per-epoch validation (clean + PGD-10) and the final report
+(clean, FGSM, PGD-20, AutoAttack). Models are evaluated in eval mode, in large batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .attacks import fgsm, pgd
+from .data import ImageDataset
+
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _batches(dataset: ImageDataset, batch_size: int, device: torch.device):
+    for start in range(0, len(dataset), batch_size):
+        x = dataset.images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+        yield x, dataset.labels[start : start + batch_size].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x).argmax(1) == y).sum()
+
+
+def accuracies(
+    model: nn.Module,
+    dataset: ImageDataset,
+    attacks: dict[str, Attack | None],
+    *,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Accuracy of `model` on `dataset` under each attack (None = clean), in one pass over the data."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = {name: torch.zeros((), dtype=torch.int64, device=device) for name in attacks}
+    for x, y in _batches(dataset, batch_size, device):
+        for name, attack in attacks.items():
+            correct[name] += _correct(model, x if attack is None else attack(model, x, y), y)
+    model.train(was_training)
+    return {name: c.item() / max(1, len(dataset)) for name, c in correct.items()}
+
+
+def pgd_attack(epsilon: float, step_size: float, steps: int) -> Attack:
+    return lambda model, x, y: pgd(model, x, y, epsilon=epsilon, step_size=step_size, steps=steps)
+
+
+def fgsm_attack(epsilon: float) -> Attack:
+    return lambda model, x, y: fgsm(model, x, y, epsilon=epsilon)
+
+
+def validation_metrics(
+    model: nn.Module, dataset: ImageDataset, *, epsilon: float, step_size: float, steps: int, batch_size: int, device
+) -> dict[str, float]:
+    """The per-epoch model-selection metrics: clean and PGD-`steps` accuracy (CE, uniform random start)."""
+    return accuracies(
+        model, dataset, {"clean_acc": None, "pgd_acc": pgd_attack(epsilon, step_size, steps)},
+        batch_size=batch_size, device=device,
+    )
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    dataset: ImageDataset,
+    *,
+    epsilon: float,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> float:
+    """Robust accuracy under AutoAttack, standard version, L∞ (the pyautoattack package).
+
+    The standard version attacks 9 target classes; with fewer than 10 classes it attacks all
+    num_classes − 1 of them, the most the data allows."""
+    from pyautoattack import AutoAttack
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    adversary = AutoAttack(model, norm="Linf", eps=epsilon, version="standard", device=device, seed=seed)
+    adversary.logger.setLevel(logging.WARNING)
+    num_classes = len(dataset.classes)
+    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+    adversary.fab.n_target_classes = min(9, num_classes - 1)
+    x = dataset.images.to(device).float().div_(255)
+    y = dataset.labels.to(device)
+    _x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    model.train(was_training)
+    return (y_adv == y).float().mean().item()
+
+
+def final_report(
+    model: nn.Module,
+    test: ImageDataset,
+    *,
+    epsilon: float,
+    step_size: float,
+    pgd_steps: int,
+    run_autoattack: bool,
+    batch_size: int,
+    device,
+    seed: int,
+    on_phase: Callable[[str], None] = lambda phase: None,
+) -> dict[str, float]:
+    on_phase("clean, FGSM, PGD")
+    report = accuracies(
+        model,
+        test,
+        {"clean_acc": None, "fgsm_acc": fgsm_attack(epsilon), f"pgd{pgd_steps}_acc": pgd_attack(epsilon, step_size, pgd_steps)},
+        batch_size=batch_size,
+        device=device,
+    )
+    if run_autoattack:
+        on_phase("AutoAttack")
+        report["autoattack_acc"] = autoattack_accuracy(
+            model, test, epsilon=epsilon, batch_size=batch_size, device=device, seed=seed
+        )
+    return report

@@ -1,0 +1,326 @@
+"""The training loop: schedule, SWA student, per-epoch validation, best-model selection,
+checkpoint after every epoch (resumable exactly), cancellation and progress callbacks.
+
+Randomness is re-seeded from (seed, epoch) at the start of every epoch, so an epoch's result
+depends only on the state at its start: resuming from the checkpoint of epoch k gives the same
+parameters as never stopping."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from .data import BatchLoader, DatasetSplits
+from .evaluation import validation_metrics
+from .losses import PeerAiDWeights
+from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
+from .models import create_model
+from .spec import JobSpec
+from .state_io import load_optimizer_state, load_tensors, optimizer_state, prefixed, save_tensors, unprefixed
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "peeraid-service/checkpoint-v1"
+
+
+class TrainingCancelled(Exception):
+    """Raised between steps when the callbacks ask to stop; the last epoch checkpoint stays."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepProgress:
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    images_per_sec: float
+    lr: float
+    losses: dict[str, float]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    train_seconds: float
+    eval_seconds: float
+    images_per_sec: float
+    losses: dict[str, float]
+    student: dict[str, float]
+    swa_student: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingCallbacks:
+    """Hooks the worker (or the CLI) implements; the engine calls them from the training thread."""
+
+    def on_step(self, progress: StepProgress) -> None: ...
+
+    def on_epoch(self, record: EpochRecord) -> None: ...
+
+    def on_phase(self, phase: str) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class BestModel:
+    epoch: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = None
+
+    def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+        if self.state is not None and metrics["pgd_acc"] <= self.metrics["pgd_acc"]:
+            return False
+        self.epoch, self.metrics = epoch, dict(metrics)
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+
+def make_method(spec: JobSpec) -> TrainingMethod:
+    attack = AttackSettings(spec.epsilon, spec.attack_step_size, spec.attack_steps)
+    if spec.method == "peeraid":
+        return PeerAiD(attack, PeerAiDWeights(**spec.peeraid.model_dump()), spec.student_adv_forwards)
+    if spec.method == "pgd_at":
+        return PGDAT(attack)
+    if spec.method == "trades":
+        return TRADES(attack, spec.trades_beta)
+    return Natural()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader) -> None:
+    """Recompute BatchNorm running statistics with one pass in train mode, as the script's bn_update:
+    a cumulative average weighted by batch size (momentum b/(seen+b)), so a partial last batch
+    counts for its size. (torch's update_bn weights every batch equally.)"""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+    was_training = model.training
+    model.train()
+    seen = 0
+    for x, _ in loader:
+        for bn in norms:
+            bn.momentum = len(x) / (seen + len(x))
+        model(x)
+        seen += len(x)
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: JobSpec,
+        splits: DatasetSplits,
+        *,
+        workdir: Path,
+        device: str | torch.device | None = None,
+        callbacks: TrainingCallbacks | None = None,
+        progress_interval: float = 2.0,
+        eval_batch_size: int = 512,
+    ):
+        self.spec = spec
+        self.splits = splits
+        self.workdir = Path(workdir)
+        self.device = resolve_device(device)
+        self.callbacks = callbacks or TrainingCallbacks()
+        self.progress_interval = progress_interval
+        self.eval_batch_size = eval_batch_size
+        self.method = make_method(spec)
+
+        in_channels, input_size, _ = splits.input_shape
+        self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels, input_size=input_size)
+        torch.manual_seed(spec.seed)
+        student = create_model(spec.student, **self.model_kwargs).to(self.device)
+        peer = create_model(spec.peer_architecture, **self.model_kwargs).to(self.device) if self.method.uses_peer else None
+        self.nets = Networks(
+            student=student,
+            student_optimizer=self._sgd(student, spec.lr),
+            peer=peer,
+            peer_optimizer=self._sgd(peer, spec.peer_lr or spec.lr) if peer is not None else None,
+        )
+        self.swa: AveragedModel | None = AveragedModel(student) if spec.swa else None
+        self.best_student = BestModel()
+        self.best_swa = BestModel()
+        self.history: list[EpochRecord] = []
+        self.next_epoch = 0
+
+        self.train_loader = BatchLoader(
+            splits.train, spec.batch_size, self.device, train=True,
+            padding=spec.crop_padding if spec.augment else 0, seed=spec.seed,
+        )
+        self.checkpoint_path = self.workdir / CHECKPOINT_NAME
+        if self.checkpoint_path.exists():
+            self.load_checkpoint()
+
+    def _sgd(self, model: nn.Module, lr: float) -> torch.optim.SGD:
+        s = self.spec
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.next_epoch >= self.spec.epochs
+
+    def fit(self) -> list[EpochRecord]:
+        while not self.finished:
+            self.run_epoch(self.next_epoch)
+        return self.history
+
+    def set_lr(self, epoch: int) -> float:
+        s = self.spec
+        lr = s.lr_at(epoch)
+        for group in self.nets.student_optimizer.param_groups:
+            group["lr"] = lr
+        if self.nets.peer_optimizer is not None:
+            for group in self.nets.peer_optimizer.param_groups:
+                group["lr"] = s.lr_at(epoch, s.peer_lr or s.lr)
+        return lr
+
+    def run_epoch(self, epoch: int) -> EpochRecord:
+        s = self.spec
+        torch.manual_seed(epoch_seed(s.seed, epoch))
+        lr = self.set_lr(epoch)
+        self.train_loader.set_epoch(epoch)
+        steps = len(self.train_loader)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        started = last_report = time.perf_counter()
+        for step, (x, y) in enumerate(self.train_loader):
+            if self.callbacks.should_stop():
+                raise TrainingCancelled(f"cancelled during epoch {epoch}")
+            losses = self.method.step(self.nets, x, y)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value * len(y)
+            seen += len(y)
+            now = time.perf_counter()
+            if now - last_report >= self.progress_interval or step == steps - 1:
+                last_report = now
+                means = self._finite_means(sums, seen, epoch)
+                self.callbacks.on_step(StepProgress(epoch, s.epochs, step + 1, steps, seen / (now - started), lr, means))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_seconds = time.perf_counter() - started
+        losses = self._finite_means(sums, seen, epoch)
+
+        eval_started = time.perf_counter()
+        if self.swa is not None and epoch >= s.resolved_swa_start:
+            self.swa.update_parameters(self.nets.student)
+            self.train_loader.set_epoch(self.bn_pass_epoch(epoch))
+            recalibrate_batchnorm(self.swa.module, self.train_loader)
+        student_metrics = self._validate(self.nets.student)
+        self.best_student.consider(epoch, student_metrics, self.nets.student)
+        swa_metrics = None
+        if self.swa is not None and epoch >= s.resolved_swa_start:
+            swa_metrics = self._validate(self.swa.module)
+            self.best_swa.consider(epoch, swa_metrics, self.swa.module)
+        record = EpochRecord(
+            epoch=epoch,
+            lr=lr,
+            train_seconds=train_seconds,
+            eval_seconds=time.perf_counter() - eval_started,
+            images_per_sec=seen / train_seconds,
+            losses=losses,
+            student=student_metrics,
+            swa_student=swa_metrics,
+        )
+        self.history.append(record)
+        self.next_epoch = epoch + 1
+        self.save_checkpoint()
+        self.callbacks.on_epoch(record)
+        return record
+
+    @staticmethod
+    def bn_pass_epoch(epoch: int) -> int:
+        """The loader epoch whose shuffle and augmentation the SWA BatchNorm pass after `epoch` uses."""
+        return 10_000_019 + epoch
+
+    def _finite_means(self, sums: dict[str, torch.Tensor], seen: int, epoch: int) -> dict[str, float]:
+        means = {name: (total / seen).item() for name, total in sums.items()}
+        bad = [name for name, value in means.items() if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(f"{', '.join(bad)} became non-finite in epoch {epoch}; training diverged")
+        return means
+
+    def _validate(self, model: nn.Module) -> dict[str, float]:
+        s = self.spec
+        return validation_metrics(
+            model, self.splits.val, epsilon=s.epsilon, step_size=s.attack_step_size, steps=s.eval_pgd_steps,
+            batch_size=self.eval_batch_size, device=self.device,
+        )
+
+    # --- checkpoint ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        tensors = prefixed("student", self.nets.student.state_dict())
+        opt_tensors, opt_meta = optimizer_state("opt.student", self.nets.student_optimizer)
+        tensors.update(opt_tensors)
+        meta: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "spec": self.spec.model_dump(mode="json"),
+            "dataset_fingerprint": self.splits.fingerprint,
+            "next_epoch": self.next_epoch,
+            "history": [r.to_dict() for r in self.history],
+            "opt.student": opt_meta,
+        }
+        if self.nets.peer is not None:
+            tensors.update(prefixed("peer", self.nets.peer.state_dict()))
+            opt_tensors, meta["opt.peer"] = optimizer_state("opt.peer", self.nets.peer_optimizer)
+            tensors.update(opt_tensors)
+        if self.swa is not None:
+            tensors.update(prefixed("swa", self.swa.state_dict()))
+        for name, best in (("best_student", self.best_student), ("best_swa", self.best_swa)):
+            if best.state is not None:
+                tensors.update(prefixed(name, best.state))
+                meta[name] = {"epoch": best.epoch, "metrics": best.metrics}
+        save_tensors(self.checkpoint_path, tensors, meta)
+
+    def load_checkpoint(self) -> None:
+        tensors, meta = load_tensors(self.checkpoint_path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.checkpoint_path} is not a training checkpoint")
+        if meta["dataset_fingerprint"] != self.splits.fingerprint:
+            raise ValueError(f"{self.checkpoint_path} was written for a different dataset")
+        if meta["spec"] != self.spec.model_dump(mode="json"):
+            raise ValueError(f"{self.checkpoint_path} was written for a different job spec")
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        self.nets.student.load_state_dict(unprefixed("student", tensors))
+        load_optimizer_state("opt.student", self.nets.student_optimizer, tensors, meta["opt.student"])
+        if self.nets.peer is not None:
+            self.nets.peer.load_state_dict(unprefixed("peer", tensors))
+            load_optimizer_state("opt.peer", self.nets.peer_optimizer, tensors, meta["opt.peer"])
+        if self.swa is not None:
+            self.swa.load_state_dict(unprefixed("swa", tensors))
+        for name, best in (("best_student", self.best_student), ("best_swa", self.best_swa)):
+            if name in meta:
+                best.epoch, best.metrics = meta[name]["epoch"], meta[name]["metrics"]
+                best.state = {k: v.cpu() for k, v in unprefixed(name, tensors).items()}
+        self.history = [EpochRecord(**r) for r in meta["history"]]
+        self.next_epoch = meta["next_epoch"]

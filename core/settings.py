@@ -1,0 +1,64 @@
+"""All service configuration, from environment variables prefixed PEERAID_ (or a .env file).
+
+Defaults give the embedded deployment: SQLite, Celery on kombu's SQLAlchemy transport over
+SQLite, artifacts on local disk under ./var, so one command starts a working service on a bare
+machine. Production sets PEERAID_DATABASE_URL (PostgreSQL), PEERAID_BROKER_URL (Redis) and
+PEERAID_DATA_DIR (a volume shared by the API and every worker)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PEERAID_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="root of the database (SQLite), broker (SQLite), uploads, checkpoints and artifacts")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker; default: kombu's SQLAlchemy transport on SQLite in data_dir")
+    task_queue: str = Field("peeraid-jobs", description="Celery queue the GPU workers consume")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str | None = Field(None, description="base URL users reach the API at (for links); default http://api_host:api_port")
+
+    max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload, per file")
+    tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
+    dataset_data_root: Path | None = Field(None, description="where CIFAR/TinyImageNet live or are downloaded; default data_dir/builtin")
+    allow_downloads: bool = Field(True, description="let workers download CIFAR through torchvision")
+
+    worker_device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    heartbeat_interval: float = Field(5.0, description="seconds between a running job's heartbeats")
+    heartbeat_timeout: float = Field(60.0, description="a running job without a heartbeat for this long is re-queued")
+    requeue_after: float = Field(300.0, description="a queued job untouched this long has its message sent again")
+    reconcile_interval: float = Field(15.0, description="seconds between reconciler passes in each worker")
+    max_attempts: int = Field(3, description="deliveries of a job before it fails for good")
+    progress_interval: float = Field(2.0, description="seconds between progress writes of a running job")
+
+    log_level: str = "INFO"
+    log_json: bool = Field(False, description="structured JSON logs")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'peeraid.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def resolved_public_url(self) -> str:
+        return self.public_url or f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def builtin_data_root(self) -> Path:
+        return self.dataset_data_root or self.data_dir / "builtin"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,93 @@
+"""Files on local disk (a volume shared by the API and the workers in production).
+
+Every path is derived from server-generated ids, never from user input: a storage key is
+`datasets/<tenant>/<dataset>/data.<format>` or `jobs/<job>/...`, resolved under the root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .engine.state_io import atomic_write
+
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"upload exceeds the limit of {limit} bytes")
+
+
+class Storage:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"storage key escapes the storage root: {key!r}")
+        return path
+
+    @staticmethod
+    def dataset_key(tenant_id: str, dataset_id: str, fmt: str) -> str:
+        return f"datasets/{tenant_id}/{dataset_id}/data.{fmt}"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.path(f"jobs/{job_id}")
+
+    def job_key(self, job_id: str, path: Path) -> str:
+        return str(path.resolve().relative_to(self.root))
+
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> tuple[int, str]:
+        """Stream chunks into the file at `key` (atomically), stopping at `max_bytes`; returns (size, sha256)."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(partial, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UploadTooLarge(max_bytes)
+                    digest.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return size, digest.hexdigest()
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        for parent in path.parents:  # tidy empty per-dataset folders
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def delete_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["Storage", "UploadTooLarge", "atomic_write", "sha256_file"]

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.engine.data import (
+    BatchLoader,
+    DatasetError,
+    ImageDataset,
+    fingerprint,
+    load_digits,
+    load_splits,
+    random_crop_flip,
+    split_validation,
+)
+
+
+def test_builtin_digits_needs_no_network():
+    train, test = load_digits()
+    assert train.images.shape[1:] == (1, 16, 16) and train.images.dtype == torch.uint8
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert sorted(set(train.labels.tolist())) == list(range(10))
+    assert train.images.max() == 255 and train.images.min() == 0
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    splits = load_splits("digits", val_fraction=0.1, seed=3)
+    train, val = splits.train, splits.val
+    assert len(train) + len(val) == 1797 - 359
+    for label in range(10):
+        n_val, n_train = (val.labels == label).sum().item(), (train.labels == label).sum().item()
+        assert n_val == round(0.1 * (n_val + n_train))
+    again = load_splits("digits", val_fraction=0.1, seed=3)
+    assert torch.equal(again.val.labels, val.labels) and again.fingerprint == splits.fingerprint
+    other = load_splits("digits", val_fraction=0.1, seed=4)
+    assert other.fingerprint != splits.fingerprint  # the split is part of what was trained on
+
+
+def test_validation_split_partitions_the_training_data():
+    n = 600
+    ids = torch.arange(n)
+    images = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = (ids % 256).to(torch.uint8), (ids // 256).to(torch.uint8)
+    data = ImageDataset(images, ids % 3, ["a", "b", "c"])
+    train, val = split_validation(data, 0.2, seed=0)
+    decode = lambda d: set((d.images[:, 0, 0, 0].long() + 256 * d.images[:, 0, 0, 1].long()).tolist())  # noqa: E731
+    assert decode(train).isdisjoint(decode(val)) and decode(train) | decode(val) == set(range(n))
+    assert len(val) == 120 and torch.bincount(val.labels).tolist() == [40, 40, 40]
+
+
+def test_fingerprint_changes_with_any_pixel():
+    train, _ = load_digits()
+    changed = ImageDataset(train.images.clone(), train.labels, train.classes)
+    changed.images[5, 0, 3, 3] ^= 1
+    assert fingerprint(train) != fingerprint(changed)
+    assert fingerprint(train) == fingerprint(ImageDataset(train.images.clone(), train.labels.clone(), list(train.classes)))
+
+
+def naive_crop_flip(image, dy, dx, flip, padding):
+    padded = F.pad(image, (padding,) * 4)
+    _, h, w = image.shape
+    crop = padded[:, dy : dy + h, dx : dx + w]
+    return crop.flip(2) if flip else crop
+
+
+def test_batched_crop_flip_equals_per_image_crop_flip():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 9, 7), dtype=torch.uint8, generator=g)
+    out = random_crop_flip(images, 4, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    dy, dx = torch.randint(0, 9, (64,), generator=g), torch.randint(0, 9, (64,), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    expected = torch.stack([naive_crop_flip(images[i], dy[i], dx[i], flip[i], 4) for i in range(64)])
+    assert torch.equal(out, expected)
+    assert flip.any() and (~flip).any() and (dy != 4).any()
+
+
+def test_training_batches_depend_only_on_seed_and_epoch():
+    train, _ = load_digits()
+    loader = BatchLoader(train, 100, train=True, seed=7)
+    loader.set_epoch(3)
+    first = [x for x, _ in loader]
+    loader.set_epoch(4)
+    other = [x for x, _ in loader]
+    fresh = BatchLoader(train, 100, train=True, seed=7)
+    fresh.set_epoch(3)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, fresh))
+    assert not torch.equal(first[0], other[0])
+    assert len(first) == 15 and first[-1].shape[0] == len(train) - 1400  # last partial batch kept
+    assert first[0].dtype == torch.float32 and 0 <= first[0].min() and first[0].max() <= 1
+
+
+def test_evaluation_batches_are_unaugmented_and_in_order():
+    train, _ = load_digits()
+    x, y = next(iter(BatchLoader(train, 10)))
+    assert torch.equal(x, train.images[:10].float() / 255) and torch.equal(y, train.labels[:10])
+
+
+def test_cifar_offline_names_the_folder(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        load_splits("cifar10", data_root=tmp_path, download=False)
+    assert str(tmp_path / "cifar10") in str(err.value) and "cifar-10-batches-py" in str(err.value)
+
+
+def test_unknown_dataset_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="no-such-thing"):
+        load_splits(str(tmp_path / "no-such-thing.zip"))
+
+
+def test_npz_file_through_load_splits(tmp_path):
+    g = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(
+        path,
+        x_train=g.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8),
+        y_train=np.arange(40) % 4,
+        x_test=g.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8),
+        y_test=np.arange(8) % 4,
+    )
+    splits = load_splits(str(path), val_fraction=0.2)
+    assert splits.input_shape == (3, 12, 12) and len(splits.classes) == 4
+    assert len(splits.train) == 32 and len(splits.val) == 8 and len(splits.test) == 8

@@ -1,0 +1,145 @@
+"""The training loop: resume exactness, SWA, BatchNorm recalibration, schedule, cancellation, divergence."""
+
+import copy
+
+import pytest
+import torch
+
+from core.engine.data import BatchLoader
+from core.engine.state_io import load_tensors
+from core.engine.trainer import CHECKPOINT_NAME, Trainer, TrainingCallbacks, TrainingCancelled, TrainingDiverged
+
+from .conftest import tiny_spec
+
+
+class Recorder(TrainingCallbacks):
+    def __init__(self, trainer_ref=None, stop_after_epochs=None):
+        self.records, self.steps, self.snapshots = [], [], []
+        self.trainer_ref = trainer_ref
+        self.stop_after_epochs = stop_after_epochs
+
+    def on_step(self, progress):
+        self.steps.append(progress)
+
+    def on_epoch(self, record):
+        self.records.append(record)
+        if self.trainer_ref is not None:
+            self.snapshots.append(copy.deepcopy(self.trainer_ref[0].nets.student.state_dict()))
+
+    def should_stop(self):
+        return self.stop_after_epochs is not None and len(self.records) >= self.stop_after_epochs
+
+
+def full_state(trainer):
+    state = {f"student.{k}": v for k, v in trainer.nets.student.state_dict().items()}
+    state.update({f"peer.{k}": v for k, v in trainer.nets.peer.state_dict().items()})
+    state.update({f"swa.{k}": v for k, v in trainer.swa.state_dict().items()})
+    for name, opt in (("s", trainer.nets.student_optimizer), ("p", trainer.nets.peer_optimizer)):
+        for i, entry in opt.state_dict()["state"].items():
+            state[f"opt.{name}.{i}"] = entry["momentum_buffer"]
+    state.update({f"best.{k}": v for k, v in trainer.best_student.state.items()})
+    return state
+
+
+def test_resume_after_stopping_gives_the_same_parameters(tiny_splits, tmp_path):
+    spec = tiny_spec(swa_start=1)
+    straight = Trainer(spec, tiny_splits, workdir=tmp_path / "straight")
+    straight.fit()
+
+    stopper = Recorder(stop_after_epochs=2)
+    interrupted = Trainer(spec, tiny_splits, workdir=tmp_path / "interrupted", callbacks=stopper)
+    with pytest.raises(TrainingCancelled):
+        interrupted.fit()
+    assert len(stopper.records) == 2
+    _, meta = load_tensors(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    assert meta["next_epoch"] == 2
+
+    resumed = Trainer(spec, tiny_splits, workdir=tmp_path / "interrupted")
+    assert resumed.next_epoch == 2
+    resumed.fit()
+
+    a, b = full_state(straight), full_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r.student for r in straight.history] == [r.student for r in resumed.history]
+    assert straight.best_student.epoch == resumed.best_student.epoch
+
+
+def test_swa_student_is_the_mean_of_the_students_since_swa_start(tiny_splits, tmp_path):
+    ref = []
+    recorder = Recorder(trainer_ref=ref)
+    trainer = Trainer(tiny_spec(epochs=4, lr_decay_epochs=[1, 3]), tiny_splits, workdir=tmp_path, callbacks=recorder)
+    ref.append(trainer)
+    trainer.fit()
+    assert trainer.spec.resolved_swa_start == 1
+    averaged = recorder.snapshots[1:]  # epochs 1, 2, 3
+    for name, param in trainer.swa.module.named_parameters():
+        expected = torch.stack([s[name] for s in averaged]).mean(0)
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-7)
+    assert int(trainer.swa.n_averaged) == 3
+    assert recorder.records[0].swa_student is None and recorder.records[1].swa_student is not None
+
+
+def test_swa_batchnorm_statistics_are_recomputed_over_the_training_data(tiny_splits, tmp_path):
+    trainer = Trainer(tiny_spec(epochs=2, lr_decay_epochs=[1], batch_size=48), tiny_splits, workdir=tmp_path)
+    trainer.fit()
+    swa = trainer.swa.module
+    # independent: the sample-weighted average of per-batch statistics of conv1's output over one pass
+    loader = BatchLoader(tiny_splits.train, 48, train=True, padding=4, seed=trainer.spec.seed)
+    loader.set_epoch(trainer.bn_pass_epoch(1))
+    means, variances, sizes = [], [], []
+    with torch.no_grad():
+        for x, _ in loader:
+            out = swa.conv1(x)
+            means.append(out.mean((0, 2, 3)))
+            variances.append(out.var((0, 2, 3), unbiased=True))
+            sizes.append(len(x))
+    w = torch.tensor(sizes, dtype=torch.float32)[:, None] / sum(sizes)
+    assert sizes[-1] != sizes[0]  # a partial last batch: per-sample weighting differs from per-batch
+    torch.testing.assert_close(swa.bn1.running_mean, (torch.stack(means) * w).sum(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(swa.bn1.running_var, (torch.stack(variances) * w).sum(0), rtol=1e-4, atol=1e-6)
+
+
+def test_learning_rate_follows_the_step_schedule(tiny_splits, tmp_path):
+    recorder = Recorder()
+    trainer = Trainer(tiny_spec(epochs=4, lr_decay_epochs=[2, 3]), tiny_splits, workdir=tmp_path, callbacks=recorder)
+    trainer.fit()
+    assert [r.lr for r in recorder.records] == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+    assert trainer.nets.peer_optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+    assert recorder.steps and recorder.steps[-1].step == recorder.steps[-1].steps_per_epoch
+    assert all(s.images_per_sec > 0 for s in recorder.steps)
+
+
+def test_progress_reports_every_epoch_with_metrics(tiny_splits, tmp_path):
+    recorder = Recorder()
+    Trainer(tiny_spec(epochs=2, lr_decay_epochs=[1]), tiny_splits, workdir=tmp_path, callbacks=recorder).fit()
+    assert [r.epoch for r in recorder.records] == [0, 1]
+    for r in recorder.records:
+        assert set(r.student) == {"clean_acc", "pgd_acc"} and 0 <= r.student["pgd_acc"] <= r.student["clean_acc"] + 0.2
+        assert {"loss_student", "loss_peer"} <= set(r.losses) and r.train_seconds > 0
+
+
+def test_divergence_fails_and_keeps_the_last_good_checkpoint(tiny_splits, tmp_path):
+    trainer = Trainer(tiny_spec(epochs=3, lr_decay_epochs=[2]), tiny_splits, workdir=tmp_path)
+    trainer.run_epoch(0)
+    good, _ = load_tensors(tmp_path / CHECKPOINT_NAME)
+    with torch.no_grad():
+        trainer.nets.student.linear.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="non-finite in epoch 1"):
+        trainer.run_epoch(1)
+    kept, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    assert meta["next_epoch"] == 1
+    assert torch.equal(kept["student.linear.weight"], good["student.linear.weight"])
+    assert torch.isfinite(kept["student.linear.weight"]).all()
+
+
+def test_checkpoint_of_another_job_is_refused(tiny_splits, tmp_path):
+    spec = tiny_spec(epochs=2, lr_decay_epochs=[1])
+    Trainer(spec, tiny_splits, workdir=tmp_path).run_epoch(0)
+    with pytest.raises(ValueError, match="different job spec"):
+        Trainer(replace_spec(spec, lr=0.01), tiny_splits, workdir=tmp_path)
+
+
+def replace_spec(spec, **changes):
+    return spec.model_copy(update=changes)

@@ -1,0 +1,58 @@
+"""The Celery application: one job at a time per worker (one worker per GPU), late acks, and
+redelivery when a worker process dies. The database stays the source of truth: the reconciler
+re-sends what the broker lost (see worker/reconciler.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from core.settings import Settings, get_settings
+
+RUN_JOB_TASK = "peeraid.run_job"
+log = logging.getLogger(__name__)
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("peeraid", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,  # a fresh process per job: GPU memory is returned, no state leaks
+        task_ignore_result=True,  # results live in the database
+        task_default_queue=settings.task_queue,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # ride out broker restarts
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # for flower
+        task_send_sent_event=True,
+    )
+    if settings.resolved_broker_url.startswith("sqla+sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return app
+
+
+app = create_celery(get_settings())
+
+
+def enqueue_job(settings: Settings, job_id: str) -> bool:
+    """Send the job's message and stamp enqueued_at; False (job stays queued for the reconciler) if the broker is down."""
+    from sqlalchemy import update
+
+    from core.db.models import Job, utcnow
+    from core.db.session import session_scope
+
+    try:
+        app.send_task(
+            RUN_JOB_TASK, args=[job_id], queue=settings.task_queue,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "timeout": 5},
+        )
+    except Exception as err:  # broker unreachable: the reconciler sends it later
+        log.warning("could not enqueue job %s (%s); the reconciler will retry", job_id, err)
+        return False
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    return True

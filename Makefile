@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run test demo-cli clean
+.PHONY: install run demo demo-cli test clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-run: demo-cli
+# The service on the embedded default (SQLite + SQLite broker, files in ./var): API on :8000 and one worker.
+run: install
+	$(PY) -m api.cli serve
+
+# With `make run` going: a job on the offline dataset through the REST API, live progress, download and check.
+demo: install
+	$(PY) -m api.cli demo
 
 # Robustify a small CNN on the built-in offline digits on CPU and print clean / PGD-20 / AutoAttack accuracy.
 demo-cli: install

@@ -120,3 +120,33 @@ def test_npz_file_through_load_splits(tmp_path):
     splits = load_splits(str(path), val_fraction=0.2)
     assert splits.input_shape == (3, 12, 12) and len(splits.classes) == 4
     assert len(splits.train) == 32 and len(splits.val) == 8 and len(splits.test) == 8
+
+
+def test_tinyimagenet_standard_layout(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    (root).mkdir()
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    g = np.random.default_rng(0)
+    for w in wnids:
+        folder = root / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{w}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i, w in enumerate([wnids[1], wnids[0]]):
+        Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+
+    splits = load_splits("tinyimagenet", data_root=tmp_path, val_fraction=0.34)
+    assert splits.input_shape == (3, 64, 64) and splits.classes == wnids
+    assert len(splits.train) + len(splits.val) == 6 and splits.test.labels.tolist() == [1, 0]
+
+
+def test_tinyimagenet_missing_names_the_folder(tmp_path):
+    with pytest.raises(DatasetError, match="tiny-imagenet-200"):
+        load_splits("tinyimagenet", data_root=tmp_path)

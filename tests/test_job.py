@@ -38,7 +38,7 @@ def natural_run(digits, tmp_path_factory):
 def test_peeraid_student_is_clearly_more_robust_than_natural_training(peeraid_run, natural_run):
     robust = peeraid_run[1].report["student"]["test"]
     natural = natural_run[1].report["student"]["test"]
-    print(f"\nPGD-20 accuracy on 200 digits test images at eps=8/255: PeerAiD student {robust['pgd20_acc']:.1%} "
+    print(f"\nPGD-20 accuracy on 100 digits test images at eps=8/255: PeerAiD student {robust['pgd20_acc']:.1%} "
           f"(clean {robust['clean_acc']:.1%}), naturally trained {natural['pgd20_acc']:.1%} (clean {natural['clean_acc']:.1%})")
     assert robust["pgd20_acc"] >= natural["pgd20_acc"] + 0.15
     assert robust["autoattack_acc"] >= natural["autoattack_acc"] + 0.10
@@ -77,7 +77,7 @@ def test_exported_weights_are_safetensors_that_reproduce_the_reported_accuracy(p
         assert "conv1.weight" in f.keys()
     model, meta = load_model(path)
     assert meta["architecture"] == "small_cnn" and meta["classes"] == digits.classes
-    test = digits.test.subset(torch.arange(200))
+    test = digits.test.subset(torch.arange(spec.evaluation.n_examples))
     clean = accuracies(model, test, {"clean": None})["clean"]
     assert clean == pytest.approx(result.report["student"]["test"]["clean_acc"], abs=1e-9)
     assert result.artifacts["peer"].exists() and result.artifacts["swa_student"].exists()

@@ -143,3 +143,15 @@ def test_checkpoint_of_another_job_is_refused(tiny_splits, tmp_path):
 
 def replace_spec(spec, **changes):
     return spec.model_copy(update=changes)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "natural"])
+def test_baselines_train_under_the_same_interface(tiny_splits, tmp_path, method):
+    spec = tiny_spec(method=method, epochs=2, lr_decay_epochs=[1])
+    trainer = Trainer(spec, tiny_splits, workdir=tmp_path)
+    before = copy.deepcopy(trainer.nets.student.state_dict())
+    history = trainer.fit()
+    assert trainer.nets.peer is None and len(history) == 2
+    assert all(torch.isfinite(torch.tensor(r.losses["loss_student"])) for r in history)
+    assert not torch.equal(before["conv1.weight"], trainer.nets.student.conv1.weight)
+    assert trainer.best_student.state is not None and trainer.best_swa.state is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import setup_logging, worker_ready
 
 from core.settings import Settings, get_settings
 
@@ -48,7 +49,7 @@ def enqueue_job(settings: Settings, job_id: str) -> bool:
     try:
         app.send_task(
             RUN_JOB_TASK, args=[job_id], queue=settings.task_queue,
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "timeout": 5},
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
         )
     except Exception as err:  # broker unreachable: the reconciler sends it later
         log.warning("could not enqueue job %s (%s); the reconciler will retry", job_id, err)
@@ -56,3 +57,19 @@ def enqueue_job(settings: Settings, job_id: str) -> bool:
     with session_scope(settings.resolved_database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
     return True
+
+
+@worker_ready.connect
+def _start_reconciler(sender=None, **_kwargs) -> None:
+    """Every worker's main process reconciles the database with the broker (worker/reconciler.py)."""
+    from .reconciler import start_reconciler
+
+    start_reconciler(get_settings())
+
+
+@setup_logging.connect
+def _configure_logging(**_kwargs) -> None:
+    from core.logs import configure
+
+    settings = get_settings()
+    configure(settings.log_level, settings.log_json)

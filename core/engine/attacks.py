@@ -33,7 +33,9 @@ def pgd(
 ) -> torch.Tensor:
     """PGD-k on cross-entropy with a uniform random start in the ε-ball (Madry et al.)."""
     x = x.detach()
-    x_adv = x + torch.empty_like(x).uniform_(-epsilon, epsilon) if random_start and steps > 0 else x
+    # noise drawn in logical (NCHW) order, so the same seed gives the same start in any memory format
+    noise = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    x_adv = x + noise.uniform_(-epsilon, epsilon) if random_start and steps > 0 else x
     if random_start and steps > 0:
         x_adv = x_adv.clamp(0, 1)
     for _ in range(steps):
@@ -64,7 +66,7 @@ def kl_attack(
     prediction it is TRADES' inner maximisation."""
     x = x.detach()
     target_probs = target_probs.detach()
-    x_adv = x + init_std * torch.randn_like(x)
+    x_adv = x + init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype)
     for _ in range(steps):
         step = _ascend(
             model, x_adv, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")

@@ -82,8 +82,8 @@ def autoattack_accuracy(
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
     adversary = AutoAttack(model, norm="Linf", eps=epsilon, version="standard", device=device, seed=seed)
-    adversary.logger.setLevel(logging.WARNING)
     num_classes = len(dataset.classes)
     adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
     adversary.fab.n_target_classes = min(9, num_classes - 1)

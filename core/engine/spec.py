@@ -161,7 +161,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             lr=0.1, lr_decay_epochs=[8, 10], crop_padding=2, val_fraction=0.1,
             # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
             peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
-            evaluation=dict(n_examples=200, batch_size=200),
+            evaluation=dict(n_examples=100, batch_size=100),
         ),
     ),
     "cifar10-resnet18": ("Paper: CIFAR-10, ResNet-18 student and peer, 300 epochs.", _paper_preset("cifar10", "resnet18", _CIFAR)),

@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .data import BatchLoader, DatasetSplits
 from .evaluation import validation_metrics
+from .execution import Execution, StepRunner
 from .losses import PeerAiDWeights
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
 from .models import create_model
@@ -71,6 +72,9 @@ class TrainingCallbacks:
     def on_epoch(self, record: EpochRecord) -> None: ...
 
     def on_phase(self, phase: str) -> None: ...
+
+    def on_resume(self, history: list[EpochRecord]) -> None:
+        """Called when training continues from a checkpoint, with the epochs it already holds."""
 
     def should_stop(self) -> bool:
         return False
@@ -153,12 +157,18 @@ class Trainer:
         self.progress_interval = progress_interval
         self.eval_batch_size = eval_batch_size
         self.method = make_method(spec)
+        self.execution = Execution.resolve(spec.precision, spec.cuda_graph, self.device)
+        if self.device.type == "cuda":
+            self.execution.configure_backends()
 
         in_channels, input_size, _ = splits.input_shape
         self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels, input_size=input_size)
         torch.manual_seed(spec.seed)
         student = create_model(spec.student, **self.model_kwargs).to(self.device)
         peer = create_model(spec.peer_architecture, **self.model_kwargs).to(self.device) if self.method.uses_peer else None
+        if self.execution.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+            peer = peer.to(memory_format=torch.channels_last) if peer is not None else None
         self.nets = Networks(
             student=student,
             student_optimizer=self._sgd(student, spec.lr),
@@ -173,8 +183,9 @@ class Trainer:
 
         self.train_loader = BatchLoader(
             splits.train, spec.batch_size, self.device, train=True,
-            padding=spec.crop_padding if spec.augment else 0, seed=spec.seed,
+            padding=spec.crop_padding if spec.augment else 0, seed=spec.seed, channels_last=self.execution.channels_last,
         )
+        self.step = StepRunner(self.method, self.nets, self.execution, self.device)
         self.checkpoint_path = self.workdir / CHECKPOINT_NAME
         if self.checkpoint_path.exists():
             self.load_checkpoint()
@@ -216,7 +227,7 @@ class Trainer:
         for step, (x, y) in enumerate(self.train_loader):
             if self.callbacks.should_stop():
                 raise TrainingCancelled(f"cancelled during epoch {epoch}")
-            losses = self.method.step(self.nets, x, y)
+            losses = self.step(x, y)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0) + value * len(y)
             seen += len(y)
@@ -324,3 +335,4 @@ class Trainer:
                 best.state = {k: v.cpu() for k, v in unprefixed(name, tensors).items()}
         self.history = [EpochRecord(**r) for r in meta["history"]]
         self.next_epoch = meta["next_epoch"]
+        self.callbacks.on_resume(self.history)

@@ -11,13 +11,13 @@ from .registry import register_model
 class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(64)
-        self.conv3 = nn.Conv2d(64, 128, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(128)
-        self.linear = nn.Linear(128, num_classes)
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.linear = nn.Linear(64, num_classes)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -27,6 +27,6 @@ class SmallCNN(nn.Module):
         return self.linear(out)
 
 
-@register_model("small_cnn", description="Small 3-layer CNN for CPU tests and demos, 0.1M parameters", family="small_cnn")
+@register_model("small_cnn", description="Small 3-layer CNN (16-32-64 channels, 24k parameters) for CPU tests and demos", family="small_cnn")
 def small_cnn(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     return SmallCNN(num_classes, in_channels)

@@ -1,0 +1,20 @@
+# One image for the API and the GPU workers (docker-compose.yml picks the command).
+# PyTorch's CUDA wheels bring their own CUDA libraries; the host needs the NVIDIA driver and container toolkit.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+RUN useradd --create-home --uid 10001 peeraid
+
+COPY pyproject.toml README.md alembic.ini ./
+COPY core core
+COPY api api
+COPY worker worker
+COPY bench bench
+COPY migrations migrations
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[service]"
+
+USER peeraid
+ENV PEERAID_DATA_DIR=/data PEERAID_API_HOST=0.0.0.0
+EXPOSE 8000
+CMD ["python", "-m", "api.cli", "api"]

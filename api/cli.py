@@ -1,0 +1,216 @@
+"""`peeraid-service`: run and administer the service.
+
+    peeraid-service serve            migrations, the API and an embedded worker: a working service in one command
+    peeraid-service api | worker     one component (docker-compose runs them separately)
+    peeraid-service migrate          apply database migrations
+    peeraid-service create-key TENANT [--name N]   print a new API key for TENANT (created if new)
+    peeraid-service revoke-key PREFIX              revoke a key (the part after pk_, before the next _)
+    peeraid-service list-keys
+    peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
+    peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from core.settings import Settings, get_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("peeraid")
+
+
+def configure_logging(settings: Settings) -> None:
+    from core.logs import configure
+
+    configure(settings.log_level, settings.log_json)
+
+
+def migrate(settings: Settings) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.attributes["database_url"] = settings.resolved_database_url
+    command.upgrade(config, "head")
+
+
+def ensure_local_key(settings: Settings) -> str:
+    """The embedded deployment's key for tenant 'default', kept in data_dir/api_key (mode 0600)."""
+    from sqlalchemy import select
+
+    from core.db.models import ApiKey
+    from core.db.session import session_scope
+
+    from .security import authenticate, create_api_key, get_or_create_tenant, hash_key
+
+    key_file = settings.data_dir / "api_key"
+    with session_scope(settings.resolved_database_url) as session:
+        if key_file.exists():
+            key = key_file.read_text().strip()
+            if authenticate(session, key) is not None:
+                return key
+            stale = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+            if stale is not None and stale.revoked_at is not None:
+                log.warning("the key in %s was revoked; creating a new one", key_file)
+        _, key = create_api_key(session, get_or_create_tenant(session, "default"), name="local")
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
+
+
+def worker_command(settings: Settings, name: str = "worker") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--queues", settings.task_queue, "--concurrency", "1", "--pool", "prefork",
+        "--loglevel", settings.log_level, "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle",
+    ]
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from .main import create_app
+
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    migrate(settings)
+    key = ensure_local_key(settings)
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen(worker_command(settings, "embedded"), cwd=REPO_ROOT, start_new_session=True)
+    url = settings.resolved_public_url
+    banner = (
+        f"\nPeerAiD service on {url}\n"
+        f"  API docs   {url}/docs\n"
+        f"  API key    {key}   (tenant 'default'; also in {settings.data_dir / 'api_key'})\n"
+        f"  database   {settings.resolved_database_url}\n"
+        f"  broker     {settings.resolved_broker_url}\n"
+        f"  worker     {'1 embedded worker, device ' + settings.worker_device if worker else 'none started here'}\n"
+        f"Try it: in another terminal run `make demo`. Stop with Ctrl-C.\n"
+    )
+    print(banner, flush=True)
+    try:
+        run_api(settings)
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    return 0
+
+
+def cmd_api(args, settings: Settings) -> int:
+    migrate(settings)
+    run_api(settings)
+    return 0
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    migrate(settings)
+    os.execv(sys.executable, worker_command(settings, args.name))
+
+
+def cmd_create_key(args, settings: Settings) -> int:
+    from core.db.session import session_scope
+
+    from .security import create_api_key, get_or_create_tenant
+
+    migrate(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        tenant = get_or_create_tenant(session, args.tenant)
+        row, key = create_api_key(session, tenant, name=args.name)
+        print(key)
+        print(f"tenant {tenant.name} ({tenant.id}), key prefix {row.prefix}: shown once, store it safely", file=sys.stderr)
+    return 0
+
+
+def cmd_revoke_key(args, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from core.db.models import ApiKey, utcnow
+    from core.db.session import session_scope
+
+    with session_scope(settings.resolved_database_url) as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == args.prefix))
+        if row is None:
+            print(f"error: no key with prefix {args.prefix}", file=sys.stderr)
+            return 1
+        row.revoked_at = row.revoked_at or utcnow()
+    print(f"revoked key {args.prefix}")
+    return 0
+
+
+def cmd_list_keys(args, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from core.db.models import ApiKey
+    from core.db.session import session_scope
+
+    with session_scope(settings.resolved_database_url) as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            print(f"{row.prefix}  {row.tenant.name:<20} {row.name:<16} created {row.created_at:%Y-%m-%d %H:%M}  {state}")
+    return 0
+
+
+def cmd_reconcile(args, settings: Settings) -> int:
+    from worker.reconciler import reconcile
+
+    print(reconcile(settings))
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from .demo import run_demo
+
+    key = args.api_key or os.environ.get("PEERAID_API_KEY") or (settings.data_dir / "api_key").read_text().strip()
+    return run_demo(args.url or settings.resolved_public_url, key, epochs=args.epochs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peeraid-service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="migrations + API + an embedded worker")
+    serve.add_argument("--no-worker", action="store_true", help="start the API only")
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("api", help="migrations + the API").set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="migrations + one Celery worker (one job at a time)")
+    worker.add_argument("--name", default="worker", help="worker name (host name is appended)")
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=lambda a, s: (migrate(s), 0)[1])
+    create = sub.add_parser("create-key", help="create an API key (and the tenant if new)")
+    create.add_argument("tenant")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.set_defaults(func=cmd_create_key)
+    revoke = sub.add_parser("revoke-key", help="revoke an API key by its prefix")
+    revoke.add_argument("prefix")
+    revoke.set_defaults(func=cmd_revoke_key)
+    sub.add_parser("list-keys", help="list API keys (prefixes only)").set_defaults(func=cmd_list_keys)
+    sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
+    demo = sub.add_parser("demo", help="robustify a model on the offline dataset through the REST API")
+    demo.add_argument("--url", help="service URL (default: PEERAID_PUBLIC_URL or http://127.0.0.1:8000)")
+    demo.add_argument("--api-key", help="default: PEERAID_API_KEY or data_dir/api_key")
+    demo.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (shorter demo)")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The FastAPI application: routes under /v1, OpenAPI docs at /docs, health and metrics at the root."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, FastAPI
+
+from core.settings import Settings, get_settings
+
+from .metrics import MetricsMiddleware, register_job_collector
+from .routes import artifacts, catalog, datasets, health, jobs
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="PeerAiD robustification service",
+        version="1.0.0",
+        description=(
+            "Upload a dataset, choose student and peer architectures, and get back an adversarially robust student "
+            "trained with PeerAiD (Jung et al., CVPR 2024). Authenticate with `Authorization: Bearer <API key>`."
+        ),
+    )
+    app.state.settings = settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    register_job_collector(settings.resolved_database_url)
+    app.add_middleware(MetricsMiddleware)
+
+    v1 = APIRouter(prefix="/v1")
+    for module in (datasets, jobs, artifacts, catalog):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app

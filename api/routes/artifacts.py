@@ -1,0 +1,49 @@
+"""A job's artifacts: robust student, SWA student and peer weights (safetensors) and the model card."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from core.db.models import Artifact
+
+from ..deps import SessionDep, StorageDep, TenantDep
+from ..schemas import ArtifactOut
+from .jobs import get_job
+
+router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+
+def _out(artifact: Artifact, request: Request) -> ArtifactOut:
+    out = ArtifactOut.model_validate(artifact)
+    out.url = str(request.url_for("download_artifact", job_id=artifact.job_id, name=artifact.name))
+    return out
+
+
+@router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256")
+def list_artifacts(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
+    job = get_job(session, tenant, job_id)
+    return [_out(a, request) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
+
+
+@router.get(
+    "/{name}",
+    summary="Download an artifact (streamed; Content-Length and an X-Content-SHA256 header)",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+)
+def download_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> FileResponse:
+    job = get_job(session, tenant, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if artifact is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
+    path = storage.path(artifact.storage_key)  # from the database row, never from the request
+    if not path.is_file():
+        raise HTTPException(status.HTTP_410_GONE, f"artifact {name!r} of job {job_id} is no longer on disk")
+    return FileResponse(
+        path,
+        media_type=artifact.media_type,
+        filename=f"{job.id}-{artifact.file_name}",
+        headers={"X-Content-SHA256": artifact.sha256, "ETag": f'"{artifact.sha256}"'},
+    )

@@ -1,0 +1,63 @@
+"""Liveness, readiness (database and broker reachable) and Prometheus metrics. No API key needed."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Response, status
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from core.db.session import engine_for
+
+from ..deps import SettingsDep
+from ..metrics import REGISTRY
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The API process is alive")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+def _check_database(url: str) -> str | None:
+    try:
+        with engine_for(url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
+def _check_broker(url: str) -> str | None:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
+@router.get("/readyz", summary="Ready to serve: the database and the broker answer")
+async def readyz(settings: SettingsDep, response: Response) -> dict:
+    started = time.perf_counter()
+    problems = {
+        "database": await run_in_threadpool(_check_database, settings.resolved_database_url),
+        "broker": await run_in_threadpool(_check_broker, settings.resolved_broker_url),
+    }
+    ready = not any(problems.values())
+    response.status_code = status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE
+    return {
+        "status": "ready" if ready else "unavailable",
+        "checks": {name: (problem or "ok") for name, problem in problems.items()},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

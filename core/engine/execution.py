@@ -1,0 +1,103 @@
+"""How a training step executes: precision (fp32 / TF32 / bf16 autocast), memory format, and whether
+the whole step — attack, forwards, backward, both optimizer steps — is captured in one CUDA graph.
+
+At batch 128 a PeerAiD step is hundreds of small kernels and the GPU waits on their launches; a
+graph replays them all with one launch. Graphs need a static batch shape: full batches replay the
+graph, the last partial batch of an epoch runs the same step eagerly. The learning rate is baked
+into the captured optimizer kernels, so the graph is re-captured when the schedule changes it
+(a handful of times per job)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .methods import Networks, TrainingMethod
+
+Precision = Literal["fp32", "tf32", "bf16"]
+
+
+@dataclass(frozen=True)
+class Execution:
+    precision: Precision
+    cuda_graph: bool
+    channels_last: bool
+
+    @staticmethod
+    def resolve(precision: str, cuda_graph: str, device: torch.device) -> "Execution":
+        on_gpu = device.type == "cuda"
+        if precision == "auto":
+            precision = "tf32" if on_gpu else "fp32"
+        if precision == "tf32" and not on_gpu:
+            precision = "fp32"  # TF32 is a tensor-core format; the CPU computes in fp32 anyway
+        if cuda_graph == "on" and not on_gpu:
+            raise ValueError("cuda_graph='on' needs a CUDA device; use 'auto' or 'off' on CPU")
+        return Execution(precision, cuda_graph == "on" or (cuda_graph == "auto" and on_gpu), on_gpu)
+
+    def configure_backends(self) -> None:
+        """TF32 switches are process-wide; a worker runs one job at a time."""
+        tf32 = self.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+
+    def autocast(self, device: torch.device):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        # no autocast weight cache: it would hold tensors across graph replays
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+class StepRunner:
+    """Calls `method.step` with the chosen precision; on CUDA with cuda_graph, through a captured graph."""
+
+    def __init__(self, method: TrainingMethod, nets: Networks, execution: Execution, device: torch.device, warmup_steps: int = 3):
+        self.method = method
+        self.nets = nets
+        self.execution = execution
+        self.device = torch.device(device)
+        self.warmup_left = warmup_steps if execution.cuda_graph else 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_key: tuple | None = None
+        self.static: dict[str, torch.Tensor] = {}
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.execution.autocast(self.device):
+            return self.method.step(self.nets, x, y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.execution.cuda_graph:
+            return self.eager(x, y)
+        if self.warmup_left > 0:  # real steps on a side stream: lazily created state (momentum) must exist before capture
+            self.warmup_left -= 1
+            return self._on_side_stream(x, y)
+        key = (tuple(x.shape), tuple(g["lr"] for o in self.nets.optimizers() for g in o.param_groups))
+        if self.graph is not None and key[0] != self.graph_key[0]:
+            return self.eager(x, y)  # the epoch's last, smaller batch
+        if key != self.graph_key:
+            self._capture(x, y, key)
+        self.static["x"].copy_(x)
+        self.static["y"].copy_(y)
+        self.graph.replay()
+        return self.static["out"]
+
+    def _on_side_stream(self, x, y):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            out = self.eager(x, y)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
+        self.graph = None
+        torch.cuda.synchronize(self.device)
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.eager(static_x, static_y)
+        self.static = {"x": static_x, "y": static_y, "out": out}
+        self.graph, self.graph_key = graph, key

@@ -1,0 +1,215 @@
+"""Real service stacks for the tests: the API (uvicorn) and a Celery worker as separate processes,
+over the embedded default (SQLite + kombu's SQLAlchemy transport) or over PostgreSQL + Redis.
+
+PostgreSQL and Redis are looked for on 127.0.0.1:5432 and :6379. Where they are missing, their
+tests skip and say why, unless REQUIRE_SERVICES=1 (as in CI), where they fail."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from core.engine.data import load_digits
+
+REPO = Path(__file__).resolve().parents[2]
+PG_ADMIN_URL = os.environ.get("PEERAID_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("PEERAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+UPLOAD_LIMIT = 5_000_000
+FAST_JOB = {
+    "epochs": 4, "lr_decay_epochs": [2, 3], "attack_steps": 2, "eval_pgd_steps": 2,
+    "evaluation": {"n_examples": 20, "autoattack": False},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Stack:
+    """One deployment: its settings (environment), an API process and a worker process."""
+
+    def __init__(self, name: str, env: dict[str, str], data_dir: Path):
+        self.name = name
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "PEERAID_DATA_DIR": str(data_dir),
+            "PEERAID_API_PORT": str(self.port),
+            "PEERAID_HEARTBEAT_INTERVAL": "0.5",
+            "PEERAID_HEARTBEAT_TIMEOUT": "4",
+            "PEERAID_RECONCILE_INTERVAL": "1",
+            "PEERAID_REQUEUE_AFTER": "5",
+            "PEERAID_PROGRESS_INTERVAL": "0.5",
+            "PEERAID_WORKER_DEVICE": "cpu",
+            "PEERAID_ALLOW_DOWNLOADS": "false",
+            "PEERAID_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+            "OMP_NUM_THREADS": "1",  # the worker shares two cores with pytest and the API
+            **env,
+        }
+        self.api: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.logs = data_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.logs / log_name, "ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a kill reaches the Celery pool children too
+        )
+
+    def admin(self, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def start_api(self) -> None:
+        self.api = self._spawn(["api"], "api.log")
+        wait_until(self._api_up, 60, f"the {self.name} API on {self.url}")
+
+    def _api_up(self) -> bool:
+        if self.api.poll() is not None:
+            raise AssertionError(f"API exited: {self.log_tail('api.log')}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(self) -> None:
+        self.worker = self._spawn(["worker", "--name", f"test-{secrets.token_hex(3)}"], "worker.log")
+
+    def kill_worker(self, sig: int = signal.SIGKILL) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, sig)
+            self.worker.wait(timeout=60)
+        self.worker = None
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.api):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        path = self.logs / name
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def new_tenant(self, name: str | None = None) -> httpx.Client:
+        return self.client(self.admin("create-key", name or f"tenant-{secrets.token_hex(4)}"))
+
+    def wait_for_job(self, client: httpx.Client, job_id: str, statuses, timeout: float = 240) -> dict:
+        statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+
+        def reached():
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["status"] in statuses else None
+
+        try:
+            return wait_until(reached, timeout, f"job {job_id} to reach {statuses}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n--- worker log ---\n{self.log_tail('worker.log')}") from None
+
+
+def _postgres_available() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            pass
+    except Exception as err:
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {err}"
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except Exception as err:
+        return f"Redis not reachable at {REDIS_URL}: {err}"
+    return None
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+def stack(request, tmp_path_factory):
+    name = request.param
+    data_dir = tmp_path_factory.mktemp(name)
+    env: dict[str, str] = {}
+    cleanup = []
+    if name == "postgres-redis":
+        problem = _postgres_available()
+        if problem:
+            if os.environ.get("REQUIRE_SERVICES") == "1":
+                pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
+            pytest.skip(problem)
+        import psycopg
+
+        database = f"peeraid_test_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
+        base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        env = {
+            "PEERAID_DATABASE_URL": f"{base}/{database}",
+            "PEERAID_BROKER_URL": REDIS_URL,
+            "PEERAID_TASK_QUEUE": f"peeraid-test-{secrets.token_hex(4)}",
+        }
+
+        def drop_database():
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+        cleanup.append(drop_database)
+    deployment = Stack(name, env, data_dir)
+    try:
+        deployment.admin("migrate")
+        deployment.start_api()
+        deployment.start_worker()
+        yield deployment
+    finally:
+        deployment.stop()
+        for step in cleanup:
+            step()
+
+
+@pytest.fixture(scope="session")
+def digits_npz_bytes() -> bytes:
+    """The built-in digits as a user would upload them: an .npz of uint8 N×H×W×C arrays."""
+    train, test = load_digits()
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        x_train=train.images.permute(0, 2, 3, 1).numpy(), y_train=train.labels.numpy(),
+        x_test=test.images.permute(0, 2, 3, 1).numpy(), y_test=test.labels.numpy(),
+    )
+    return buffer.getvalue()

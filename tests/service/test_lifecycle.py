@@ -1,0 +1,145 @@
+"""The whole service with real processes, on both deployments: upload → submit → progress →
+succeeded → download → the weights load and give the reported accuracy; cancel; a killed worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from core.engine.data import load_splits
+from core.engine.evaluation import accuracies
+from core.engine.export import load_model
+
+from .conftest import FAST_JOB, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def upload(client, data: bytes, name="digits-npz", filename="digits.npz"):
+    return client.post("/v1/datasets", params={"name": name, "filename": filename}, content=data,
+                       headers={"Content-Type": "application/octet-stream"})
+
+
+def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path):
+    client = stack.new_tenant()
+    response = upload(client, digits_npz_bytes)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["format"] == "npz" and dataset["num_train"] == 1438 and dataset["input_shape"] == [1, 16, 16]
+    assert dataset["sha256"] == hashlib.sha256(digits_npz_bytes).hexdigest()
+    assert dataset["id"] in [d["id"] for d in client.get("/v1/datasets").json()["items"]]
+
+    spec = {**FAST_JOB, "evaluation": {"n_examples": 40, "autoattack": True, "batch_size": 40}}
+    response = client.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset["id"], "spec": spec})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["dataset_id"] == dataset["id"]
+
+    seen = []
+    events = threading.Thread(target=lambda: seen.extend(read_events(client, job["id"])), daemon=True)
+    events.start()
+    running = stack.wait_for_job(client, job["id"], ("running", "evaluating", "succeeded"), timeout=120)
+    assert running["attempts"] == 1
+    wait_until(lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["images_per_sec"], 120, "progress")
+    done = stack.wait_for_job(client, job["id"], "succeeded")
+    events.join(timeout=30)
+
+    assert done["progress"]["epoch"] == 3 and done["progress"]["fraction"] == 1.0
+    assert done["finished_at"] and done["error"] is None
+    report = done["result"]["student"]["test"]
+    assert set(report) == {"clean_acc", "fgsm_acc", "pgd20_acc", "autoattack_acc"}
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    assert {"clean_acc", "pgd_acc"} <= set(metrics[-1]["record"]["student"])
+
+    statuses = [e["status"] for kind, e in seen if kind == "job"]
+    assert "running" in statuses and statuses[-1] == "succeeded" and seen[-1][0] == "end"
+
+    artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert set(artifacts) == {"student", "swa_student", "peer", "model_card"}
+    download = client.get(artifacts["student"]["url"])
+    assert download.status_code == 200
+    assert int(download.headers["content-length"]) == artifacts["student"]["size_bytes"] == len(download.content)
+    assert download.headers["x-content-sha256"] == hashlib.sha256(download.content).hexdigest() == artifacts["student"]["sha256"]
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes(download.content)
+    model, _ = load_model(weights)
+
+    card = client.get(artifacts["model_card"]["url"]).json()
+    assert card["dataset"]["fingerprint"] and card["metrics"] == done["result"]
+    splits = load_splits(str(write(tmp_path / "digits.npz", digits_npz_bytes)), val_fraction=done["spec"]["val_fraction"])
+    clean = accuracies(model, splits.test.subset(torch.arange(40)), {"clean": None})["clean"]
+    assert clean == pytest.approx(report["clean_acc"], abs=1e-9)
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def read_events(client, job_id):
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+                if kind == "end":
+                    break
+    return events
+
+
+def test_cancel_a_running_job_stops_within_an_epoch(stack):
+    client = stack.new_tenant()
+    spec = {**FAST_JOB, "epochs": 40, "lr_decay_epochs": [30]}
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": spec}).json()
+    wait_until(lambda: len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) >= 1, 180, "a first epoch")
+    response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200 and response.json()["cancel_requested"]
+    epochs_at_cancel = len(client.get(f"/v1/jobs/{job['id']}/metrics").json())
+    done = stack.wait_for_job(client, job["id"], ("cancelled", "failed", "succeeded"), timeout=60)
+    assert done["status"] == "cancelled", done
+    assert len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) <= epochs_at_cancel + 1
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_cancel_a_queued_job(stack):
+    client = stack.new_tenant()
+    stack.kill_worker(signal.SIGTERM)  # nothing picks the job up meanwhile
+    try:
+        job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": FAST_JOB}).json()
+        cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+    finally:
+        stack.start_worker()
+    time.sleep(3)
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(stack):
+    client = stack.new_tenant()
+    spec = {**FAST_JOB, "epochs": 8, "lr_decay_epochs": [6]}
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": spec}).json()
+    wait_until(lambda: len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) >= 2, 180, "two epochs")
+    stack.kill_worker(signal.SIGKILL)
+    before = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    stack.start_worker()
+    done = stack.wait_for_job(client, job["id"], ("succeeded", "failed"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [m["epoch"] for m in metrics] == list(range(8)), "every epoch exactly once"
+    first_attempt = [m["epoch"] for m in metrics if m["attempt"] == 1]
+    assert first_attempt and first_attempt == [m["epoch"] for m in before][: len(first_attempt)]
+    assert min(m["epoch"] for m in metrics if m["attempt"] == 2) >= len(before) - 1, "resumed, not restarted"
+

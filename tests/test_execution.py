@@ -1,0 +1,99 @@
+"""The fast execution path against the eager step, on CPU (graph capture needs CUDA; see bench/)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core.engine.execution import Execution, StepRunner
+from core.engine.losses import PeerAiDWeights
+from core.engine.methods import AttackSettings, Networks, PeerAiD
+from core.engine.models import create_model
+
+W = PeerAiDWeights(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1)
+
+
+def train(execution: Execution, batches):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if execution.channels_last else torch.contiguous_format
+    student = create_model("resnet18", num_classes=5, input_size=8).to(memory_format=fmt)
+    peer = create_model("small_cnn", num_classes=5, input_size=8).to(memory_format=fmt)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    nets = Networks(student, sgd(student), peer, sgd(peer))
+    runner = StepRunner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), nets, execution, torch.device("cpu"))
+    torch.manual_seed(1)
+    for x, y in batches:
+        runner(x.contiguous(memory_format=fmt), y)
+    return student, peer
+
+
+def batches(sizes):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)) for n in sizes]
+
+
+def assert_same_parameters(nets_a, nets_b, **tolerance):
+    for a, b in zip(nets_a, nets_b):
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+            if tolerance:
+                torch.testing.assert_close(ta, tb, msg=name, **tolerance)
+            else:
+                assert torch.equal(ta, tb), name
+
+
+def test_fast_path_without_capture_matches_eager_fp32_after_n_steps():
+    """The CPU fast path (the step runner, graph capture off, a partial last batch) is the eager step exactly."""
+    data = batches((16, 16, 16, 7))
+    torch.manual_seed(0)
+    student = create_model("resnet18", num_classes=5, input_size=8)
+    peer = create_model("small_cnn", num_classes=5, input_size=8)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    nets = Networks(student, sgd(student), peer, sgd(peer))
+    method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W)
+    torch.manual_seed(1)
+    for x, y in data:
+        method.step(nets, x, y)
+    assert_same_parameters((student, peer), train(Execution.resolve("fp32", "off", torch.device("cpu")), data))
+
+
+def test_channels_last_changes_only_rounding():
+    """Memory format reorders the float arithmetic (and so, rarely, the sign of a near-zero input gradient in
+    the attack): per tensor, the two steps differ by under 2% of the step's own update."""
+    data = batches((16,))
+    torch.manual_seed(0)
+    start = create_model("resnet18", num_classes=5, input_size=8).state_dict()
+    nchw, _ = train(Execution("fp32", cuda_graph=False, channels_last=False), data)
+    nhwc, _ = train(Execution("fp32", cuda_graph=False, channels_last=True), data)
+    for name, p in nchw.named_parameters():
+        update = (p - start[name]).norm()
+        assert update > 0 and (p - dict(nhwc.named_parameters())[name]).norm() < 0.02 * update, name
+
+
+def test_execution_defaults_per_device():
+    cpu = Execution.resolve("auto", "auto", torch.device("cpu"))
+    assert cpu == Execution("fp32", False, False)
+    assert Execution.resolve("tf32", "off", torch.device("cpu")).precision == "fp32"
+    assert Execution.resolve("bf16", "auto", torch.device("cpu")).precision == "bf16"
+    assert Execution.resolve("auto", "auto", torch.device("cuda")) == Execution("tf32", True, True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Execution.resolve("fp32", "on", torch.device("cpu"))
+
+
+def test_bf16_autocast_step_runs_and_stays_close_on_cpu():
+    data = batches((16,))
+    fp32, _ = train(Execution("fp32", False, False), data)
+    bf16, _ = train(Execution("bf16", False, False), data)
+    drift = max((a - b).abs().max().item() for a, b in zip(fp32.parameters(), bf16.parameters()))
+    assert 0 < drift < 0.05
+
+
+def test_benchmark_command_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.train_step", "--device", "cpu", "--archs", "small_cnn", "--batch", "16",
+         "--steps", "2", "--warmup", "1", "--epoch-images", "64", "--epoch-val-images", "32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    for word in ("reference", "eager", "tf32-graph", "bf16-graph", "images/s", "× ref", "epoch fp32"):
+        assert word in out.stdout, out.stdout

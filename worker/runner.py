@@ -129,7 +129,10 @@ class JobRunner:
                 val_fraction=spec.val_fraction, seed=spec.seed, download=self.settings.allow_downloads,
             )
             callbacks = DatabaseCallbacks(self, job, spec)
-            result = run_job(spec, splits, self.storage.job_dir(job.id), device=self.settings.worker_device, callbacks=callbacks)
+            result = run_job(
+                spec, splits, self.storage.job_dir(job.id), device=self.settings.worker_device, callbacks=callbacks,
+                progress_interval=self.settings.progress_interval,
+            )
         except TrainingCancelled:
             if self.stop_reason == "lease-lost":
                 log.warning("job %s: another worker took over; stopping here", job.id)

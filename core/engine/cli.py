@@ -44,7 +44,10 @@ class ProgressBar(TrainingCallbacks):
     def on_step(self, p: StepProgress) -> None:
         if self.bar is None or self.bar.desc != f"epoch {p.epoch + 1}/{p.epochs}":
             self._close()
-            self.bar = tqdm(total=p.steps_per_epoch, desc=f"epoch {p.epoch + 1}/{p.epochs}", file=self.file, leave=False)
+            self.bar = tqdm(
+                total=p.steps_per_epoch, desc=f"epoch {p.epoch + 1}/{p.epochs}", file=self.file, leave=False,
+                bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
+            )
         self.bar.update(p.step - self.bar.n)
         self.bar.set_postfix({"img/s": f"{p.images_per_sec:.0f}", **{k: f"{v:.3f}" for k, v in p.losses.items() if k.startswith("loss")}})
 
@@ -87,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{'×'.join(map(str, splits.input_shape))}), ε = {spec.epsilon:.4f}, {spec.epochs} epochs; workdir {args.workdir}",
         file=sys.stderr,
     )
-    result = run_job(spec, splits, Path(args.workdir), device=args.device, callbacks=ProgressBar())
+    result = run_job(spec, splits, Path(args.workdir), device=args.device, callbacks=ProgressBar(), progress_interval=0.5)
     print(format_report(result.report))
     print(f"weights and model card in {Path(args.workdir) / 'artifacts'}")
     return 0

@@ -41,9 +41,10 @@ def run_job(
     *,
     device: str | torch.device | None = None,
     callbacks: TrainingCallbacks | None = None,
+    progress_interval: float = 2.0,
 ) -> JobResult:
     callbacks = callbacks or TrainingCallbacks()
-    trainer = Trainer(spec, splits, workdir=workdir, device=device, callbacks=callbacks)
+    trainer = Trainer(spec, splits, workdir=workdir, device=device, callbacks=callbacks, progress_interval=progress_interval)
     trainer.fit()
 
     callbacks.on_phase("evaluating")

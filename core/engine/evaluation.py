@@ -11,6 +11,7 @@ from torch import nn
 
 from .attacks import fgsm, pgd
 from .data import ImageDataset
+from .faults import fault_point
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,6 +116,7 @@ def final_report(
         batch_size=batch_size,
         device=device,
     )
+    fault_point("final-evaluation")
     if run_autoattack:
         on_phase("AutoAttack")
         report["autoattack_acc"] = autoattack_accuracy(

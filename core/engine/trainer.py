@@ -24,7 +24,15 @@ from .losses import PeerAiDWeights
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
 from .models import create_model
 from .spec import JobSpec
-from .state_io import load_optimizer_state, load_tensors, optimizer_state, prefixed, save_tensors, unprefixed
+from .state_io import (
+    load_optimizer_state,
+    load_tensors,
+    optimizer_state,
+    prefixed,
+    remove_stale_temporaries,
+    save_tensors,
+    unprefixed,
+)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "peeraid-service/checkpoint-v1"
@@ -187,6 +195,7 @@ class Trainer:
         )
         self.step = StepRunner(self.method, self.nets, self.execution, self.device)
         self.checkpoint_path = self.workdir / CHECKPOINT_NAME
+        remove_stale_temporaries(self.workdir)
         if self.checkpoint_path.exists():
             self.load_checkpoint()
 

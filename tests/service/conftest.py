@@ -70,6 +70,7 @@ class Stack:
             "PEERAID_WORKER_DEVICE": "cpu",
             "PEERAID_ALLOW_DOWNLOADS": "false",
             "PEERAID_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+            "PEERAID_MAX_ATTEMPTS": "6",  # the random-kill test restarts a job several times
             "OMP_NUM_THREADS": "1",  # the worker shares two cores with pytest and the API
             **env,
         }
@@ -78,10 +79,11 @@ class Stack:
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / log_name, "ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "api.cli", *args], cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill reaches the Celery pool children too
         )
 
@@ -102,8 +104,13 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def start_worker(self) -> None:
-        self.worker = self._spawn(["worker", "--name", f"test-{secrets.token_hex(3)}"], "worker.log")
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> None:
+        """extra_env: e.g. {"PEERAID_FAULTS": "write:checkpoint.safetensors:kill@3"} (core/engine/faults.py)."""
+        self.worker = self._spawn(["worker", "--name", f"test-{secrets.token_hex(3)}"], "worker.log", extra_env)
+
+    def kill_api(self) -> None:
+        os.killpg(self.api.pid, signal.SIGKILL)
+        self.api.wait(timeout=60)
 
     def kill_worker(self, sig: int = signal.SIGKILL) -> None:
         if self.worker is not None and self.worker.poll() is None:
@@ -135,8 +142,12 @@ class Stack:
         statuses = {statuses} if isinstance(statuses, str) else set(statuses)
 
         def reached():
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["status"] in statuses else None
+            try:
+                response = client.get(f"/v1/jobs/{job_id}")
+            except httpx.HTTPError:  # the API restarting
+                return None
+            job = response.json() if response.status_code == 200 else {}
+            return job if job.get("status") in statuses else None
 
         try:
             return wait_until(reached, timeout, f"job {job_id} to reach {statuses}")

@@ -1,0 +1,183 @@
+"""Faults survived with real processes; each test ends with every job accounted for.
+
+Kills land at chosen points through core/engine/faults.py (PEERAID_FAULTS) or at random moments;
+Redis and PostgreSQL are really restarted (their tests need the local servers, PostgreSQL stack)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import FAST_JOB, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def submit(client, **spec):
+    response = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {**FAST_JOB, **spec}})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def epochs_of(client, job_id):
+    return client.get(f"/v1/jobs/{job_id}/metrics").json()
+
+
+def assert_each_epoch_once(client, job_id, epochs):
+    metrics = epochs_of(client, job_id)
+    assert [m["epoch"] for m in metrics] == list(range(epochs)), metrics
+
+
+def replace_worker(stack, **extra_env):
+    stack.kill_worker(signal.SIGKILL)
+    stack.start_worker(extra_env or None)
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(stack):
+    client = stack.new_tenant()
+    replace_worker(stack, PEERAID_FAULTS="write:checkpoint.safetensors:kill@3")  # dies inside epoch 2's checkpoint write
+    try:
+        job_id = submit(client, epochs=5, lr_decay_epochs=[4])
+        wait_until(lambda: stack.worker.poll() is not None, 180, "the worker to kill itself mid-write")
+        workdir = stack.data_dir / "jobs" / job_id
+        assert list(workdir.glob(".checkpoint.safetensors.*.tmp")), "the torn temporary file is left behind"
+        assert [m["epoch"] for m in epochs_of(client, job_id)] == [0, 1]
+    finally:
+        stack.start_worker()
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    assert_each_epoch_once(client, job_id, 5)
+    assert min(m["epoch"] for m in epochs_of(client, job_id) if m["attempt"] == 2) == 2  # epoch 2 was redone
+    assert not list(workdir.glob(".*.tmp")), "stale temporaries are cleaned on resume"
+
+
+def test_killed_during_final_evaluation_finishes_without_retraining(stack):
+    client = stack.new_tenant()
+    replace_worker(stack, PEERAID_FAULTS="final-evaluation:kill")
+    try:
+        job_id = submit(client, epochs=3, lr_decay_epochs=[2])
+        wait_until(lambda: stack.worker.poll() is not None, 180, "the worker to die while evaluating")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "evaluating"
+    finally:
+        stack.start_worker()
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done["error"]
+    assert all(m["attempt"] == 1 for m in epochs_of(client, job_id)), "no epoch retrained"
+    assert_each_epoch_once(client, job_id, 3)
+
+
+def test_workers_killed_at_random_moments(stack):
+    rng = random.Random(20261125)
+    client = stack.new_tenant()
+    job_id = submit(client, epochs=10, lr_decay_epochs=[8])
+    kills, attempts_seen = 0, 0
+
+    def claimed_anew():  # wait for a worker to own the job again before killing it
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        fresh = job["attempts"] > attempts_seen and job["status"] in ("running", "evaluating")
+        return job if fresh or job["status"] == "succeeded" else None
+
+    while kills < 3:
+        job = wait_until(claimed_anew, 180, "a worker to claim the job")
+        if job["status"] == "succeeded":
+            break
+        attempts_seen = job["attempts"]
+        time.sleep(rng.uniform(0.5, 4.0))
+        stack.kill_worker(signal.SIGKILL)
+        kills += 1
+        stack.start_worker()
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert kills <= done["attempts"] <= kills + 1, (done["attempts"], kills)
+    assert_each_epoch_once(client, job_id, 10)
+
+
+def test_the_api_restarting_leaves_running_jobs_alone(stack):
+    client = stack.new_tenant()
+    job_id = submit(client, epochs=8, lr_decay_epochs=[6])
+    wait_until(lambda: len(epochs_of(client, job_id)) >= 1, 180, "a first epoch")
+    stack.kill_api()
+    time.sleep(2)
+    stack.start_api()
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert_each_epoch_once(client, job_id, 8)
+
+
+def test_divergence_fails_the_job_with_that_reason(stack):
+    client = stack.new_tenant()
+    job_id = submit(client, lr=10, momentum=0.0, weight_decay=0.3)
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+    assert done["status"] == "failed" and "non-finite" in done["error"] and "diverged" in done["error"]
+    assert client.get(f"/v1/jobs/{job_id}/artifacts").json() == []
+
+
+def test_disk_full_while_writing_an_artifact_fails_cleanly(stack):
+    client = stack.new_tenant()
+    replace_worker(stack, PEERAID_FAULTS="write:student.safetensors:enospc")
+    try:
+        job_id = submit(client, epochs=2, lr_decay_epochs=[1])
+        done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+    finally:
+        replace_worker(stack)
+    assert done["status"] == "failed" and "No space left on device" in done["error"], done
+    assert client.get(f"/v1/jobs/{job_id}/artifacts").json() == []
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/student").status_code == 404
+    artifacts_dir = stack.data_dir / "jobs" / job_id / "artifacts"
+    assert not (artifacts_dir / "student.safetensors").exists()
+    assert not list(artifacts_dir.glob(".*.tmp")), "no half-written file is left to be served"
+    assert (stack.data_dir / "jobs" / job_id / "checkpoint.safetensors").exists(), "the training is kept"
+
+
+def _require_postgres_stack(stack):
+    if stack.name != "postgres-redis":
+        pytest.skip("needs the PostgreSQL + Redis deployment")
+
+
+def test_redis_restarted_while_jobs_are_queued_and_running_loses_none(stack):
+    _require_postgres_stack(stack)
+    if not shutil.which("redis-server") or "127.0.0.1:6379" not in stack.env["PEERAID_BROKER_URL"]:
+        pytest.skip("needs a local redis-server to restart")
+    client = stack.new_tenant()
+    running = submit(client, epochs=6, lr_decay_epochs=[5])
+    queued = submit(client, epochs=2, lr_decay_epochs=[1])
+    wait_until(lambda: len(epochs_of(client, running)) >= 1, 180, "the first job to train")
+    assert client.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False, capture_output=True)
+    wait_until(lambda: subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).returncode != 0, 20, "redis to stop")
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"], check=True)
+    wait_until(lambda: subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).stdout.strip() == b"PONG", 20, "redis to start")
+    for job_id, epochs in ((running, 6), (queued, 2)):
+        done = stack.wait_for_job(client, job_id, ("succeeded", "failed"), timeout=300)
+        assert done["status"] == "succeeded", done["error"]
+        assert_each_epoch_once(client, job_id, epochs)
+
+
+def _pg_cluster() -> list[str] | None:
+    versions = sorted(Path("/etc/postgresql").glob("*")) if Path("/etc/postgresql").exists() else []
+    if not versions or not shutil.which("pg_ctlcluster"):
+        return None
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main"]
+
+
+def test_postgres_restarted_during_a_running_job_loses_nothing(stack):
+    _require_postgres_stack(stack)
+    cluster = _pg_cluster()
+    if cluster is None:
+        pytest.skip("needs a local PostgreSQL cluster to restart (pg_ctlcluster)")
+    client = stack.new_tenant()
+    job_id = submit(client, epochs=6, lr_decay_epochs=[5])
+    wait_until(lambda: len(epochs_of(client, job_id)) >= 1, 180, "a first epoch")
+    subprocess.run([*cluster, "restart", "-m", "fast"], check=True, capture_output=True, timeout=120)
+    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"), timeout=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert_each_epoch_once(client, job_id, 6)
+    assert httpx.get(f"{stack.url}/readyz", timeout=10).json()["checks"]["database"] == "ok"

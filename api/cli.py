@@ -6,6 +6,7 @@
     peeraid-service create-key TENANT [--name N]   print a new API key for TENANT (created if new)
     peeraid-service revoke-key PREFIX              revoke a key (the part after pk_, before the next _)
     peeraid-service list-keys
+    peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes B]   per-tenant limits
     peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
     peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
 """
@@ -167,6 +168,23 @@ def cmd_list_keys(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_set_limits(args, settings: Settings) -> int:
+    from core.db.session import session_scope
+
+    from .security import get_or_create_tenant
+
+    migrate(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        tenant = get_or_create_tenant(session, args.tenant)
+        if args.max_concurrent_jobs is not None:
+            tenant.max_concurrent_jobs = args.max_concurrent_jobs
+        if args.max_upload_bytes is not None:
+            tenant.max_upload_bytes = args.max_upload_bytes
+        print(f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
+              f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}")
+    return 0
+
+
 def cmd_reconcile(args, settings: Settings) -> int:
     from worker.reconciler import reconcile
 
@@ -200,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("prefix")
     revoke.set_defaults(func=cmd_revoke_key)
     sub.add_parser("list-keys", help="list API keys (prefixes only)").set_defaults(func=cmd_list_keys)
+    limits = sub.add_parser("set-limits", help="per-tenant limits (default: the PEERAID_TENANT_* settings)")
+    limits.add_argument("tenant")
+    limits.add_argument("--max-concurrent-jobs", type=int, help="queued + running jobs at once (429 above)")
+    limits.add_argument("--max-upload-bytes", type=int, help="largest dataset upload (413 above)")
+    limits.set_defaults(func=cmd_set_limits)
     sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
     demo = sub.add_parser("demo", help="robustify a model on the offline dataset through the REST API")
     demo.add_argument("--url", help="service URL (default: PEERAID_PUBLIC_URL or http://127.0.0.1:8000)")

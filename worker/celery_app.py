@@ -5,6 +5,7 @@ re-sends what the broker lost (see worker/reconciler.py)."""
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from celery import Celery
 from celery.signals import setup_logging, worker_ready
@@ -39,6 +40,11 @@ def create_celery(settings: Settings) -> Celery:
 app = create_celery(get_settings())
 
 
+@lru_cache
+def _app_for(broker_url: str) -> Celery:
+    return app if broker_url == app.conf.broker_url else Celery("peeraid", broker=broker_url)
+
+
 def enqueue_job(settings: Settings, job_id: str) -> bool:
     """Send the job's message and stamp enqueued_at; False (job stays queued for the reconciler) if the broker is down."""
     from sqlalchemy import update
@@ -47,7 +53,7 @@ def enqueue_job(settings: Settings, job_id: str) -> bool:
     from core.db.session import session_scope
 
     try:
-        app.send_task(
+        _app_for(settings.resolved_broker_url).send_task(
             RUN_JOB_TASK, args=[job_id], queue=settings.task_queue,
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
         )

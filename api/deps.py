@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Cookie, Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -60,4 +60,21 @@ def current_tenant(
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
-__all__ = ["SessionDep", "SettingsDep", "StorageDep", "TenantDep", "get_settings"]
+# The web UI (/ui) signs in once and keeps the API key in an HttpOnly, SameSite=Strict cookie,
+# because a browser sends no Authorization header for page loads, <img> or download links.
+UI_COOKIE = "peeraid_key"
+
+
+def ui_signed_in(session: SessionDep, key: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> Tenant | None:
+    return authenticate(session, key) if key else None
+
+
+def ui_tenant(tenant: Annotated[Tenant | None, Depends(ui_signed_in)]) -> Tenant:
+    if tenant is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in at /ui")
+    return tenant
+
+
+UITenantDep = Annotated[Tenant, Depends(ui_tenant)]
+
+__all__ = ["SessionDep", "SettingsDep", "StorageDep", "TenantDep", "UITenantDep", "get_settings"]

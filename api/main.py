@@ -1,4 +1,4 @@
-"""The FastAPI application: routes under /v1, OpenAPI docs at /docs, health and metrics at the root."""
+"""The FastAPI application: routes under /v1, a web UI at /ui, OpenAPI docs at /docs, health and metrics at the root."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 from core.settings import Settings, get_settings
 
 from .metrics import MetricsMiddleware, register_job_collector
-from .routes import artifacts, catalog, datasets, health, jobs
+from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (datasets, jobs, artifacts, catalog):
+    for module in (datasets, jobs, curves, artifacts, catalog):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(ui.router)  # the web UI at /ui
     return app

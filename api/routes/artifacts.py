@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from core.db.models import Artifact
+from core.db.models import Artifact, Job
+from core.storage import Storage
 
 from ..deps import SessionDep, StorageDep, TenantDep
 from ..schemas import ArtifactOut
@@ -34,13 +36,17 @@ def list_artifacts(job_id: str, request: Request, session: SessionDep, tenant: T
     responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
 )
 def download_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> FileResponse:
-    job = get_job(session, tenant, job_id)
+    return artifact_file(session, storage, get_job(session, tenant, job_id), name)
+
+
+def artifact_file(session: Session, storage: Storage, job: Job, name: str) -> FileResponse:
+    """Streams one artifact of a job the caller already owns (the /v1 and the /ui downloads)."""
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
     if artifact is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no artifact {name!r}")
     path = storage.path(artifact.storage_key)  # from the database row, never from the request
     if not path.is_file():
-        raise HTTPException(status.HTTP_410_GONE, f"artifact {name!r} of job {job_id} is no longer on disk")
+        raise HTTPException(status.HTTP_410_GONE, f"artifact {name!r} of job {job.id} is no longer on disk")
     return FileResponse(
         path,
         media_type=artifact.media_type,

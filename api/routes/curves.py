@@ -1,0 +1,39 @@
+"""A job's training curves as a PNG, rendered from its per-epoch metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import APIRouter, Request, Response, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db.models import EpochMetric, Job
+
+from ..deps import SessionDep, TenantDep
+from ..plots import training_curves_png
+from .jobs import get_job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def curves_png(request: Request, session: Session, job: Job, title: str = "") -> Response:
+    """The curves of a job the caller already owns (the /v1 and the /ui images); 304 while its epochs are unchanged."""
+    records = list(session.scalars(select(EpochMetric.record).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch)))
+    etag = '"' + hashlib.sha256(json.dumps([title, records], sort_keys=True, default=str).encode()).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(training_curves_png(records, title), media_type="image/png", headers=headers)
+
+
+# a sync route: FastAPI runs it in the threadpool, so rendering never blocks the event loop
+@router.get(
+    "/{job_id}/curves.png",
+    summary="Training curves: validation clean/PGD accuracy (student, SWA student), losses and learning rate per epoch",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def job_curves(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
+    return curves_png(request, session, get_job(session, tenant, job_id), title=job_id)

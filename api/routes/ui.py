@@ -1,0 +1,163 @@
+"""A small server-rendered web UI: sign in with an API key, follow your jobs, see curves and metrics, download artifacts.
+
+The key is kept in an HttpOnly, SameSite=Strict cookie (path /ui), marked Secure when served over HTTPS;
+serve the UI over HTTPS in production, since the cookie holds the API key itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from pathlib import Path
+from urllib.parse import urlsplit
+from typing import Annotated, Any
+
+import jinja2
+from fastapi import APIRouter, Depends, Form, Query, Request, Response, status
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.db.models import ACTIVE_STATUSES, Job, Tenant
+
+from ..deps import UI_COOKIE, SessionDep, StorageDep, UITenantDep, ui_signed_in
+from ..security import authenticate
+from .artifacts import artifact_file
+from .curves import curves_png
+from .jobs import get_job
+
+PAGE_SIZE = 50
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _percent(value: Any) -> str:
+    return f"{value * 100:.1f}%" if isinstance(value, int | float) and math.isfinite(value) else "–"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"), autoescape=True)
+env.filters.update(percent=_percent, duration=_duration, when=_when, size=_size)
+templates = Jinja2Templates(env=env)
+
+
+def page(request: Request, name: str, context: dict[str, Any] | None = None, status_code: int = 200) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context or {}, status_code=status_code, headers=SECURITY_HEADERS)
+
+
+class PageRoute(APIRoute):
+    """Errors of UI routes as pages: a missing or stale sign-in goes to the sign-in form, others get error.html."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as err:
+                if err.status_code == status.HTTP_401_UNAUTHORIZED:
+                    response = RedirectResponse(request.url_for("ui_home"), status.HTTP_303_SEE_OTHER)
+                    if UI_COOKIE in request.cookies:  # a revoked key: forget it
+                        _forget_key(response)
+                    return response
+                return page(request, "error.html", {"status_code": err.status_code, "detail": err.detail}, err.status_code)
+
+        return route_handler
+
+
+def _forget_key(response: Response) -> Response:
+    response.delete_cookie(UI_COOKIE, path="/ui", httponly=True, samesite="strict")
+    return response
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
+
+
+@router.get("", name="ui_home")
+def home(request: Request, tenant: Annotated[Tenant | None, Depends(ui_signed_in)]) -> Response:
+    if tenant is not None:
+        return RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
+    return page(request, "login.html")
+
+
+def _cross_site(request: Request) -> bool:
+    """A form posted from another site (login CSRF: signing a victim in with the attacker's key)."""
+    origin = request.headers.get("origin")
+    return origin is not None and origin != "null" and urlsplit(origin).netloc != request.url.netloc
+
+
+@router.post("/login", name="ui_login")
+def login(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = "") -> Response:
+    if _cross_site(request):
+        return page(request, "error.html", {"status_code": 403, "detail": "sign-in from another site refused"}, status.HTTP_403_FORBIDDEN)
+    api_key = api_key.strip()
+    if not api_key or authenticate(session, api_key) is None:
+        return page(request, "login.html", {"error": "That API key is not valid or has been revoked."}, status.HTTP_401_UNAUTHORIZED)
+    response = RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
+    response.set_cookie(
+        UI_COOKIE, api_key, path="/ui", httponly=True, samesite="strict", secure=request.url.scheme == "https"
+    )
+    return response
+
+
+@router.post("/logout", name="ui_logout")
+def logout(request: Request) -> Response:
+    return _forget_key(RedirectResponse(request.url_for("ui_home"), status.HTTP_303_SEE_OTHER))
+
+
+@router.get("/jobs", name="ui_jobs")
+def jobs_page(
+    request: Request, session: SessionDep, tenant: UITenantDep, page_number: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1
+) -> Response:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(PAGE_SIZE).offset((page_number - 1) * PAGE_SIZE)).all()
+    return page(request, "jobs.html", {
+        "tenant": tenant, "jobs": jobs, "total": total, "page": page_number, "pages": max(1, math.ceil(total / PAGE_SIZE)),
+        "refresh": any(j.status in ACTIVE_STATUSES for j in jobs),
+    })
+
+
+@router.get("/jobs/{job_id}", name="ui_job")
+def job_page(job_id: str, request: Request, session: SessionDep, tenant: UITenantDep) -> Response:
+    job = get_job(session, tenant, job_id)
+    return page(request, "job.html", {
+        "tenant": tenant, "job": job, "artifacts": job.artifacts, "spec": json.dumps(job.spec, indent=2),
+        "refresh": job.status in ACTIVE_STATUSES, "version": int(job.updated_at.timestamp()),
+    })
+
+
+@router.get("/jobs/{job_id}/curves.png", name="ui_job_curves")
+def job_curves(job_id: str, request: Request, session: SessionDep, tenant: UITenantDep) -> Response:
+    return curves_png(request, session, get_job(session, tenant, job_id))
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}", name="ui_artifact")
+def download(job_id: str, name: str, session: SessionDep, tenant: UITenantDep, storage: StorageDep) -> FileResponse:
+    return artifact_file(session, storage, get_job(session, tenant, job_id), name)

@@ -1,0 +1,274 @@
+"""Training curves as a PNG, and the web UI (/ui): cookie sign-in, jobs list, job page, downloads,
+tenant isolation, escaping, and a real headless Chromium driven over the DevTools protocol."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import FAST_JOB, wait_until
+
+pytestmark = pytest.mark.slow
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM_APT = "apt-get install -y chromium"
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    assert data[:8] == PNG_MAGIC
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def finished(stack):
+    """A tenant's key and client, and a job of theirs that succeeded."""
+    key = stack.admin("create-key", f"ui-{os.urandom(4).hex()}")
+    client = stack.client(key)
+    response = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": FAST_JOB})
+    assert response.status_code == 201, response.text
+    return key, client, stack.wait_for_job(client, response.json()["id"], "succeeded")
+
+
+def ui_client(stack, key: str) -> httpx.Client:
+    """A browser-like client: no Authorization header, signed in through the form (the cookie jar keeps the key)."""
+    forged = stack.client(None).post("/ui/login", data={"api_key": key}, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 403 and "set-cookie" not in forged.headers  # login CSRF
+
+    browser = stack.client(None)
+    response = browser.post("/ui/login", data={"api_key": key}, headers={"Origin": stack.url})
+    assert response.status_code == 303 and response.headers["location"].endswith("/ui/jobs"), response.text
+    return browser
+
+
+def test_curves_png_of_a_finished_job(stack, finished):
+    _, client, job = finished
+    response = client.get(f"/v1/jobs/{job['id']}/curves.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert len(response.content) > 20_000
+    pixels = decode_png(response.content)
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 1000
+    assert pixels.std() > 10  # lines, labels and legends, not a blank canvas
+    unchanged = client.get(f"/v1/jobs/{job['id']}/curves.png", headers={"If-None-Match": response.headers["etag"]})
+    assert unchanged.status_code == 304 and not unchanged.content  # auto-refreshing pages do not re-render
+
+    assert stack.new_tenant().get(f"/v1/jobs/{job['id']}/curves.png").status_code == 404
+    assert stack.client(None).get(f"/v1/jobs/{job['id']}/curves.png").status_code == 401
+
+
+def test_curves_of_a_job_with_no_epochs_yet_and_while_running(stack):
+    client = stack.new_tenant()
+    response = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 40, "lr_decay_epochs": [30]}})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    try:
+        empty = client.get(f"/v1/jobs/{job['id']}/curves.png")
+        assert empty.status_code == 200
+        if not client.get(f"/v1/jobs/{job['id']}/metrics").json():
+            assert decode_png(empty.content).std() > 1  # the "no epochs yet" message
+        wait_until(lambda: len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) >= 2, 180, "two epochs")
+        running = client.get(f"/v1/jobs/{job['id']}/curves.png")
+        assert running.status_code == 200 and decode_png(running.content).std() > 10
+
+        page = ui_client(stack, client.headers["authorization"].split()[1]).get(f"/ui/jobs/{job['id']}")
+        assert page.status_code == 200 and 'http-equiv="refresh"' in page.text  # live while active
+    finally:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    stack.wait_for_job(client, job["id"], ("cancelled", "failed", "succeeded"), timeout=120)
+
+
+def test_ui_sign_in_and_jobs_list(stack, finished):
+    key, _, job = finished
+    anonymous = stack.client(None)
+    form = anonymous.get("/ui")
+    assert form.status_code == 200 and 'name="api_key"' in form.text
+    assert anonymous.get("/ui/jobs").status_code == 303  # to the sign-in form
+
+    bad = anonymous.post("/ui/login", data={"api_key": "pk_0000_nonsense"})
+    assert bad.status_code == 401 and 'name="api_key"' in bad.text and "not valid" in bad.text
+    assert not anonymous.cookies
+
+    forged = stack.client(None).post("/ui/login", data={"api_key": key}, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 403 and "set-cookie" not in forged.headers  # login CSRF
+
+    browser = stack.client(None)
+    response = browser.post("/ui/login", data={"api_key": key}, headers={"Origin": stack.url})
+    assert response.status_code == 303
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    jobs = browser.get("/ui/jobs")
+    assert jobs.status_code == 200 and job["id"] in jobs.text and "succeeded" in jobs.text
+    assert 'http-equiv="refresh"' not in jobs.text  # nothing of this tenant's is active
+    assert browser.get("/ui").status_code == 303  # signed in: straight to the jobs
+
+    # the cookie is the UI's only: /v1 still wants a Bearer key
+    assert stack.client(None).get("/v1/jobs", headers={"Cookie": f"peeraid_key={key}"}).status_code == 401
+
+    assert browser.post("/ui/logout").status_code == 303
+    assert browser.get("/ui/jobs").status_code == 303
+
+
+def test_ui_job_page_metrics_and_downloads(stack, finished):
+    key, client, job = finished
+    browser = ui_client(stack, key)
+    page = browser.get(f"/ui/jobs/{job['id']}")
+    assert page.status_code == 200 and job["id"] in page.text
+    assert 'http-equiv="refresh"' not in page.text
+    test = job["result"]["student"]["test"]
+    for text in ("PGD-20", "AutoAttack", "SWA student", f"{test['clean_acc'] * 100:.1f}%", f"{test['pgd20_acc'] * 100:.1f}%"):
+        assert text in page.text, text
+
+    image = re.search(r'<img class="curves" src="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+    response = browser.get(image)
+    assert response.status_code == 200 and decode_png(response.content).std() > 10
+
+    listing = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    links = {name: url for url, name in re.findall(r'href="([^"]+/artifacts/([\w.-]+))"', page.text)}
+    assert set(links) == set(listing) and {"student", "swa_student", "peer", "model_card"} <= set(listing)
+    for name, url in links.items():
+        download = browser.get(url)
+        assert download.status_code == 200, (name, download.text[:200])
+        assert hashlib.sha256(download.content).hexdigest() == listing[name]["sha256"]
+        assert len(download.content) == listing[name]["size_bytes"]
+    assert stack.client(None).get(links["student"]).status_code == 303  # no cookie: to the sign-in form, no bytes
+
+
+def test_ui_another_tenants_job_is_not_found(stack, finished):
+    key, _, job = finished
+    intruder = ui_client(stack, stack.admin("create-key", f"intruder-{os.urandom(4).hex()}"))
+    for path in (f"/ui/jobs/{job['id']}", f"/ui/jobs/{job['id']}/curves.png", f"/ui/jobs/{job['id']}/artifacts/student"):
+        response = intruder.get(path)
+        assert response.status_code == 404, path
+        assert "Not found" in response.text
+    assert job["id"] not in intruder.get("/ui/jobs").text
+
+
+def test_ui_escapes_user_supplied_names(stack, digits_npz_bytes):
+    client = stack.new_tenant()
+    name = "<script>alert(1)</script>"
+    dataset = client.post("/v1/datasets", params={"name": name, "filename": "digits.npz"}, content=digits_npz_bytes,
+                          headers={"Content-Type": "application/octet-stream"})
+    assert dataset.status_code == 201, dataset.text
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset.json()["id"], "spec": FAST_JOB}).json()
+    try:
+        browser = ui_client(stack, client.headers["authorization"].split()[1])
+        for path in ("/ui/jobs", f"/ui/jobs/{job['id']}"):
+            page = browser.get(path)
+            assert page.status_code == 200 and job["id"] in page.text
+            assert name not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+            assert "script-src" not in page.headers["content-security-policy"]  # and no script may run anyway
+    finally:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    stack.wait_for_job(client, job["id"], ("cancelled", "failed", "succeeded"), timeout=120)
+
+
+# ----- a real browser -----
+
+def chromium_binary() -> str:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium found; install it: {CHROMIUM_APT}")
+    pytest.skip(f"no Chromium found (install it: {CHROMIUM_APT}; REQUIRE_BROWSER=1 makes this a failure)")
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools Protocol: commands on one page, events skipped."""
+
+    def __init__(self, binary: str, profile: Path, log: Path):
+        from websockets.sync.client import connect
+
+        self.process = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
+             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True,
+        )
+        port_file = profile / "DevToolsActivePort"
+        wait_until(lambda: port_file.exists() and len(port_file.read_text().split()) == 2, 60, "Chromium's DevTools port")
+        port = int(port_file.read_text().split()[0])
+        pages = wait_until(lambda: [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page"], 30, "a page")
+        self.exit = contextlib.ExitStack()
+        self.socket = self.exit.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30))
+        self.next_id = 0
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, (method, message["error"])
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open(self, url: str, ready: str = "true") -> None:
+        self.send("Page.navigate", url=url)
+        self.wait_for(f"document.readyState === 'complete' && location.href === {json.dumps(url)} && ({ready})", url)
+
+    def wait_for(self, condition: str, what: str) -> None:
+        wait_until(lambda: self.evaluate(condition), 30, f"the browser: {what}", interval=0.1)
+
+    def screenshot(self, path: Path, full_page: bool = False) -> bytes:
+        params = {"format": "png"}
+        if full_page:
+            size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            params |= {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}
+        data = base64.b64decode(self.send("Page.captureScreenshot", **params)["data"])
+        path.write_bytes(data)
+        return data
+
+    def close(self) -> None:
+        self.exit.close()
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def test_browser_signs_in_and_shows_the_job(stack, finished, tmp_path):
+    binary = chromium_binary()
+    key, _, job = finished
+    browser = DevTools(binary, tmp_path / "profile", tmp_path / "chromium.log")
+    try:
+        browser.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
+        browser.open(f"{stack.url}/ui")
+        browser.send("Runtime.evaluate", expression="document.getElementById('api_key').focus()")
+        browser.send("Input.insertText", text=key)  # typed, as a person would
+        browser.evaluate("document.querySelector('form[action$=\"/ui/login\"] button').click()")
+        browser.wait_for("location.pathname === '/ui/jobs' && document.readyState === 'complete'", "the jobs page after signing in")
+        assert job["id"] in browser.evaluate("document.body.innerText")
+        assert browser.evaluate("document.cookie") == ""  # HttpOnly: no script can read the key
+        browser.screenshot(tmp_path / "jobs.png")
+
+        browser.open(f"{stack.url}/ui/jobs/{job['id']}", ready="document.querySelector('img.curves').complete")
+        text = browser.evaluate("document.body.innerText")
+        assert job["id"] in text and "succeeded" in text and "PGD-20" in text
+        assert browser.evaluate("document.querySelector('img.curves').naturalWidth") >= 1000  # the curves loaded, cookie-authenticated
+
+        shot = browser.screenshot(tmp_path / "job.png")
+        pixels = decode_png(shot)
+        assert pixels.shape == (900, 1280, 3)
+        assert pixels.std() > 20
+        browser.screenshot(tmp_path / "job-full.png", full_page=True)
+    finally:
+        browser.close()

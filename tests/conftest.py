@@ -22,3 +22,7 @@ def tiny_spec(**overrides):
     )
     base.update(overrides)
     return build_spec(None, base)
+
+
+# The real service stacks (API + Celery worker; embedded and PostgreSQL + Redis), shared by tests/service and tests/client.
+from tests.stack import digits_npz_bytes, stack  # noqa: E402, F401

@@ -8,7 +8,7 @@ import logging
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import setup_logging, worker_ready
+from celery.signals import setup_logging, worker_process_init, worker_ready
 
 from core.settings import Settings, get_settings
 
@@ -71,6 +71,15 @@ def _start_reconciler(sender=None, **_kwargs) -> None:
     from .reconciler import start_reconciler
 
     start_reconciler(get_settings())
+
+
+@worker_process_init.connect
+def _own_database_connections(**_kwargs) -> None:
+    """A pool child is forked from the main process, whose reconciler holds pooled database connections:
+    drop the inherited ones (without closing them under the parent) so the child opens its own."""
+    from core.db.session import engine_for
+
+    engine_for(get_settings().resolved_database_url).dispose(close=False)
 
 
 @setup_logging.connect

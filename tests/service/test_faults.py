@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import FAST_JOB, wait_until
+from tests.stack import FAST_JOB, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from core.engine.data import load_splits
 from core.engine.evaluation import accuracies
 from core.engine.export import load_model
 
-from .conftest import FAST_JOB, wait_until
+from tests.stack import FAST_JOB, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from .conftest import REPO, free_port, wait_until
+from tests.stack import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

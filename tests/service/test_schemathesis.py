@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Stack
+from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 

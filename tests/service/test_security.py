@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz, tar_with, write_tar, write_zip
 
-from .conftest import FAST_JOB
+from tests.stack import FAST_JOB
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .conftest import FAST_JOB, UPLOAD_LIMIT
+from tests.stack import FAST_JOB, UPLOAD_LIMIT
 
 pytestmark = pytest.mark.slow
 

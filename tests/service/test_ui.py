@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import FAST_JOB, wait_until
+from tests.stack import FAST_JOB, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import pytest
 
 from core.engine.data import load_digits
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("PEERAID_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PEERAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -1,0 +1,133 @@
+"""The `peeraid` command line as a user runs it (a subprocess with PEERAID_URL / PEERAID_API_KEY or a
+config file) against a real service."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+
+import pytest
+
+from .conftest import cli_env, free_port, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def env(stack, api_key, tmp_path):
+    return cli_env(PEERAID_URL=stack.url, PEERAID_API_KEY=api_key, HOME=str(tmp_path / "home"))
+
+
+def test_upload_submit_watch_show_and_download(env, digits_file, tmp_path, sdk):
+    uploaded = run_cli("datasets", "upload", str(digits_file), "--name", "cli-digits", env=env)
+    assert uploaded.returncode == 0, uploaded.stderr
+    dataset_id = uploaded.stdout.strip()
+    assert dataset_id.startswith("ds_") and "1438 train" in uploaded.stderr
+    listed = run_cli("datasets", "list", env=env)
+    assert dataset_id in listed.stdout and "cli-digits" in listed.stdout and "built-in" in listed.stdout
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"attack_steps": 2, "eval_pgd_steps": 2, "evaluation": {"n_examples": 20, "autoattack": True}}))
+    submitted = run_cli("jobs", "submit", "--preset", "digits-demo", "--dataset", dataset_id, "--spec", str(spec),
+                        "--set", "epochs=2", "--set", "lr_decay_epochs=[1]", "--set", "evaluation.autoattack=false", "--watch",
+                        env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0]
+    assert job_id.startswith("job_")
+    assert "100%|" in submitted.stderr and "epoch 2/2" in submitted.stderr and "img/s" in submitted.stderr
+    assert "status    succeeded" in submitted.stdout
+    job = sdk.get_job(job_id)
+    assert job["spec"]["epochs"] == 2 and job["spec"]["attack_steps"] == 2 and job["spec"]["evaluation"]["autoattack"] is False
+    assert job["spec"]["evaluation"]["n_examples"] == 20, "--set evaluation.x merges into the spec file's evaluation"
+
+    shown = run_cli("jobs", "show", job_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    for fragment in (f"job       {job_id}", "status    succeeded", f"dataset   cli-digits ({dataset_id})", "epoch 2/2",
+                     "latest    student clean", "best      student clean", "test-set report", "clean", "fgsm", "pgd20"):
+        assert fragment in shown.stdout, (fragment, shown.stdout)
+    report_row = next(line for line in shown.stdout.splitlines() if line.startswith("student "))
+    assert f"{job['result']['student']['test']['clean_acc']:.1%}" in report_row
+    assert json.loads(run_cli("jobs", "show", job_id, "--json", env=env).stdout)["status"] == "succeeded"
+    assert job_id in run_cli("jobs", "list", "--status", "succeeded", env=env).stdout
+    assert job_id not in run_cli("jobs", "list", "--status", "failed", env=env).stdout
+
+    downloaded = run_cli("jobs", "download", job_id, "-o", str(tmp_path / "all"), env=env)
+    assert downloaded.returncode == 0, downloaded.stderr
+    listing = sdk.list_artifacts(job_id)
+    assert downloaded.stdout.count("sha256 verified") == len(listing) >= 4
+    for artifact in listing:
+        data = (tmp_path / "all" / f"{job_id}-{artifact['file_name']}").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+    one = run_cli("jobs", "download", job_id, "--artifact", "student", "-o", str(tmp_path / "one"), env=env)
+    assert one.returncode == 0 and [p.name for p in (tmp_path / "one").iterdir()] == [f"{job_id}-student.safetensors"]
+
+    curves = run_cli("jobs", "curves", job_id, "-o", str(tmp_path / "curves.png"), env=env)
+    if curves.returncode == 1 and curves.stderr.strip() == "error: Not Found":
+        pytest.skip("this service has no GET /v1/jobs/{id}/curves.png yet")
+    assert curves.returncode == 0, curves.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    watched = run_cli("jobs", "watch", job_id, env=env)
+    assert watched.returncode == 0 and "status    succeeded" in watched.stdout
+    cancelled = run_cli("jobs", "cancel", job_id, env=env)
+    assert cancelled.returncode == 1 and cancelled.stderr.strip() == f"error: job {job_id} already succeeded"
+
+
+def test_watch_exits_1_when_the_job_does_not_succeed(env):
+    submitted = run_cli("jobs", "submit", "--preset", "digits-demo", "--set", "epochs=60", "--set", "lr_decay_epochs=[50]", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    cancelled = run_cli("jobs", "cancel", job_id, env=env)
+    assert cancelled.returncode == 0 and job_id in cancelled.stdout
+    watched = run_cli("jobs", "watch", job_id, env=env, timeout=120)
+    assert watched.returncode == 1, watched.stderr
+    assert "status    cancelled" in watched.stdout
+
+
+def test_errors_print_the_service_message_and_exit_1(stack, env):
+    bad_key = run_cli("--api-key", "pk_0000_nonsense", "jobs", "list", env=env)
+    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: missing or invalid API key")
+    no_key = run_cli("jobs", "list", env={k: v for k, v in env.items() if k != "PEERAID_API_KEY"})
+    assert no_key.returncode == 1 and "no API key configured" in no_key.stderr
+
+    missing = run_cli("jobs", "show", "job_doesnotexist", env=env)
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: job job_doesnotexist not found"
+
+    invalid = run_cli("jobs", "submit", "--preset", "digits-demo", "--set", "epochs=-1", "--set", "peeraid.tau=warm", env=env)
+    assert invalid.returncode == 1 and invalid.stdout == ""
+    lines = invalid.stderr.splitlines()
+    assert lines[0] == "error: epochs: Input should be greater than or equal to 1"
+    assert lines[1].startswith("error: peeraid.tau: Input should be a valid number")
+
+    unreachable = run_cli("--url", f"http://127.0.0.1:{free_port()}", "jobs", "list", env=env)
+    assert unreachable.returncode == 1 and unreachable.stderr.startswith("error: cannot reach the service")
+
+    for usage in (["jobs", "submit", "--set", "epochs"], ["jobs", "frobnicate"], ["jobs", "submit", "--spec", "/nonexistent.json"]):
+        result = run_cli(*usage, env=env)
+        assert result.returncode == 2, (usage, result.stderr)
+
+
+def test_the_config_file_and_its_precedence(stack, api_key, tmp_path):
+    home = tmp_path / "home"
+    default_config = home / ".config" / "peeraid" / "config.toml"
+    default_config.parent.mkdir(parents=True)
+    default_config.write_text(f'url = "{stack.url}"\napi_key = "{api_key}"\n')
+    env = cli_env(HOME=str(home))
+    assert run_cli("datasets", "list", env=env).returncode == 0
+
+    other_key = stack.admin("create-key", f"config-{secrets.token_hex(4)}")
+    named = tmp_path / "elsewhere.toml"
+    named.write_text(f'url = "{stack.url}/v1/"\napi_key = "{other_key}"\n')
+    env = cli_env(HOME=str(home), PEERAID_CONFIG=str(named))
+    mine = run_cli("jobs", "list", env=env)
+    assert mine.returncode == 0 and mine.stdout.strip() == "ID  STATUS  DATASET  PRESET  DONE  CREATED", "a fresh tenant's empty list"
+
+    # the environment beats the file, the command line beats the environment
+    assert run_cli("jobs", "list", env={**env, "PEERAID_API_KEY": "pk_0000_nonsense"}).returncode == 1
+    assert run_cli("--api-key", other_key, "jobs", "list", env={**env, "PEERAID_API_KEY": "pk_0000_nonsense"}).returncode == 0
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("url = \n")
+    result = run_cli("jobs", "list", env=cli_env(HOME=str(home), PEERAID_CONFIG=str(broken)))
+    assert result.returncode == 1 and result.stderr.startswith(f"error: config file {broken}")

@@ -25,7 +25,7 @@ from core.storage import Storage, sha256_file
 
 log = logging.getLogger(__name__)
 
-MEDIA_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json"}
+MEDIA_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".onnx": "application/onnx"}
 
 
 def worker_name() -> str:

@@ -1,5 +1,6 @@
 """One robustification job end to end: train (resuming if a checkpoint exists), report on the
-test set, export weights and the model card. The worker, the CLI and the tests all call `run_job`."""
+test set, export weights (safetensors, ONNX, TorchScript) and the model card (JSON, Markdown).
+The worker, the CLI and the tests all call `run_job`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from .data import DatasetSplits
 from .evaluation import final_report
-from .export import library_versions, save_weights, write_json
+from .export import export_onnx, export_torchscript, library_versions, save_weights, write_json, write_model_card_markdown
 from .models import create_model
 from .spec import JobSpec
 from .trainer import TrainingCallbacks, Trainer
@@ -22,6 +23,10 @@ STUDENT_FILE = "student.safetensors"
 SWA_STUDENT_FILE = "swa_student.safetensors"
 PEER_FILE = "peer.safetensors"
 MODEL_CARD_FILE = "model_card.json"
+STUDENT_ONNX_FILE = "student.onnx"
+STUDENT_TORCHSCRIPT_FILE = "student.torchscript.pt"
+MODEL_CARD_MARKDOWN_FILE = "model_card.md"
+MAX_ERROR_CHARS = 500
 
 
 @dataclass
@@ -55,6 +60,7 @@ def run_job(
     out_dir = Path(workdir) / ARTIFACTS_DIR
     artifacts: dict[str, Path] = {}
     metrics: dict[str, Any] = {}
+    models: dict[str, torch.nn.Module] = {}
     for key, best, architecture, file_name in (
         ("student", trainer.best_student, spec.student, STUDENT_FILE),
         ("swa_student", trainer.best_swa, spec.student, SWA_STUDENT_FILE),
@@ -70,23 +76,64 @@ def run_job(
             on_phase=lambda phase, key=key: callbacks.on_phase(f"evaluating {key}: {phase}"),
         )
         metrics[key] = {"best_epoch": best.epoch, "validation": best.metrics, "test": test_metrics}
+        models[key] = model
         artifacts[key] = out_dir / file_name
         save_weights(model, artifacts[key], architecture=architecture, **_shape_info(splits))
     if trainer.nets.peer is not None:
         artifacts["peer"] = out_dir / PEER_FILE
         save_weights(trainer.nets.peer, artifacts["peer"], architecture=spec.peer_architecture, **_shape_info(splits))
 
-    card = model_card(spec, splits, metrics, trainer, n_test=len(test))
+    exports: dict[str, str] = {}
+    if "student" in models:
+        callbacks.on_phase("exporting ONNX and TorchScript")
+        exports = _export_portable(models["student"], out_dir, splits.input_shape, artifacts)
+
+    card = model_card(spec, splits, metrics, trainer, n_test=len(test), exports=exports)
+    markdown = out_dir / MODEL_CARD_MARKDOWN_FILE
+    try:
+        write_model_card_markdown(markdown, card)
+        artifacts["model_card_markdown"] = markdown
+    except Exception as err:  # the Markdown card is a courtesy; it must not cost the trained model
+        markdown.unlink(missing_ok=True)
+        card["exports"]["model_card_markdown"] = _failure(err)
+    # last, so that it records the status of every other export
     artifacts["model_card"] = out_dir / MODEL_CARD_FILE
     write_json(artifacts["model_card"], card)
     return JobResult(card, artifacts)
+
+
+def _export_portable(model: torch.nn.Module, out_dir: Path, input_shape, artifacts: dict[str, Path]) -> dict[str, str]:
+    """Export the student to ONNX and TorchScript; a failed export is reported, not raised, and leaves no file."""
+    status = {}
+    for fmt, name, file_name, export in (
+        ("onnx", "student_onnx", STUDENT_ONNX_FILE, export_onnx),
+        ("torchscript", "student_torchscript", STUDENT_TORCHSCRIPT_FILE, export_torchscript),
+    ):
+        path = out_dir / file_name
+        try:
+            export(model, path, input_shape)
+        except Exception as err:
+            path.unlink(missing_ok=True)  # a resumed job may have left one from an earlier run
+            status[fmt] = _failure(err)
+        else:
+            artifacts[name] = path
+            status[fmt] = "ok"
+    return status
+
+
+def _failure(err: Exception) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return "failed: " + (text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…")
 
 
 def _shape_info(splits: DatasetSplits) -> dict[str, Any]:
     return {"num_classes": len(splits.classes), "input_shape": splits.input_shape, "classes": splits.classes}
 
 
-def model_card(spec: JobSpec, splits: DatasetSplits, metrics: dict[str, Any], trainer: Trainer, n_test: int) -> dict[str, Any]:
+def model_card(
+    spec: JobSpec, splits: DatasetSplits, metrics: dict[str, Any], trainer: Trainer, n_test: int,
+    exports: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "method": spec.method,
@@ -105,6 +152,7 @@ def model_card(spec: JobSpec, splits: DatasetSplits, metrics: dict[str, Any], tr
         },
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": metrics,
+        "exports": dict(exports or {}),
         "history": [r.to_dict() for r in trainer.history],
         "device": str(trainer.device),
         "library_versions": library_versions(),

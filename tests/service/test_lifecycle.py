@@ -62,7 +62,9 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
     assert "running" in statuses and statuses[-1] == "succeeded" and seen[-1][0] == "end"
 
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
-    assert set(artifacts) == {"student", "swa_student", "peer", "model_card"}
+    assert set(artifacts) == {"student", "swa_student", "peer", "model_card", "model_card_markdown", "student_onnx",
+                              "student_torchscript"}
+    assert artifacts["model_card_markdown"]["media_type"].startswith("text/markdown")
     download = client.get(artifacts["student"]["url"])
     assert download.status_code == 200
     assert int(download.headers["content-length"]) == artifacts["student"]["size_bytes"] == len(download.content)

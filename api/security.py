@@ -32,7 +32,8 @@ def authenticate(session: Session, key: str) -> Tenant | None:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         return None
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    found = session.execute(select(ApiKey, Tenant).join(Tenant).where(ApiKey.prefix == parts[1])).first()
+    row, tenant = found if found is not None else (None, None)
     # compare even when no row matches, so timing does not reveal which prefixes exist
     expected = row.key_hash if row is not None else hash_key("")
     if not hmac.compare_digest(expected, hash_key(key)) or row is None or row.revoked_at is not None:
@@ -41,7 +42,7 @@ def authenticate(session: Session, key: str) -> Tenant | None:
     if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
         row.last_used_at = now  # at most one write a minute per key, so polling stays read-only
         session.commit()
-    return row.tenant
+    return tenant
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:

@@ -28,6 +28,24 @@ def test_compose_has_the_production_stack():
         assert "healthcheck" in services[name]
 
 
+def test_more_gpu_workers_each_pin_their_own_gpu():
+    base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["worker"]
+    extra = yaml.safe_load((REPO / "docker-compose.gpus.yml").read_text())["services"]
+    pinned = [base["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]]
+    for service in extra.values():
+        assert service["extends"] == {"file": "docker-compose.yml", "service": "worker"}
+        pinned.append(service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"])
+    assert sorted(map(tuple, pinned)) == [("0",), ("1",), ("2",), ("3",)]
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from core.settings import Settings
+
+    readme = (REPO / "README.md").read_text()
+    missing = [f"PEERAID_{name.upper()}" for name in Settings.model_fields if f"PEERAID_{name.upper()}" not in readme]
+    assert not missing, f"add these to the README's configuration table: {missing}"
+
+
 def test_migrations_create_exactly_the_models_schema(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     config = Config(str(REPO / "alembic.ini"))

@@ -24,10 +24,6 @@ class DatabaseCallbacks(TrainingCallbacks):
         self.spec = spec
         self.history: list[EpochRecord] = []
 
-    def _update(self, **values) -> None:
-        runner = self.runner
-        runner.db(lambda s: (s.execute(update(Job).where(Job.id == runner.job_id, Job.worker == runner.me).values(**values)), s.commit()))
-
     def _epoch_seconds(self, p: StepProgress) -> float:
         if self.history:
             last = self.history[-1]
@@ -43,7 +39,7 @@ class DatabaseCallbacks(TrainingCallbacks):
             "fraction": round(done / p.epochs, 4), "losses": p.losses,
         }
         try:
-            self._update(status="running", phase=f"training epoch {p.epoch + 1}/{p.epochs}", progress=progress)
+            self.runner.update_job(status="running", phase=f"training epoch {p.epoch + 1}/{p.epochs}", progress=progress)
         except Exception:  # progress is best effort; the next write or the epoch record catches up
             log.exception("progress write for job %s failed", self.runner.job_id)
 
@@ -75,7 +71,7 @@ class DatabaseCallbacks(TrainingCallbacks):
         values = {"phase": phase}
         if phase.startswith("evaluating"):
             values["status"] = "evaluating"
-        self._update(**values)
+        self.runner.update_job(**values)
 
     def should_stop(self) -> bool:
         return self.runner.should_stop()

@@ -123,7 +123,7 @@ class JobRunner:
 
         try:
             spec = JobSpec.model_validate(job.spec)
-            self._set(phase="loading dataset")
+            self.update_job(phase="loading dataset")
             splits = load_splits(
                 self._dataset_source(spec.dataset), data_root=self.settings.builtin_data_root,
                 val_fraction=spec.val_fraction, seed=spec.seed, download=self.settings.allow_downloads,
@@ -183,7 +183,8 @@ class JobRunner:
         )
         session.commit()
 
-    def _set(self, **values: Any) -> None:
+    def update_job(self, **values: Any) -> None:
+        """Write to the job's row while this worker still owns it."""
         self.db(lambda s: (s.execute(update(Job).where(Job.id == self.job_id, Job.worker == self.me).values(**values)), s.commit()))
 
     def _heartbeat(self) -> None:

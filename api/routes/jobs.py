@@ -53,12 +53,11 @@ def _check_architectures_fit(spec, dataset: Dataset | None) -> None:
     if dataset is None:
         return
     size = min(dataset.input_shape[1:])
-    for field in ("student", "peer"):
-        name = getattr(spec, "peer_architecture" if field == "peer" else "student")
-        if name and size < get_model_info(name).min_input_size:
+    for field, name in (("student", spec.student), ("peer", spec.peer_architecture)):
+        minimum = get_model_info(name).min_input_size if name else 0
+        if size < minimum:
             raise field_errors(
-                [(field, f"{name} needs inputs of at least {get_model_info(name).min_input_size}×{get_model_info(name).min_input_size}; "
-                         f"dataset {dataset.id} has {size}×{size}")],
+                [(field, f"{name} needs inputs of at least {minimum}×{minimum}; dataset {dataset.id} has {size}×{size}")],
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
             )
 

@@ -90,6 +90,21 @@ def test_training_batches_depend_only_on_seed_and_epoch():
     assert first[0].dtype == torch.float32 and 0 <= first[0].min() and first[0].max() <= 1
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_streaming_from_host_memory_gives_the_same_batches(train):
+    """The path for datasets too large for the device: gathered ahead by threads, then copied."""
+    data, _ = load_digits()
+    on_device = BatchLoader(data, 100, train=train, seed=3, keep_on_device=True)
+    streamed = BatchLoader(data, 100, train=train, seed=3, keep_on_device=False, workers=3, prefetch=2)
+    for epoch in (0, 1):
+        on_device.set_epoch(epoch)
+        streamed.set_epoch(epoch)
+        pairs = list(zip(on_device, streamed, strict=True))
+        assert len(pairs) == 15
+        for (x1, y1), (x2, y2) in pairs:
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_evaluation_batches_are_unaugmented_and_in_order():
     train, _ = load_digits()
     x, y = next(iter(BatchLoader(train, 10)))

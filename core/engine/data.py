@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,7 +234,9 @@ class BatchLoader:
 
     Training loaders shuffle and augment with a generator seeded per epoch, so an epoch's batches
     depend only on (seed, epoch): a resumed run sees exactly the batches it would have seen.
-    Datasets too large for the device stay in pinned host memory and are copied batch by batch.
+    Datasets too large for the device stay in host memory: `workers` threads gather the next
+    batches into pinned buffers ahead of time, and each is copied to the device asynchronously.
+    Augmentation always runs on the device, so both paths give the same batches.
     """
 
     def __init__(
@@ -246,6 +250,8 @@ class BatchLoader:
         seed: int = 0,
         keep_on_device: bool | None = None,
         channels_last: bool = False,
+        workers: int = 4,
+        prefetch: int = 6,
     ):
         self.dataset = dataset
         self.batch_size = batch_size
@@ -254,15 +260,14 @@ class BatchLoader:
         self.padding = padding
         self.seed = seed
         self.channels_last = channels_last
+        self.workers = workers
+        self.prefetch = prefetch
         self.epoch = 0
         if keep_on_device is None:
             keep_on_device = self.device.type == "cpu" or _fits_on_device(dataset, self.device)
-        if keep_on_device:
-            self.images = dataset.images.to(self.device)
-            self.labels = dataset.labels.to(self.device)
-        else:
-            self.images = dataset.images.pin_memory()
-            self.labels = dataset.labels.pin_memory()
+        self.on_device = keep_on_device
+        self.images = dataset.images.to(self.device) if keep_on_device else dataset.images
+        self.labels = dataset.labels.to(self.device) if keep_on_device else dataset.labels
 
     def __len__(self) -> int:
         return math.ceil(len(self.dataset) / self.batch_size)
@@ -272,17 +277,10 @@ class BatchLoader:
 
     def __iter__(self):
         n = len(self.dataset)
-        if self.train:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=generator)
-        else:
-            generator, order = None, None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                x, y = self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-            else:
-                index = order[start : start + self.batch_size].to(self.images.device)
-                x, y = self.images[index], self.labels[index]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch) if self.train else None
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        batches = self._device_batches(order) if self.on_device else self._host_batches(order)
+        for x, y in batches:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.train and self.padding > 0:
@@ -291,6 +289,30 @@ class BatchLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
+
+    def _device_batches(self, order: torch.Tensor):
+        order = order.to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+    def _host_batches(self, order: torch.Tensor):
+        pin = torch.cuda.is_available()
+
+        def gather(start: int):
+            index = order[start : start + self.batch_size]
+            x = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=pin)
+            y = torch.empty(len(index), dtype=self.labels.dtype, pin_memory=pin)
+            return torch.index_select(self.images, 0, index, out=x), torch.index_select(self.labels, 0, index, out=y)
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="batches") as pool:
+            pending: deque = deque()
+            for start in range(0, len(order), self.batch_size):
+                pending.append(pool.submit(gather, start))
+                if len(pending) > self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
 
 def _device_generator(cpu_generator: torch.Generator, device: torch.device) -> torch.Generator:

@@ -78,10 +78,12 @@ def claim(session: Session, job_id: str, settings: Settings, me: str) -> Job | N
     return job
 
 
-def _finish(session: Session, job: Job, status: str, error: str | None = None, **values: Any) -> None:
-    session.execute(
-        update(Job).where(Job.id == job.id).values(status=status, error=error, finished_at=utcnow(), phase=status, **values)
-    )
+def _finish(session: Session, job: Job, status: str, error: str | None = None, *, owner: str | None = None) -> None:
+    """Record a final status; with `owner`, only while that worker still owns the job."""
+    query = update(Job).where(Job.id == job.id)
+    if owner is not None:
+        query = query.where(Job.worker == owner)
+    session.execute(query.values(status=status, error=error, finished_at=utcnow(), phase=status))
     session.commit()
 
 
@@ -137,24 +139,23 @@ class JobRunner:
             if self.stop_reason == "lease-lost":
                 log.warning("job %s: another worker took over; stopping here", job.id)
                 return "lease-lost"
-            self.db(lambda s: _finish(s, s.get(Job, job.id), "cancelled"))
-            return "cancelled"
+            return self._end(job, "cancelled")
         except TrainingDiverged as err:
-            self.db(lambda s: _finish(s, s.get(Job, job.id), "failed", f"{err} (the last good checkpoint is kept)"))
-            return "failed"
+            return self._end(job, "failed", f"{err} (the last good checkpoint is kept)")
         except (DatasetError, ValueError) as err:
-            self.db(lambda s: _finish(s, s.get(Job, job.id), "failed", f"{type(err).__name__}: {err}"))
-            return "failed"
+            return self._end(job, "failed", f"{type(err).__name__}: {err}")
         except OSError as err:
-            self.db(lambda s: _finish(s, s.get(Job, job.id), "failed", f"storage error: {err}"))
-            return "failed"
+            return self._end(job, "failed", f"storage error: {err}")
         except Exception as err:
             log.exception("job %s crashed", job.id)
-            self.db(lambda s: _finish(s, s.get(Job, job.id), "failed", f"internal error: {type(err).__name__}: {err}"))
-            return "failed"
+            return self._end(job, "failed", f"internal error: {type(err).__name__}: {err}")
         self.db(lambda s: self._publish(s, job.id, result))
         log.info("job %s succeeded", job.id)
         return "succeeded"
+
+    def _end(self, job: Job, status: str, error: str | None = None) -> str:
+        self.db(lambda s: _finish(s, job, status, error, owner=self.me))
+        return status
 
     def _dataset_source(self, name: str) -> str:
         if not name.startswith("ds_"):
@@ -165,6 +166,9 @@ class JobRunner:
         return str(self.storage.path(dataset.storage_key))
 
     def _publish(self, session: Session, job_id: str, result) -> None:
+        if session.scalar(select(Job.worker).where(Job.id == job_id)) != self.me:
+            log.warning("job %s was taken over by another worker; its result is theirs to publish", job_id)
+            return
         session.query(Artifact).filter(Artifact.job_id == job_id).delete()
         for name, path in result.artifacts.items():
             path = Path(path)
@@ -177,7 +181,7 @@ class JobRunner:
         report = result.report
         best = {key: {"epoch": m["best_epoch"], **m["validation"]} for key, m in report.items()}
         session.execute(
-            update(Job).where(Job.id == job_id).values(
+            update(Job).where(Job.id == job_id, Job.worker == self.me).values(
                 status="succeeded", phase="succeeded", finished_at=utcnow(), result=report, best_metrics=best, error=None
             )
         )

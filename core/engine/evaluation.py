@@ -16,10 +16,17 @@ from .faults import fault_point
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _batches(dataset: ImageDataset, batch_size: int, device: torch.device):
+def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, memory_format: torch.memory_format):
     for start in range(0, len(dataset), batch_size):
         x = dataset.images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
-        yield x, dataset.labels[start : start + batch_size].to(device, non_blocking=True)
+        yield x.contiguous(memory_format=memory_format), dataset.labels[start : start + batch_size].to(device, non_blocking=True)
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """Feed inputs in the layout the model's convolutions are in (channels_last on the fast GPU path)."""
+    conv = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels_last = conv is not None and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @torch.no_grad()
@@ -40,7 +47,7 @@ def accuracies(
     was_training = model.training
     model.eval()
     correct = {name: torch.zeros((), dtype=torch.int64, device=device) for name in attacks}
-    for x, y in _batches(dataset, batch_size, device):
+    for x, y in _batches(dataset, batch_size, device, _memory_format(model)):
         for name, attack in attacks.items():
             correct[name] += _correct(model, x if attack is None else attack(model, x, y), y)
     model.train(was_training)

@@ -102,6 +102,8 @@ def cmd_serve(args, settings: Settings) -> int:
         f"Try it: in another terminal run `make demo`. Stop with Ctrl-C.\n"
     )
     print(banner, flush=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it still reaches the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         run_api(settings)
     finally:

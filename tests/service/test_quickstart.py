@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -40,6 +42,21 @@ def test_serve_then_demo(tmp_path):
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
+    # stopping the service stops its embedded worker too (no orphaned Celery processes)
+    wait_until(lambda: not _processes_with(str(tmp_path)), 30, "the embedded worker to exit")
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids whose environment mentions `text` (the test's own data dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def _up(port: int) -> bool:

@@ -13,13 +13,7 @@ import pytest
 
 from tests.stack import FAST_JOB, Stack, free_port  # noqa: F401  (re-exported for the client tests)
 
-CLIENT_SRC = Path(__file__).resolve().parents[2] / "client" / "src"
-try:
-    import peeraid_client  # noqa: F401
-except ImportError:  # not pip-installed (`pip install -e client`): test the source tree
-    sys.path.insert(0, str(CLIENT_SRC))
-
-from peeraid_client import Client  # noqa: E402
+from peeraid_client import Client  # installed by `make install` (pip install -e ./client)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +28,7 @@ def sdk(stack: Stack, api_key: str):
 
 
 @pytest.fixture(scope="session")
-def digits_file(tmp_path_factory, digits_npz_bytes: bytes) -> Path:  # noqa: F811
+def digits_file(tmp_path_factory, digits_npz_bytes: bytes) -> Path:
     path = tmp_path_factory.mktemp("upload") / "my digits (v1).npz"  # a name the service would refuse as is
     path.write_bytes(digits_npz_bytes)
     return path
@@ -53,7 +47,6 @@ def finished_job(sdk: Client, digits_file: Path) -> tuple[dict, dict]:
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: no service settings, an empty home (no config file)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEERAID_") and k != "XDG_CONFIG_HOME"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT_SRC), env.get("PYTHONPATH")]))
     return {**env, **extra}
 
 

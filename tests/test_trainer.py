@@ -118,6 +118,8 @@ def test_progress_reports_every_epoch_with_metrics(tiny_splits, tmp_path):
     for r in recorder.records:
         assert set(r.student) == {"clean_acc", "pgd_acc"} and 0 <= r.student["pgd_acc"] <= r.student["clean_acc"] + 0.2
         assert {"loss_student", "loss_peer"} <= set(r.losses) and r.train_seconds > 0
+        best = max(recorder.records[: r.epoch + 1], key=lambda q: (q.student["pgd_acc"], -q.epoch))
+        assert r.best["student"] == {"epoch": best.epoch, **best.student}
 
 
 def test_divergence_fails_and_keeps_the_last_good_checkpoint(tiny_splits, tmp_path):

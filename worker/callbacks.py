@@ -52,12 +52,7 @@ class DatabaseCallbacks(TrainingCallbacks):
     def on_epoch(self, record: EpochRecord) -> None:
         self.history.append(record)
         latest = {"epoch": record.epoch, "lr": record.lr, "student": record.student, "swa_student": record.swa_student}
-        best = {}
-        for key in ("student", "swa_student"):
-            scored = [r for r in self.history if getattr(r, key) is not None]
-            if scored:
-                top = max(scored, key=lambda r: (getattr(r, key)["pgd_acc"], -r.epoch))
-                best[key] = {"epoch": top.epoch, **getattr(top, key)}
+        best = record.best  # the engine's own model selection
         runner = self.runner
         runner.db(
             lambda s: (

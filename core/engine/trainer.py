@@ -67,6 +67,7 @@ class EpochRecord:
     losses: dict[str, float]
     student: dict[str, float]
     swa_student: dict[str, float] | None = None
+    best: dict[str, dict[str, float]] | None = None  # the selected models so far: {"student": {"epoch", ...metrics}}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,14 +252,15 @@ class Trainer:
         losses = self._finite_means(sums, seen, epoch)
 
         eval_started = time.perf_counter()
-        if self.swa is not None and epoch >= s.resolved_swa_start:
+        swa_active = self.swa is not None and epoch >= s.resolved_swa_start
+        if swa_active:
             self.swa.update_parameters(self.nets.student)
             self.train_loader.set_epoch(self.bn_pass_epoch(epoch))
             recalibrate_batchnorm(self.swa.module, self.train_loader)
         student_metrics = self._validate(self.nets.student)
         self.best_student.consider(epoch, student_metrics, self.nets.student)
         swa_metrics = None
-        if self.swa is not None and epoch >= s.resolved_swa_start:
+        if swa_active:
             swa_metrics = self._validate(self.swa.module)
             self.best_swa.consider(epoch, swa_metrics, self.swa.module)
         record = EpochRecord(
@@ -270,6 +272,8 @@ class Trainer:
             losses=losses,
             student=student_metrics,
             swa_student=swa_metrics,
+            best={key: {"epoch": b.epoch, **b.metrics} for key, b in (("student", self.best_student), ("swa_student", self.best_swa))
+                  if b.state is not None},
         )
         self.history.append(record)
         self.next_epoch = epoch + 1

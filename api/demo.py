@@ -42,7 +42,7 @@ def _describe(job: dict) -> str:
 
 
 def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
-    from core.engine.data import load_splits
+    from core.engine.sources import load_splits
     from core.engine.evaluation import accuracies
     from core.engine.export import load_model
 

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from core.engine.data import DatasetSplits, ImageDataset, fingerprint
+from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint
 from core.engine.execution import Execution, StepRunner
 from core.engine.losses import PeerAiDWeights
 from core.engine.methods import AttackSettings, Networks, PeerAiD

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from core.engine.data import DatasetSplits, fingerprint, load_digits, split_validation
+from core.engine.datasets import DatasetSplits, fingerprint, split_validation
+from core.engine.sources import load_digits
 from core.engine.spec import build_spec
 
 

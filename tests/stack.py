@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from core.engine.data import load_digits
+from core.engine.sources import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("PEERAID_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -3,16 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.engine.data import (
-    BatchLoader,
-    DatasetError,
-    ImageDataset,
-    fingerprint,
-    load_digits,
-    load_splits,
-    random_crop_flip,
-    split_validation,
-)
+from core.engine.datasets import DatasetError, ImageDataset, fingerprint, split_validation
+from core.engine.loader import BatchLoader, random_crop_flip
+from core.engine.sources import load_digits, load_splits
 
 
 def test_builtin_digits_needs_no_network():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.engine.data import DatasetError
+from core.engine.errors import DatasetError
 from core.engine.dataset_files import FileLimits, inspect_dataset_file, load_dataset_file
 
 RNG = np.random.default_rng(0)

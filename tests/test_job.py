@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.engine.data import load_splits
+from core.engine.sources import load_splits
 from core.engine.evaluation import accuracies, autoattack_accuracy, pgd_attack
 from core.engine.export import load_model
 from core.engine.job import run_job

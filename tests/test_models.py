@@ -280,7 +280,7 @@ def test_duplicate_registration_rejected():
 
 
 def test_small_cnn_learns_digits():
-    from core.engine.data import load_digits
+    from core.engine.sources import load_digits
 
     train, test = load_digits(size=16)
     x, y = train.images.float() / 255, train.labels

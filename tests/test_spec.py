@@ -1,7 +1,8 @@
 import pytest
 
 from core.engine.cli import parse_overrides
-from core.engine.spec import PRESETS, JobSpec, SpecError, build_spec
+from core.engine.errors import SpecError
+from core.engine.spec import PRESETS, JobSpec, build_spec
 
 
 def errors_of(preset=None, **overrides):

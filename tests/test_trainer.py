@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from core.engine.data import BatchLoader
+from core.engine.loader import BatchLoader
 from core.engine.state_io import load_tensors
-from core.engine.trainer import CHECKPOINT_NAME, Trainer, TrainingCallbacks, TrainingCancelled, TrainingDiverged
+from core.engine.errors import CheckpointError, TrainingCancelled, TrainingDiverged
+from core.engine.trainer import CHECKPOINT_NAME, Trainer, TrainingCallbacks
 
 from .conftest import tiny_spec
 
@@ -139,7 +140,7 @@ def test_divergence_fails_and_keeps_the_last_good_checkpoint(tiny_splits, tmp_pa
 def test_checkpoint_of_another_job_is_refused(tiny_splits, tmp_path):
     spec = tiny_spec(epochs=2, lr_decay_epochs=[1])
     Trainer(spec, tiny_splits, workdir=tmp_path).run_epoch(0)
-    with pytest.raises(ValueError, match="different job spec"):
+    with pytest.raises(CheckpointError, match="different job spec"):
         Trainer(replace_spec(spec, lr=0.01), tiny_splits, workdir=tmp_path)
 
 

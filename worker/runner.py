@@ -116,10 +116,11 @@ class JobRunner:
             heartbeat.join(timeout=5)
 
     def _train(self, job: Job) -> str:
-        from core.engine.data import DatasetError, load_splits
+        from core.engine.errors import DatasetError
+        from core.engine.sources import load_splits
         from core.engine.job import run_job
         from core.engine.spec import JobSpec
-        from core.engine.trainer import TrainingCancelled, TrainingDiverged
+        from core.engine.errors import TrainingCancelled, TrainingDiverged
 
         from .callbacks import DatabaseCallbacks
 

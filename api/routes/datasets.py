@@ -10,7 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
 from core.db.models import ACTIVE_STATUSES, Dataset, Job, new_id
-from core.engine.data import BUILTIN_DATASETS, DatasetError
+from core.engine.errors import DatasetError
+from core.engine.sources import BUILTIN_DATASETS
 from core.engine.dataset_files import inspect_dataset_file
 from core.storage import UploadTooLarge
 

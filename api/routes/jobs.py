@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 
 from core.db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Dataset, EpochMetric, Job, Tenant, utcnow
 from core.db.session import session_factory
-from core.engine.data import BUILTIN_DATASETS
+from core.engine.sources import BUILTIN_DATASETS
 from core.engine.models import get_model_info
-from core.engine.spec import SpecError, build_spec
+from core.engine.errors import SpecError
+from core.engine.spec import build_spec
 from worker.celery_app import enqueue_job
 
 from ..deps import SessionDep, SettingsDep, StorageDep, TenantDep

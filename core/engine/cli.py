@@ -10,10 +10,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .data import BUILTIN_DATASETS, DatasetError, load_splits
+from .errors import DatasetError, SpecError
 from .job import run_job
 from .models import list_models
-from .spec import PRESETS, SpecError, build_spec
+from .sources import BUILTIN_DATASETS, load_splits
+from .spec import PRESETS, build_spec
 from .trainer import EpochRecord, StepProgress, TrainingCallbacks
 
 

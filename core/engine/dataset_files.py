@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import DatasetError, ImageDataset, fingerprint
+from .datasets import DatasetError, ImageDataset, fingerprint
 
 
 @dataclass(frozen=True)

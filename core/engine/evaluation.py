@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .attacks import fgsm, pgd
-from .data import ImageDataset
+from .datasets import ImageDataset
 from .faults import fault_point
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

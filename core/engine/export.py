@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CheckpointError, ExportError
 from .models import create_model
 from .state_io import atomic_write, load_tensors, save_tensors
 
@@ -27,10 +28,6 @@ WEIGHTS_FORMAT = "peeraid-service/weights-v1"
 ONNX_OPSET = 17
 VERIFY_ATOL = 1e-4  # max |logit difference| allowed between an export and the fp32 PyTorch model
 VERIFY_BATCH_SIZES = (1, 8)
-
-
-class ExportError(RuntimeError):
-    """An exported model cannot be read, or its logits disagree with the PyTorch model."""
 
 
 def save_weights(model: nn.Module, path: Path, *, architecture: str, num_classes: int, input_shape, classes: list[str]) -> None:
@@ -53,7 +50,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     """Rebuild the network a weights file describes and load it (strict), in eval mode."""
     tensors, meta = load_tensors(path)
     if meta.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path} is not a weights file of this service (format {meta.get('format')!r})")
+        raise CheckpointError(f"{path} is not a weights file of this service (format {meta.get('format')!r})")
     model = create_model(
         meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], input_size=meta["input_size"]
     )

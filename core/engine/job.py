@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .data import DatasetSplits
+from .datasets import DatasetSplits
 from .evaluation import final_report
 from .export import export_onnx, export_torchscript, library_versions, save_weights, write_json, write_model_card_markdown
 from .models import create_model

@@ -7,17 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import SpecError
 from .models import list_models
 
 METHODS = ("peeraid", "pgd_at", "trades", "natural")
-
-
-class SpecError(ValueError):
-    """A job spec is invalid; `errors` lists {"field": dotted path, "message": text}."""
-
-    def __init__(self, errors: list[dict[str, str]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors))
 
 
 class _Strict(BaseModel):

@@ -17,14 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
 from .faults import fault_point
 
 METADATA_KEY = "peeraid"
 TEMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def atomic_write(path: Path, write) -> None:

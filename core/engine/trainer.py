@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .data import BatchLoader, DatasetSplits
+from .datasets import DatasetSplits
+from .errors import CheckpointError, TrainingCancelled, TrainingDiverged
+from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
 from .losses import PeerAiDWeights
@@ -36,14 +38,6 @@ from .state_io import (
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "peeraid-service/checkpoint-v1"
-
-
-class TrainingCancelled(Exception):
-    """Raised between steps when the callbacks ask to stop; the last epoch checkpoint stays."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -329,11 +323,11 @@ class Trainer:
     def load_checkpoint(self) -> None:
         tensors, meta = load_tensors(self.checkpoint_path)
         if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.checkpoint_path} is not a training checkpoint")
+            raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
         if meta["dataset_fingerprint"] != self.splits.fingerprint:
-            raise ValueError(f"{self.checkpoint_path} was written for a different dataset")
+            raise CheckpointError(f"{self.checkpoint_path} was written for a different dataset")
         if meta["spec"] != self.spec.model_dump(mode="json"):
-            raise ValueError(f"{self.checkpoint_path} was written for a different job spec")
+            raise CheckpointError(f"{self.checkpoint_path} was written for a different job spec")
         tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self.nets.student.load_state_dict(unprefixed("student", tensors))
         load_optimizer_state("opt.student", self.nets.student_optimizer, tensors, meta["opt.student"])

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from core.engine.data import load_splits
+from core.engine.sources import load_splits
 from core.engine.evaluation import accuracies
 from core.engine.export import load_model
 

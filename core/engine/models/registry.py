@@ -8,11 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UnknownArchitectureError
+
 Factory = Callable[[int, int, int], nn.Module]
-
-
-class UnknownArchitectureError(ValueError):
-    """No architecture is registered under the requested name."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""Datasets as in-memory uint8 tensors: images N×C×H×W, labels int64 N, class names; and the
+train / validation / test splits a job uses.
+
+Every source (built-in digits, CIFAR, TinyImageNet, user archives and .npz files) is turned
+into an `ImageDataset`. Inputs reach models as floats in [0, 1]; there is no normalisation
+layer, as in the reference script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DatasetError
+
+__all__ = ["DatasetError", "DatasetSplits", "ImageDataset", "fingerprint", "split_validation"]
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor  # uint8, N×C×H×W
+    labels: torch.Tensor  # int64, N
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DatasetError(f"images must be a uint8 N×C×H×W tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise DatasetError(f"labels must be int64 of shape ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def subset(self, index: torch.Tensor) -> "ImageDataset":
+        return ImageDataset(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass
+class DatasetSplits:
+    """Train (for optimisation), validation (for model selection) and test (for the final report)."""
+
+    name: str
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    fingerprint: str
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.train.input_shape
+
+
+def fingerprint(*datasets: ImageDataset) -> str:
+    """sha256 over images, labels and class names: the same data gives the same id anywhere."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        digest.update(repr((tuple(dataset.images.shape), dataset.classes)).encode())
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+        digest.update(dataset.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Carve a class-stratified validation split out of the training data."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    val_index = []
+    for label in range(train.num_classes):
+        members = torch.nonzero(train.labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        val_index.append(members[:n_val])
+    val_index = torch.cat(val_index).sort().values
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_index] = False
+    return train.subset(torch.nonzero(keep).flatten()), train.subset(val_index)

@@ -72,7 +72,7 @@ def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
     print(f"\n{'model':<13}{'best epoch':>11}{'clean':>9}{'FGSM':>9}{'PGD-20':>9}{'AutoAttack':>12}")
     for key, m in report.items():
         t = m["test"]
-        print(f"{key:<13}{m['best_epoch'] + 1:>11}{t['clean_acc']:>9.1%}{t['fgsm_acc']:>9.1%}{t['pgd20_acc']:>9.1%}{t.get('autoattack_acc', float('nan')):>12.1%}")
+        print(f"{key:<13}{m['best_epoch']:>11}{t['clean_acc']:>9.1%}{t['fgsm_acc']:>9.1%}{t['pgd20_acc']:>9.1%}{t.get('autoattack_acc', float('nan')):>12.1%}")
 
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
     student = artifacts["student"]

@@ -196,7 +196,7 @@ def test_markdown_card_renders_every_metric_and_the_threat_model():
         for split in ("validation", "test"):
             for name, value in m[split].items():
                 assert f"{value:.2%}" in md, (key, split, name)
-        assert f"| {m['best_epoch'] + 1} |" in md
+        assert f"| {m['best_epoch']} |" in md
     for label in ("| Clean | FGSM | PGD-50 | AutoAttack |", "| Clean | PGD-10 |", "| Student |", "| SWA student |"):
         assert label in md
     threat = next(line for line in md.splitlines() if "Threat model" in line)

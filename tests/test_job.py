@@ -51,8 +51,8 @@ def test_report_covers_student_and_swa_student(peeraid_run):
         m = result.report[key]
         assert set(m["test"]) == {"clean_acc", "fgsm_acc", "pgd20_acc", "autoattack_acc"}
         assert m["test"]["autoattack_acc"] <= m["test"]["pgd20_acc"] + 0.02 <= m["test"]["clean_acc"] + 0.02
-        assert 0 <= m["best_epoch"] < spec.epochs
-    assert result.report["swa_student"]["best_epoch"] >= spec.resolved_swa_start
+        assert 1 <= m["best_epoch"] <= spec.epochs
+    assert result.report["swa_student"]["best_epoch"] > spec.resolved_swa_start  # 1-based: epoch swa_start + 1 is the first averaged
 
 
 def test_model_card_records_what_a_user_needs(peeraid_run, digits):

@@ -8,7 +8,8 @@ import torch
 from core.engine.loader import BatchLoader
 from core.engine.state_io import load_tensors
 from core.engine.errors import CheckpointError, TrainingCancelled, TrainingDiverged
-from core.engine.trainer import CHECKPOINT_NAME, Trainer, TrainingCallbacks
+from core.engine.callbacks import TrainingCallbacks
+from core.engine.trainer import CHECKPOINT_NAME, Trainer
 
 from .conftest import tiny_spec
 
@@ -115,11 +116,11 @@ def test_learning_rate_follows_the_step_schedule(tiny_splits, tmp_path):
 def test_progress_reports_every_epoch_with_metrics(tiny_splits, tmp_path):
     recorder = Recorder()
     Trainer(tiny_spec(epochs=2, lr_decay_epochs=[1]), tiny_splits, workdir=tmp_path, callbacks=recorder).fit()
-    assert [r.epoch for r in recorder.records] == [0, 1]
+    assert [r.epoch for r in recorder.records] == [1, 2]
     for r in recorder.records:
         assert set(r.student) == {"clean_acc", "pgd_acc"} and 0 <= r.student["pgd_acc"] <= r.student["clean_acc"] + 0.2
         assert {"loss_student", "loss_peer"} <= set(r.losses) and r.train_seconds > 0
-        best = max(recorder.records[: r.epoch + 1], key=lambda q: (q.student["pgd_acc"], -q.epoch))
+        best = max(recorder.records[: r.epoch], key=lambda q: (q.student["pgd_acc"], -q.epoch))
         assert r.best["student"] == {"epoch": best.epoch, **best.student}
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from core.db.models import Job
 from core.engine.spec import JobSpec
-from core.engine.trainer import EpochRecord, StepProgress, TrainingCallbacks
+from core.engine.callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
 
 if TYPE_CHECKING:
     from .runner import JobRunner
@@ -31,7 +31,7 @@ class DatabaseCallbacks(TrainingCallbacks):
         return p.steps_per_epoch * self.spec.batch_size / max(p.images_per_sec, 1e-9)
 
     def on_step(self, p: StepProgress) -> None:
-        done = p.epoch + p.step / p.steps_per_epoch
+        done = p.epoch - 1 + p.step / p.steps_per_epoch
         epoch_seconds = self._epoch_seconds(p)
         progress = {
             "epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps_per_epoch": p.steps_per_epoch,
@@ -39,7 +39,7 @@ class DatabaseCallbacks(TrainingCallbacks):
             "fraction": round(done / p.epochs, 4), "losses": p.losses,
         }
         try:
-            self.runner.update_job(status="running", phase=f"training epoch {p.epoch + 1}/{p.epochs}", progress=progress)
+            self.runner.update_job(status="running", phase=f"training epoch {p.epoch}/{p.epochs}", progress=progress)
         except Exception:  # progress is best effort; the next write or the epoch record catches up
             log.exception("progress write for job %s failed", self.runner.job_id)
 
@@ -47,7 +47,7 @@ class DatabaseCallbacks(TrainingCallbacks):
         self.history = list(history)
         records = [r.to_dict() for r in history]
         self.runner.db(lambda s: (self.runner.record_epochs(s, self.job, records, replace=False), s.commit()))
-        log.info("job %s resumes after epoch %d", self.runner.job_id, len(history) - 1)
+        log.info("job %s resumes after epoch %d", self.runner.job_id, len(history))
 
     def on_epoch(self, record: EpochRecord) -> None:
         self.history.append(record)
@@ -62,9 +62,9 @@ class DatabaseCallbacks(TrainingCallbacks):
             )
         )
 
-    def on_phase(self, phase: str) -> None:
-        values = {"phase": phase}
-        if phase.startswith("evaluating"):
+    def on_stage(self, stage: Stage, detail: str = "") -> None:
+        values = {"phase": detail or stage.value}
+        if stage == Stage.EVALUATING:
             values["status"] = "evaluating"
         self.runner.update_job(**values)
 

@@ -15,7 +15,7 @@ from .job import run_job
 from .models import list_models
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec
-from .trainer import EpochRecord, StepProgress, TrainingCallbacks
+from .callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -43,10 +43,10 @@ class ProgressBar(TrainingCallbacks):
         self.file = file
 
     def on_step(self, p: StepProgress) -> None:
-        if self.bar is None or self.bar.desc != f"epoch {p.epoch + 1}/{p.epochs}":
+        if self.bar is None or self.bar.desc != f"epoch {p.epoch}/{p.epochs}":
             self._close()
             self.bar = tqdm(
-                total=p.steps_per_epoch, desc=f"epoch {p.epoch + 1}/{p.epochs}", file=self.file, leave=False,
+                total=p.steps_per_epoch, desc=f"epoch {p.epoch}/{p.epochs}", file=self.file, leave=False,
                 bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
             )
         self.bar.update(p.step - self.bar.n)
@@ -54,14 +54,14 @@ class ProgressBar(TrainingCallbacks):
 
     def on_epoch(self, r: EpochRecord) -> None:
         self._close()
-        line = f"epoch {r.epoch + 1}: lr {r.lr:.4g}  student clean {r.student['clean_acc']:.1%} pgd {r.student['pgd_acc']:.1%}"
+        line = f"epoch {r.epoch}: lr {r.lr:.4g}  student clean {r.student['clean_acc']:.1%} pgd {r.student['pgd_acc']:.1%}"
         if r.swa_student:
             line += f"  swa clean {r.swa_student['clean_acc']:.1%} pgd {r.swa_student['pgd_acc']:.1%}"
         print(f"{line}  ({r.images_per_sec:.0f} img/s)", file=self.file)
 
-    def on_phase(self, phase: str) -> None:
+    def on_stage(self, stage: Stage, detail: str = "") -> None:
         self._close()
-        print(phase, file=self.file)
+        print(detail or stage.value, file=self.file)
 
     def _close(self) -> None:
         if self.bar is not None:
@@ -73,7 +73,7 @@ def format_report(metrics: dict[str, Any]) -> str:
     names = list(next(iter(metrics.values()))["test"])  # clean, fgsm, pgdK, autoattack: final_report's order
     lines = [f"{'model':<14}{'epoch':>6}" + "".join(f"{n.removesuffix('_acc'):>12}" for n in names)]
     for key, m in metrics.items():
-        lines.append(f"{key:<14}{m['best_epoch'] + 1:>6}" + "".join(f"{m['test'].get(n, float('nan')):>12.2%}" for n in names))
+        lines.append(f"{key:<14}{m['best_epoch']:>6}" + "".join(f"{m['test'].get(n, float('nan')):>12.2%}" for n in names))
     return "\n".join(lines)
 
 

@@ -293,7 +293,7 @@ def _md_metric_table(metrics: dict[str, Any], split: str, hp: dict[str, Any]) ->
     ]
     for key, m in metrics.items():
         values = [_percent(m[split].get(c)) for c in columns]
-        rows.append(f"| {MODEL_LABELS.get(key, key)} | {m['best_epoch'] + 1} | " + " | ".join(values) + " |")
+        rows.append(f"| {MODEL_LABELS.get(key, key)} | {m['best_epoch']} | " + " | ".join(values) + " |")
     return rows
 
 

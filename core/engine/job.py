@@ -16,7 +16,8 @@ from .evaluation import final_report
 from .export import export_onnx, export_torchscript, library_versions, save_weights, write_json, write_model_card_markdown
 from .models import create_model
 from .spec import JobSpec
-from .trainer import TrainingCallbacks, Trainer
+from .callbacks import Stage, TrainingCallbacks
+from .trainer import Trainer
 
 ARTIFACTS_DIR = "artifacts"
 STUDENT_FILE = "student.safetensors"
@@ -52,7 +53,7 @@ def run_job(
     trainer = Trainer(spec, splits, workdir=workdir, device=device, callbacks=callbacks, progress_interval=progress_interval)
     trainer.fit()
 
-    callbacks.on_phase("evaluating")
+    callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
     ev = spec.evaluation
     test = splits.test
     if ev.n_examples is not None and ev.n_examples < len(test):
@@ -73,7 +74,7 @@ def run_job(
         test_metrics = final_report(
             model, test, epsilon=spec.epsilon, step_size=spec.attack_step_size, pgd_steps=ev.pgd_steps,
             run_autoattack=ev.autoattack, batch_size=ev.batch_size, device=trainer.device, seed=spec.seed,
-            on_phase=lambda phase, key=key: callbacks.on_phase(f"evaluating {key}: {phase}"),
+            on_phase=lambda phase, key=key: callbacks.on_stage(Stage.EVALUATING, f"evaluating {key}: {phase}"),
         )
         metrics[key] = {"best_epoch": best.epoch, "validation": best.metrics, "test": test_metrics}
         models[key] = model
@@ -85,7 +86,7 @@ def run_job(
 
     exports: dict[str, str] = {}
     if "student" in models:
-        callbacks.on_phase("exporting ONNX and TorchScript")
+        callbacks.on_stage(Stage.EXPORTING, "exporting ONNX and TorchScript")
         exports = _export_portable(models["student"], out_dir, splits.input_shape, artifacts)
 
     card = model_card(spec, splits, metrics, trainer, n_test=len(test), exports=exports)

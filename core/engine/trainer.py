@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from .callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError, TrainingCancelled, TrainingDiverged
 from .loader import BatchLoader
@@ -37,50 +38,8 @@ from .state_io import (
 )
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "peeraid-service/checkpoint-v1"
-
-
-@dataclass
-class StepProgress:
-    epoch: int
-    epochs: int
-    step: int
-    steps_per_epoch: int
-    images_per_sec: float
-    lr: float
-    losses: dict[str, float]
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    lr: float
-    train_seconds: float
-    eval_seconds: float
-    images_per_sec: float
-    losses: dict[str, float]
-    student: dict[str, float]
-    swa_student: dict[str, float] | None = None
-    best: dict[str, dict[str, float]] | None = None  # the selected models so far: {"student": {"epoch", ...metrics}}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class TrainingCallbacks:
-    """Hooks the worker (or the CLI) implements; the engine calls them from the training thread."""
-
-    def on_step(self, progress: StepProgress) -> None: ...
-
-    def on_epoch(self, record: EpochRecord) -> None: ...
-
-    def on_phase(self, phase: str) -> None: ...
-
-    def on_resume(self, history: list[EpochRecord]) -> None:
-        """Called when training continues from a checkpoint, with the epochs it already holds."""
-
-    def should_stop(self) -> bool:
-        return False
+CHECKPOINT_FORMAT = "peeraid-service/checkpoint-v2"  # v2: epochs in history and best models are 1-based
+CHECKPOINT_FORMAT_V1 = "peeraid-service/checkpoint-v1"
 
 
 @dataclass
@@ -90,6 +49,7 @@ class BestModel:
     state: dict[str, torch.Tensor] | None = None
 
     def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+        """`epoch` is 1-based; the later epoch wins only with a strictly higher PGD accuracy."""
         if self.state is not None and metrics["pgd_acc"] <= self.metrics["pgd_acc"]:
             return False
         self.epoch, self.metrics = epoch, dict(metrics)
@@ -205,6 +165,7 @@ class Trainer:
         return self.next_epoch >= self.spec.epochs
 
     def fit(self) -> list[EpochRecord]:
+        self.callbacks.on_stage(Stage.TRAINING, f"training from epoch {self.next_epoch + 1} of {self.spec.epochs}")
         while not self.finished:
             self.run_epoch(self.next_epoch)
         return self.history
@@ -220,6 +181,7 @@ class Trainer:
         return lr
 
     def run_epoch(self, epoch: int) -> EpochRecord:
+        """Train epoch index `epoch` (0-based, as the schedule counts); events and records number it epoch + 1."""
         s = self.spec
         torch.manual_seed(epoch_seed(s.seed, epoch))
         lr = self.set_lr(epoch)
@@ -239,7 +201,7 @@ class Trainer:
             if now - last_report >= self.progress_interval or step == steps - 1:
                 last_report = now
                 means = self._finite_means(sums, seen, epoch)
-                self.callbacks.on_step(StepProgress(epoch, s.epochs, step + 1, steps, seen / (now - started), lr, means))
+                self.callbacks.on_step(StepProgress(epoch + 1, s.epochs, step + 1, steps, seen / (now - started), lr, means))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - started
@@ -252,13 +214,13 @@ class Trainer:
             self.train_loader.set_epoch(self.bn_pass_epoch(epoch))
             recalibrate_batchnorm(self.swa.module, self.train_loader)
         student_metrics = self._validate(self.nets.student)
-        self.best_student.consider(epoch, student_metrics, self.nets.student)
+        self.best_student.consider(epoch + 1, student_metrics, self.nets.student)
         swa_metrics = None
         if swa_active:
             swa_metrics = self._validate(self.swa.module)
-            self.best_swa.consider(epoch, swa_metrics, self.swa.module)
+            self.best_swa.consider(epoch + 1, swa_metrics, self.swa.module)
         record = EpochRecord(
-            epoch=epoch,
+            epoch=epoch + 1,
             lr=lr,
             train_seconds=train_seconds,
             eval_seconds=time.perf_counter() - eval_started,
@@ -322,6 +284,8 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         tensors, meta = load_tensors(self.checkpoint_path)
+        if meta.get("format") == CHECKPOINT_FORMAT_V1:
+            meta = _upgrade_v1(meta)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
         if meta["dataset_fingerprint"] != self.splits.fingerprint:
@@ -343,3 +307,18 @@ class Trainer:
         self.history = [EpochRecord(**r) for r in meta["history"]]
         self.next_epoch = meta["next_epoch"]
         self.callbacks.on_resume(self.history)
+
+
+def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
+    """A v1 checkpoint (0-based epochs) as v2, so jobs checkpointed before the change resume."""
+    meta = {**meta, "format": CHECKPOINT_FORMAT}
+    meta["history"] = [_shift_epochs(r) for r in meta["history"]]
+    for name in ("best_student", "best_swa"):
+        if name in meta:
+            meta[name] = {**meta[name], "epoch": meta[name]["epoch"] + 1}
+    return meta
+
+
+def _shift_epochs(record: dict[str, Any]) -> dict[str, Any]:
+    best = {key: {**b, "epoch": b["epoch"] + 1} for key, b in (record.get("best") or {}).items()} or record.get("best")
+    return {**record, "epoch": record["epoch"] + 1, "best": best}

@@ -39,7 +39,7 @@ def test_upload_submit_and_wait(sdk, finished_job, digits_npz_bytes):
 
     assert job["dataset_id"] == dataset["id"] and job["progress"]["fraction"] == 1.0
     assert set(job["result"]["student"]["test"]) >= {"clean_acc", "pgd20_acc"}
-    assert [m["epoch"] for m in sdk.job_metrics(job["id"])] == [0, 1, 2, 3]
+    assert [m["epoch"] for m in sdk.job_metrics(job["id"])] == [1, 2, 3, 4]
     assert sdk.get_job(job["id"])["status"] == "succeeded"
     assert job["id"] in [j["id"] for j in sdk.list_jobs(status="succeeded")["items"]]
     assert {p["name"] for p in sdk.list_presets()} >= {"digits-demo"}

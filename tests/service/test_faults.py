@@ -32,7 +32,7 @@ def epochs_of(client, job_id):
 
 def assert_each_epoch_once(client, job_id, epochs):
     metrics = epochs_of(client, job_id)
-    assert [m["epoch"] for m in metrics] == list(range(epochs)), metrics
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1)), metrics
 
 
 def replace_worker(stack, **extra_env):
@@ -48,14 +48,14 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(stack):
         wait_until(lambda: stack.worker.poll() is not None, 180, "the worker to kill itself mid-write")
         workdir = stack.data_dir / "jobs" / job_id
         assert list(workdir.glob(".checkpoint.safetensors.*.tmp")), "the torn temporary file is left behind"
-        assert [m["epoch"] for m in epochs_of(client, job_id)] == [0, 1]
+        assert [m["epoch"] for m in epochs_of(client, job_id)] == [1, 2]
     finally:
         stack.start_worker()
     done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     assert_each_epoch_once(client, job_id, 5)
-    assert min(m["epoch"] for m in epochs_of(client, job_id) if m["attempt"] == 2) == 2  # epoch 2 was redone
+    assert min(m["epoch"] for m in epochs_of(client, job_id) if m["attempt"] == 2) == 3  # epoch 3 was redone
     assert not list(workdir.glob(".*.tmp")), "stale temporaries are cleaned on resume"
 
 

@@ -50,12 +50,12 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
     done = stack.wait_for_job(client, job["id"], "succeeded")
     events.join(timeout=30)
 
-    assert done["progress"]["epoch"] == 3 and done["progress"]["fraction"] == 1.0
+    assert done["progress"]["epoch"] == 4 and done["progress"]["fraction"] == 1.0
     assert done["finished_at"] and done["error"] is None
     report = done["result"]["student"]["test"]
     assert set(report) == {"clean_acc", "fgsm_acc", "pgd20_acc", "autoattack_acc"}
     metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
-    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert {"clean_acc", "pgd_acc"} <= set(metrics[-1]["record"]["student"])
 
     statuses = [e["status"] for kind, e in seen if kind == "job"]
@@ -140,8 +140,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(stack):
     assert done["status"] == "succeeded", done["error"]
     assert done["attempts"] == 2
     metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
-    assert [m["epoch"] for m in metrics] == list(range(8)), "every epoch exactly once"
+    assert [m["epoch"] for m in metrics] == list(range(1, 9)), "every epoch exactly once"
     first_attempt = [m["epoch"] for m in metrics if m["attempt"] == 1]
     assert first_attempt and first_attempt == [m["epoch"] for m in before][: len(first_attempt)]
-    assert min(m["epoch"] for m in metrics if m["attempt"] == 2) >= len(before) - 1, "resumed, not restarted"
+    assert min(m["epoch"] for m in metrics if m["attempt"] == 2) >= len(before), "resumed, not restarted"
 

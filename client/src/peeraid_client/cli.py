@@ -56,7 +56,7 @@ def metrics_text(metrics: dict[str, Any] | None) -> str:
             continue
         epoch = m.get("epoch", metrics.get("epoch"))
         text = f"{key} clean {percent(m.get('clean_acc'))} PGD {percent(m.get('pgd_acc'))}"
-        parts.append(text + (f" (epoch {epoch + 1})" if isinstance(epoch, int) else ""))
+        parts.append(text + (f" (epoch {epoch})" if isinstance(epoch, int) else ""))
     return "; ".join(parts) or "-"
 
 
@@ -66,7 +66,7 @@ def report_table(result: dict[str, Any]) -> str:
     for m in result.values():
         names += [n for n in m.get("test", {}) if n not in names]
     rows = [
-        [key, m["best_epoch"] + 1 if isinstance(m.get("best_epoch"), int) else None, *(percent(m["test"].get(n)) for n in names)]
+        [key, m.get("best_epoch"), *(percent(m["test"].get(n)) for n in names)]
         for key, m in result.items()
     ]
     return table(["model", "epoch", *(n.removesuffix("_acc") for n in names)], rows)

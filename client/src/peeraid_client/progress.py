@@ -41,7 +41,7 @@ def epoch_text(job: dict[str, Any]) -> str | None:
     p = job.get("progress") or {}
     if p.get("epoch") is None or not p.get("epochs"):
         return None
-    return f"epoch {p['epoch'] + 1}/{p['epochs']}"  # the service counts epochs from 0
+    return f"epoch {p['epoch']}/{p['epochs']}"
 
 
 def describe_progress(job: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY core core
 COPY api api
 COPY worker worker
+COPY service service
 COPY bench bench
 COPY migrations migrations
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[service]"
@@ -17,4 +18,4 @@ RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[service]
 USER peeraid
 ENV PEERAID_DATA_DIR=/data PEERAID_API_HOST=0.0.0.0
 EXPOSE 8000
-CMD ["python", "-m", "api.cli", "api"]
+CMD ["peeraid-service", "api"]

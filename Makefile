@@ -20,11 +20,11 @@ install: $(INSTALLED)
 
 # The service on the embedded default (SQLite + SQLite broker, files in ./var): API on :8000 and one worker.
 run: install
-	$(PY) -m api.cli serve
+	$(PY) -m service serve
 
 # With `make run` going: a job on the offline dataset through the REST API, live progress, download and check.
 demo: install
-	$(PY) -m api.cli demo
+	$(PY) -m service demo
 
 # Robustify a small CNN on the built-in offline digits on CPU and print clean / PGD-20 / AutoAttack accuracy.
 demo-cli: install

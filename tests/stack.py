@@ -82,13 +82,13 @@ class Stack:
     def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / log_name, "ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *args], cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log,
+            [sys.executable, "-m", "service", *args], cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill reaches the Celery pool children too
         )
 
     def admin(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 

@@ -1,5 +1,5 @@
-"""The README's main job: `api.cli serve` brings up the embedded service in one command (API + worker),
-and `api.cli demo` robustifies a model through the REST API and checks the downloaded weights."""
+"""The README's main job: `peeraid-service serve` brings up the embedded service in one command (API + worker),
+and `peeraid-service demo` robustifies a model through the REST API and checks the downloaded weights."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_serve_then_demo(tmp_path):
     for key in ("PEERAID_DATABASE_URL", "PEERAID_BROKER_URL"):
         env.pop(key, None)  # the embedded default
     log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], cwd=REPO, env=env, stdout=log,
+    serve = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: _up(port) or serve.poll() is not None, 90, "the service")
@@ -34,7 +34,7 @@ def test_serve_then_demo(tmp_path):
         assert f"http://127.0.0.1:{port}/docs" in banner and key in banner
 
         demo = subprocess.run(
-            [sys.executable, "-m", "api.cli", "demo", "--epochs", "3"], cwd=REPO, env=env,
+            [sys.executable, "-m", "service", "demo", "--epochs", "3"], cwd=REPO, env=env,
             capture_output=True, text=True, timeout=600,
         )
         assert demo.returncode == 0, demo.stdout + demo.stderr + (tmp_path / "serve.log").read_text()[-3000:]

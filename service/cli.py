@@ -52,7 +52,7 @@ def ensure_local_key(settings: Settings) -> str:
     from core.db.models import ApiKey
     from core.db.session import session_scope
 
-    from .security import authenticate, create_api_key, get_or_create_tenant, hash_key
+    from api.security import authenticate, create_api_key, get_or_create_tenant, hash_key
 
     key_file = settings.data_dir / "api_key"
     with session_scope(settings.resolved_database_url) as session:
@@ -80,7 +80,7 @@ def worker_command(settings: Settings, name: str = "worker") -> list[str]:
 def run_api(settings: Settings) -> None:
     import uvicorn
 
-    from .main import create_app
+    from api.main import create_app
 
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
 
@@ -130,7 +130,7 @@ def cmd_worker(args, settings: Settings) -> int:
 def cmd_create_key(args, settings: Settings) -> int:
     from core.db.session import session_scope
 
-    from .security import create_api_key, get_or_create_tenant
+    from api.security import create_api_key, get_or_create_tenant
 
     migrate(settings)
     with session_scope(settings.resolved_database_url) as session:
@@ -173,7 +173,7 @@ def cmd_list_keys(args, settings: Settings) -> int:
 def cmd_set_limits(args, settings: Settings) -> int:
     from core.db.session import session_scope
 
-    from .security import get_or_create_tenant
+    from api.security import get_or_create_tenant
 
     migrate(settings)
     with session_scope(settings.resolved_database_url) as session:

@@ -27,11 +27,10 @@ import torch
 
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint
 from core.engine.execution import Execution, StepRunner
-from core.engine.losses import PeerAiDWeights
+from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
 from core.engine.models import create_model
 
-CIFAR100 = PeerAiDWeights(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1)
 VARIANTS = {
     "reference": (Execution("tf32", False, False), 2),
     "eager": (Execution("tf32", False, False), 1),
@@ -60,7 +59,7 @@ def measure_step(arch: str, variant: str, device: torch.device, batch: int, clas
     peer = create_model(arch, num_classes=classes, input_size=size).to(device, memory_format=memory_format)
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # noqa: E731
     nets = Networks(student, sgd(student), peer, sgd(peer))
-    method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 10), CIFAR100, student_adv_forwards=forwards)
+    method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 10), PAPER_WEIGHTS["cifar100"], student_adv_forwards=forwards)
     runner = StepRunner(method, nets, execution, device)
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, classes, (batch,), device=device)

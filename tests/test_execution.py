@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from core.engine.execution import Execution, StepRunner
-from core.engine.losses import PeerAiDWeights
+from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
 from core.engine.models import create_model
 
-W = PeerAiDWeights(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1)
+W = PAPER_WEIGHTS["cifar100"]
 
 
 def train(execution: Execution, batches):

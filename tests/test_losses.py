@@ -82,3 +82,18 @@ def test_trades_loss_matches_hand_computation():
     # TRADES: KL(softmax(nat) ‖ softmax(adv)) summed over classes, averaged over the batch
     kl = kl_mean_by_hand(s_adv, s_nat, 1.0) * s_adv.shape[1]
     assert trades_loss(s_adv, s_nat, y, beta=6.0).item() == pytest.approx(ce_by_hand(s_nat, y) + 6.0 * kl, rel=1e-12)
+
+
+def test_weights_are_one_validated_type_from_spec_to_step():
+    from pydantic import ValidationError
+
+    from core.engine.spec import build_spec
+    from core.engine.trainer import make_method
+
+    with pytest.raises(ValidationError, match="tau"):
+        PeerAiDWeights(tau=0)
+    with pytest.raises(ValidationError, match="temperature"):
+        PeerAiDWeights(temperature=4)
+    spec = build_spec("cifar100-resnet18")
+    assert type(spec.peeraid) is PeerAiDWeights
+    assert make_method(spec).weights is spec.peeraid

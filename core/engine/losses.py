@@ -1,11 +1,10 @@
-"""PeerAiD's two losses, exactly as the reference script computes them."""
+"""PeerAiD's two losses, exactly as the reference script computes them, and their weights."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def kl_mean(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -17,15 +16,27 @@ def kl_mean(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_probs, probs, reduction="sum") / log_probs.numel()
 
 
-@dataclass(frozen=True)
-class PeerAiDWeights:
-    tau: float  # distillation temperature of the student loss
-    gamma1: float
-    gamma2: float
-    tau_peer: float  # re-distillation temperature of the peer loss
-    lambda1: float
-    lambda2: float
-    lambda3: float
+class PeerAiDWeights(BaseModel):
+    """The loss weights and temperatures (paper notation), validated; the job spec's `peeraid` field.
+    Defaults: the paper's CIFAR-10 values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tau: float = Field(5.0, gt=0, le=100, description="distillation temperature τ of the student loss")
+    gamma1: float = Field(1.0, ge=0, le=1000, description="γ1: weight of CE(p_adv, y) in the peer loss")
+    gamma2: float = Field(0.1, ge=0, le=1000, description="γ2: weight of the peer's re-distillation KL")
+    tau_peer: float = Field(1.0, gt=0, le=100, description="τp: re-distillation temperature of the peer loss")
+    lambda1: float = Field(0.0, ge=0, le=1000, description="λ1: weight of CE(s_adv, y) in the student loss")
+    lambda2: float = Field(1.0, ge=0, le=1000, description="λ2: weight of KL(s_adv ‖ p_adv)")
+    lambda3: float = Field(1.0, ge=0, le=1000, description="λ3: weight of KL(s_adv ‖ s_nat)")
+
+
+# The paper's table; the same values for ResNet-18 and WideResNet-34-10 students.
+PAPER_WEIGHTS = {
+    "cifar10": PeerAiDWeights(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
+    "cifar100": PeerAiDWeights(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
+    "tinyimagenet": PeerAiDWeights(tau=1, gamma1=1, gamma2=100, tau_peer=1, lambda1=0.035, lambda2=35, lambda3=20),
+}
 
 
 def peer_loss(p_adv: torch.Tensor, s_adv: torch.Tensor, y: torch.Tensor, w: PeerAiDWeights) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
+from .losses import PAPER_WEIGHTS, PeerAiDWeights
 from .models import list_models
 
 METHODS = ("peeraid", "pgd_at", "trades", "natural")
@@ -15,18 +16,6 @@ METHODS = ("peeraid", "pgd_at", "trades", "natural")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PeerAiDParams(_Strict):
-    """Loss weights (paper notation). Defaults: the paper's CIFAR-10 values."""
-
-    tau: float = Field(5.0, gt=0, le=100, description="distillation temperature τ of the student loss")
-    gamma1: float = Field(1.0, ge=0, le=1000, description="γ1: weight of CE(p_adv, y) in the peer loss")
-    gamma2: float = Field(0.1, ge=0, le=1000, description="γ2: weight of the peer's re-distillation KL")
-    tau_peer: float = Field(1.0, gt=0, le=100, description="τp: re-distillation temperature of the peer loss")
-    lambda1: float = Field(0.0, ge=0, le=1000, description="λ1: weight of CE(s_adv, y) in the student loss")
-    lambda2: float = Field(1.0, ge=0, le=1000, description="λ2: weight of KL(s_adv ‖ p_adv)")
-    lambda3: float = Field(1.0, ge=0, le=1000, description="λ3: weight of KL(s_adv ‖ s_nat)")
 
 
 class EvaluationSpec(_Strict):
@@ -60,7 +49,7 @@ class JobSpec(_Strict):
     attack_steps: int = Field(10, ge=1, le=100, description="K: attack steps during training")
     eval_pgd_steps: int = Field(10, ge=1, le=100, description="PGD steps of the per-epoch validation")
 
-    peeraid: PeerAiDParams = PeerAiDParams()
+    peeraid: PeerAiDWeights = PeerAiDWeights()
     student_adv_forwards: Literal[1, 2] = Field(
         1, description="2 reproduces the script's second S(x') forward (BatchNorm statistics see x' twice)"
     )
@@ -135,15 +124,10 @@ class JobSpec(_Strict):
 
 _CIFAR = dict(epochs=300, lr_decay_epochs=[214, 259, 284], batch_size=128, lr=0.1, weight_decay=2e-4)
 _TINY = dict(dataset="tinyimagenet", epochs=200, lr_decay_epochs=[99, 149], batch_size=128, lr=0.1, weight_decay=2e-4)
-_PAPER_WEIGHTS = {
-    "cifar10": dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
-    "cifar100": dict(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
-    "tinyimagenet": dict(tau=1, gamma1=1, gamma2=100, tau_peer=1, lambda1=0.035, lambda2=35, lambda3=20),
-}
 
 
 def _paper_preset(dataset: str, arch: str, schedule: dict[str, Any]) -> dict[str, Any]:
-    return {**schedule, "dataset": dataset, "method": "peeraid", "student": arch, "peer": arch, "peeraid": _PAPER_WEIGHTS[dataset]}
+    return {**schedule, "dataset": dataset, "method": "peeraid", "student": arch, "peer": arch, "peeraid": PAPER_WEIGHTS[dataset].model_dump()}
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

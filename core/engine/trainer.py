@@ -23,7 +23,6 @@ from .errors import CheckpointError, TrainingCancelled, TrainingDiverged
 from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
-from .losses import PeerAiDWeights
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
 from .models import create_model
 from .spec import JobSpec
@@ -60,7 +59,7 @@ class BestModel:
 def make_method(spec: JobSpec) -> TrainingMethod:
     attack = AttackSettings(spec.epsilon, spec.attack_step_size, spec.attack_steps)
     if spec.method == "peeraid":
-        return PeerAiD(attack, PeerAiDWeights(**spec.peeraid.model_dump()), spec.student_adv_forwards)
+        return PeerAiD(attack, spec.peeraid, spec.student_adv_forwards)
     if spec.method == "pgd_at":
         return PGDAT(attack)
     if spec.method == "trades":

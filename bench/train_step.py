@@ -55,8 +55,8 @@ def measure_step(arch: str, variant: str, device: torch.device, batch: int, clas
     reference_backends(execution, device)
     torch.manual_seed(0)
     memory_format = torch.channels_last if execution.channels_last else torch.contiguous_format
-    student = create_model(arch, num_classes=classes, input_size=size).to(device, memory_format=memory_format)
-    peer = create_model(arch, num_classes=classes, input_size=size).to(device, memory_format=memory_format)
+    student = create_model(arch, num_classes=classes).to(device, memory_format=memory_format)
+    peer = create_model(arch, num_classes=classes).to(device, memory_format=memory_format)
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # noqa: E731
     nets = Networks(student, sgd(student), peer, sgd(peer))
     method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 10), PAPER_WEIGHTS["cifar100"], student_adv_forwards=forwards)

@@ -13,7 +13,7 @@ EPS = 8 / 255
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("small_cnn", num_classes=4, in_channels=3, input_size=8).eval()
+    return create_model("small_cnn", num_classes=4, in_channels=3).eval()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ W = PAPER_WEIGHTS["cifar100"]
 def train(execution: Execution, batches):
     torch.manual_seed(0)
     fmt = torch.channels_last if execution.channels_last else torch.contiguous_format
-    student = create_model("resnet18", num_classes=5, input_size=8).to(memory_format=fmt)
-    peer = create_model("small_cnn", num_classes=5, input_size=8).to(memory_format=fmt)
+    student = create_model("resnet18", num_classes=5).to(memory_format=fmt)
+    peer = create_model("small_cnn", num_classes=5).to(memory_format=fmt)
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
     nets = Networks(student, sgd(student), peer, sgd(peer))
     runner = StepRunner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), nets, execution, torch.device("cpu"))
@@ -46,8 +46,8 @@ def test_fast_path_without_capture_matches_eager_fp32_after_n_steps():
     """The CPU fast path (the step runner, graph capture off, a partial last batch) is the eager step exactly."""
     data = batches((16, 16, 16, 7))
     torch.manual_seed(0)
-    student = create_model("resnet18", num_classes=5, input_size=8)
-    peer = create_model("small_cnn", num_classes=5, input_size=8)
+    student = create_model("resnet18", num_classes=5)
+    peer = create_model("small_cnn", num_classes=5)
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
     nets = Networks(student, sgd(student), peer, sgd(peer))
     method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W)
@@ -62,7 +62,7 @@ def test_channels_last_changes_only_rounding():
     the attack): per tensor, the two steps differ by under 2% of the step's own update."""
     data = batches((16,))
     torch.manual_seed(0)
-    start = create_model("resnet18", num_classes=5, input_size=8).state_dict()
+    start = create_model("resnet18", num_classes=5).state_dict()
     nchw, _ = train(Execution("fp32", cuda_graph=False, channels_last=False), data)
     nhwc, _ = train(Execution("fp32", cuda_graph=False, channels_last=True), data)
     for name, p in nchw.named_parameters():

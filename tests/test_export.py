@@ -37,7 +37,7 @@ def _model(name, channels, size, classes):
     """A freshly initialised network whose BatchNorm statistics fit its activations: without them the
     signal fades through the layers and every input gets nearly the same logits, which proves nothing."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=classes, in_channels=channels, input_size=size)
+    model = create_model(name, num_classes=classes, in_channels=channels)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 1.0

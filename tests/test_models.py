@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from core.engine.errors import DatasetError
 from core.engine.models import (
     ArchitectureInfo,
     UnknownArchitectureError,
     create_model,
+    get_model_info,
     list_models,
     register_model,
 )
@@ -42,35 +44,64 @@ def test_list_models():
 @pytest.mark.parametrize("name", SMALL)
 def test_small_models_forward_backward(name, num_classes, in_channels, size):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=num_classes, in_channels=in_channels, input_size=size)
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
     model.train()
     _check_forward_backward(model, num_classes, in_channels, size)
     model.eval()
     _check_forward_backward(model, num_classes, in_channels, size)
 
 
-@pytest.mark.parametrize("name", SMALL)
-def test_small_models_at_min_input_size(name):
+# Written from the strides, independently of the registry: an epoch's last batch can be one image, and
+# BatchNorm in train mode needs more than one value per channel, so the deepest feature map,
+# ceil(size / downsampling) on a side, must be at least 2 pixels.
+DOWNSAMPLING = {
+    "resnet18": 8, "resnet34": 8, "resnet50": 8, "preactresnet18": 8, "mobilenetv2": 8,
+    "wrn28_10": 4, "wrn34_10": 4, "wrn70_16": 4, "small_cnn": 4,
+}
+
+
+def test_min_input_size_follows_the_strides():
+    assert MIN_SIZE == {name: factor + 1 for name, factor in DOWNSAMPLING.items()}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_both_sides_of_the_minimum_input_size(name):
     size = MIN_SIZE[name]
-    model = create_model(name, num_classes=10, in_channels=3, input_size=size)
-    for mode in (True, False):
-        model.train(mode)
-        _check_forward_backward(model, 10, 3, size)
-
-
-@pytest.mark.parametrize("name", BIG)
-def test_big_models_at_min_input_size(name):
     torch.manual_seed(0)
-    size = MIN_SIZE[name]
-    model = create_model(name, num_classes=7, in_channels=1, input_size=size).eval()
-    _check_forward_backward(model, 7, 1, size)
+    device = "meta" if name == "wrn70_16" else "cpu"  # 267M parameters: shapes are what matter here
+    with torch.device(device):
+        model = create_model(name, num_classes=3, in_channels=1).train()
+    if device == "cpu":
+        _check_forward_backward(model, 3, 1, size, batch=1)
+    else:
+        assert model(torch.empty(1, 1, size, size, device="meta")).shape == (1, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.rand(1, 1, size - 1, size - 1, device=device))
+    info = get_model_info(name)
+    info.check_input_size(size, size + 7)
+    for height, width in ((size - 1, size - 1), (size, size - 1), (size - 1, 64)):
+        with pytest.raises(DatasetError, match=f"{name} needs inputs of at least {size}×{size}"):
+            info.check_input_size(height, width)
+
+
+def test_trainer_refuses_images_smaller_than_an_architecture_needs(tiny_splits, tmp_path):
+    from core.engine.datasets import DatasetSplits, ImageDataset
+    from core.engine.trainer import Trainer
+
+    from .conftest import tiny_spec
+
+    crop = lambda d: ImageDataset(d.images[:, :, :8, :8].contiguous(), d.labels, d.classes)  # noqa: E731
+    small = DatasetSplits("digits-8px", crop(tiny_splits.train), crop(tiny_splits.val), crop(tiny_splits.test), "x")
+    Trainer(tiny_spec(), small, workdir=tmp_path / "small_cnn")  # 8 ≥ 5
+    with pytest.raises(DatasetError, match="resnet18 needs inputs of at least 9×9; the images are 8×8"):
+        Trainer(tiny_spec(peer="resnet18"), small, workdir=tmp_path / "resnet18")
 
 
 def test_num_params():
     info = {i.name: i for i in list_models()}
-    assert info["resnet18"].num_params(10, 3, 32) == 11_173_962
-    assert info["wrn34_10"].num_params(10, 3, 32) == 46_160_474
-    assert info["small_cnn"].num_params(7, 1, 16) < 200_000
+    assert info["resnet18"].num_params(10, 3) == 11_173_962
+    assert info["wrn34_10"].num_params(10, 3) == 46_160_474
+    assert info["small_cnn"].num_params(7, 1) < 200_000
 
 
 # ---- the authors' checkpoint layout, written out independently of the implementation ----
@@ -262,7 +293,6 @@ def test_unknown_name():
     [
         (dict(num_classes=1), "num_classes", "2"),
         (dict(num_classes=10, in_channels=0), "in_channels", "1"),
-        (dict(num_classes=10, input_size=MIN_SIZE["small_cnn"] - 1), "input_size", str(MIN_SIZE["small_cnn"])),
         (dict(num_classes=2.5), "num_classes", "2"),
     ],
 )
@@ -275,7 +305,7 @@ def test_bad_arguments(kwargs, arg, limit):
 
 def test_duplicate_registration_rejected():
     with pytest.raises(ValueError, match="resnet18"):
-        register_model("resnet18", description="dup")(lambda nc, ic, s: None)
+        register_model("resnet18", description="dup")(lambda nc, ic: None)
     assert len(list_models()) == len(NAMES)
 
 
@@ -285,7 +315,7 @@ def test_small_cnn_learns_digits():
     train, test = load_digits(size=16)
     x, y = train.images.float() / 255, train.labels
     torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=train.num_classes, in_channels=x.shape[1], input_size=16)
+    model = create_model("small_cnn", num_classes=train.num_classes, in_channels=x.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):
         for idx in torch.randperm(len(x)).split(64):

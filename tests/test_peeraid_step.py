@@ -61,8 +61,8 @@ def reference_step(student, peer, opt_s, opt_p, inputs, targets):
 
 def make_pair():
     torch.manual_seed(0)
-    student = create_model("small_cnn", num_classes=3, in_channels=1, input_size=8)
-    peer = create_model("small_cnn", num_classes=3, in_channels=1, input_size=8)
+    student = create_model("small_cnn", num_classes=3, in_channels=1)
+    peer = create_model("small_cnn", num_classes=3, in_channels=1)
     return student, peer
 
 

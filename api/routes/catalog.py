@@ -19,7 +19,7 @@ router = APIRouter(tags=["catalog"])
 def _architectures() -> list[ArchitectureOut]:
     return [
         ArchitectureOut(name=m.name, description=m.description, family=m.family, min_input_size=m.min_input_size,
-                        params_cifar10=m.num_params(10, 3, 32))
+                        params_cifar10=m.num_params(10, 3))
         for m in list_models()
     ]
 

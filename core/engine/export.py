@@ -52,7 +52,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     if meta.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(f"{path} is not a weights file of this service (format {meta.get('format')!r})")
     model = create_model(
-        meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], input_size=meta["input_size"]
+        meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"]
     )
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), meta

@@ -24,7 +24,7 @@ from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
-from .models import create_model
+from .models import create_model, get_model_info
 from .spec import JobSpec
 from .state_io import (
     load_optimizer_state,
@@ -123,8 +123,11 @@ class Trainer:
         if self.device.type == "cuda":
             self.execution.configure_backends()
 
-        in_channels, input_size, _ = splits.input_shape
-        self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels, input_size=input_size)
+        in_channels, height, width = splits.input_shape
+        for architecture in (spec.student, spec.peer_architecture if self.method.uses_peer else None):
+            if architecture is not None:
+                get_model_info(architecture).check_input_size(height, width)
+        self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels)
         torch.manual_seed(spec.seed)
         student = create_model(spec.student, **self.model_kwargs).to(self.device)
         peer = create_model(spec.peer_architecture, **self.model_kwargs).to(self.device) if self.method.uses_peer else None

@@ -59,5 +59,5 @@ class MobileNetV2(nn.Module):
 
 
 @register_model("mobilenetv2", description="MobileNetV2 (CIFAR strides), 2.3M parameters", family="mobilenetv2")
-def mobilenetv2(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def mobilenetv2(num_classes: int, in_channels: int) -> nn.Module:
     return MobileNetV2(num_classes, in_channels)

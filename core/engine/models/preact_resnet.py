@@ -54,5 +54,5 @@ class PreActResNet(nn.Module):
 
 
 @register_model("preactresnet18", description="Pre-activation ResNet-18, 11M parameters", family="preact_resnet")
-def preactresnet18(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def preactresnet18(num_classes: int, in_channels: int) -> nn.Module:
     return PreActResNet([2, 2, 2, 2], num_classes, in_channels)

@@ -76,20 +76,20 @@ class ResNet(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # the script's 4×4 pool at 32×32, and any other size
         return self.linear(out)
 
 
 @register_model("resnet18", description="ResNet-18 (BasicBlock [2,2,2,2]), 11M parameters", family="resnet")
-def resnet18(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def resnet18(num_classes: int, in_channels: int) -> nn.Module:
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
 
 
 @register_model("resnet34", description="ResNet-34 (BasicBlock [3,4,6,3]), 21M parameters", family="resnet")
-def resnet34(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def resnet34(num_classes: int, in_channels: int) -> nn.Module:
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_channels)
 
 
 @register_model("resnet50", description="ResNet-50 (Bottleneck [3,4,6,3]), 24M parameters", family="resnet")
-def resnet50(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def resnet50(num_classes: int, in_channels: int) -> nn.Module:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)

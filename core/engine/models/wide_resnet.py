@@ -77,15 +77,15 @@ class WideResNet(nn.Module):
 
 
 @register_model("wrn28_10", description="WideResNet-28-10, 36M parameters", family="wide_resnet")
-def wrn28_10(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def wrn28_10(num_classes: int, in_channels: int) -> nn.Module:
     return WideResNet(28, 10, num_classes, in_channels)
 
 
 @register_model("wrn34_10", description="WideResNet-34-10, 46M parameters", family="wide_resnet")
-def wrn34_10(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def wrn34_10(num_classes: int, in_channels: int) -> nn.Module:
     return WideResNet(34, 10, num_classes, in_channels)
 
 
 @register_model("wrn70_16", description="WideResNet-70-16, 267M parameters", family="wide_resnet")
-def wrn70_16(num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+def wrn70_16(num_classes: int, in_channels: int) -> nn.Module:
     return WideResNet(70, 16, num_classes, in_channels)

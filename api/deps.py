@@ -1,41 +1,48 @@
-"""Dependencies shared by every route: settings, a database session, storage, the current tenant."""
+"""What routes are given, declared once: settings, the database, one session per request, storage,
+the job queue, the calling tenant (bearer key or the web UI's cookie) and the job or dataset a path
+names — 404 unless the caller owns it."""
 
-from __future__ import annotations
-
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, TypeVar
 
 from fastapi import Cookie, Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from core.db.models import Tenant
-from core.db.session import session_factory
-from core.settings import Settings, get_settings
+from core.db.models import Dataset, Job
+from core.db.session import Database, database
+from core.db.tenants import TenantContext
+from core.settings import Settings
 from core.storage import Storage
+from worker.queue import JobQueue
 
 from .security import authenticate
 
+Owned = TypeVar("Owned", Job, Dataset)
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer pk_...")
 
 
-def settings_dep(request: Request) -> Settings:
+def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-SettingsDep = Annotated[Settings, Depends(settings_dep)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_db(settings: SettingsDep) -> Iterator[Session]:
-    """A session per request; routes commit their writes explicitly before responding."""
-    session = session_factory(settings.resolved_database_url)()
-    try:
+def get_database(settings: SettingsDep) -> Database:
+    return database(settings.resolved_database_url)
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+
+
+def get_session(db: DatabaseDep) -> Iterator[Session]:
+    """The request's one transaction: committed when the route returns, rolled back if it raises."""
+    with db.transaction() as session:
         yield session
-    finally:
-        session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # committed before the response is sent
 
 
 def get_storage(settings: SettingsDep) -> Storage:
@@ -45,36 +52,57 @@ def get_storage(settings: SettingsDep) -> Storage:
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def current_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Tenant:
-    tenant = authenticate(session, credentials.credentials) if credentials else None
+def get_job_queue(request: Request) -> JobQueue:
+    return request.app.state.job_queue
+
+
+JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+
+
+def current_tenant(db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
+    tenant = authenticate(db, credentials.credentials) if credentials else None
     if tenant is None:
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing or invalid API key: send Authorization: Bearer <key>",
+            status.HTTP_401_UNAUTHORIZED, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return tenant
 
 
-TenantDep = Annotated[Tenant, Depends(current_tenant)]
+TenantDep = Annotated[TenantContext, Depends(current_tenant)]
 
 # The web UI (/ui) signs in once and keeps the API key in an HttpOnly, SameSite=Strict cookie,
 # because a browser sends no Authorization header for page loads, <img> or download links.
 UI_COOKIE = "peeraid_key"
 
 
-def ui_signed_in(session: SessionDep, key: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> Tenant | None:
-    return authenticate(session, key) if key else None
+def ui_signed_in(db: DatabaseDep, key: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
+    return authenticate(db, key) if key else None
 
 
-def ui_tenant(tenant: Annotated[Tenant | None, Depends(ui_signed_in)]) -> Tenant:
+def ui_tenant(tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> TenantContext:
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in at /ui")
     return tenant
 
 
-UITenantDep = Annotated[Tenant, Depends(ui_tenant)]
+UITenantDep = Annotated[TenantContext, Depends(ui_tenant)]
 
-__all__ = ["SessionDep", "SettingsDep", "StorageDep", "TenantDep", "UITenantDep", "get_settings"]
+
+def find_owned(session: Session, model: type[Owned], item_id: str, tenant: TenantContext) -> Owned:
+    """The tenant's job or dataset with this id; another tenant's does not exist for you (404)."""
+    item = session.get(model, item_id)
+    if item is None or item.tenant_id != tenant.id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{model.__tablename__.removesuffix('s')} {item_id} not found")
+    return item
+
+
+def _owned_job(tenant_dependency: Callable[..., TenantContext]) -> Callable[..., Job]:
+    def owned_job(job_id: str, session: SessionDep, tenant: Annotated[TenantContext, Depends(tenant_dependency)]) -> Job:
+        return find_owned(session, Job, job_id, tenant)
+
+    return owned_job
+
+
+OwnedJob = Annotated[Job, Depends(_owned_job(current_tenant))]
+UIOwnedJob = Annotated[Job, Depends(_owned_job(ui_tenant))]

@@ -1,9 +1,28 @@
-"""Error bodies in FastAPI's own validation shape, so clients parse one format:
-{"detail": [{"loc": [...], "msg": "...", "type": "..."}]} for field errors, {"detail": "..."} otherwise."""
+"""One error body for every 4xx: {"detail": "..."}, or for field errors FastAPI's own validation shape
+{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}, so clients parse one format.
+
+Failures of the layers below (a bad job spec, a tenant's job limit, acting on a finished job) are
+mapped to their status here, once."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException, status
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from core.db.datasets import DatasetInUse
+from core.db.jobs import ActiveJobLimit, JobActive, JobFinished
+from core.engine.errors import SpecError
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[FieldError]
 
 
 def field_errors(errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT) -> HTTPException:
@@ -12,3 +31,28 @@ def field_errors(errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPR
         for field, message in errors
     ]
     return HTTPException(code, detail)
+
+
+def _body(code: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SpecError)
+    async def bad_spec(_request: Request, err: SpecError) -> JSONResponse:
+        failure = field_errors([(e["field"], e["message"]) for e in err.errors])
+        return _body(failure.status_code, failure.detail)
+
+    @app.exception_handler(ActiveJobLimit)
+    async def too_many_jobs(_request: Request, err: ActiveJobLimit) -> JSONResponse:
+        return _body(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"tenant limit reached: {err.active} jobs queued or running (limit {err.limit}); wait for one to finish or cancel one",
+            {"Retry-After": "60"},
+        )
+
+    async def conflict(_request: Request, err: Exception) -> JSONResponse:
+        return _body(status.HTTP_409_CONFLICT, str(err))
+
+    for kind in (JobFinished, JobActive, DatasetInUse):
+        app.add_exception_handler(kind, conflict)

@@ -8,6 +8,10 @@ from fastapi import APIRouter, FastAPI
 
 from core.settings import Settings, get_settings
 
+from core.db.session import database
+from worker.queue import JobQueue
+
+from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
@@ -25,7 +29,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     app.state.settings = settings
+    app.state.job_queue = JobQueue.for_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database(settings.resolved_database_url)  # the engine and its pool, before the first request
+    register_error_handlers(app)
     register_job_collector(settings.resolved_database_url)
     app.add_middleware(MetricsMiddleware)
 

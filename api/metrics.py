@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
-from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.db.models import JOB_STATUSES, Job
-from core.db.session import session_factory
+from core.db.models import Job, JobStatus
+from core.db.session import database
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("peeraid_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
@@ -27,12 +27,12 @@ class JobCollector:
     def __init__(self, database_url: str):
         self.database_url = database_url
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily("peeraid_jobs", "Jobs by status", labels=["status"])
-        counts = dict.fromkeys(JOB_STATUSES, 0)
+        counts = dict.fromkeys(JobStatus, 0)
         try:
-            with session_factory(self.database_url)() as session:
-                counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all()))
+            with database(self.database_url).transaction() as session:
+                counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all()))
         except Exception:
             return
         for job_status, count in counts.items():
@@ -45,12 +45,28 @@ def register_job_collector(database_url: str) -> None:
         REGISTRY.register(JobCollector(database_url))
 
 
-class MetricsMiddleware(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next):
+class MetricsMiddleware:
+    """Counts and times every request by its route template (a plain ASGI middleware: no per-request task)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
-        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        return response
+        status_code = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
+            REQUESTS.labels(scope["method"], route, str(status_code)).inc()

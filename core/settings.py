@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(15.0, description="seconds between reconciler passes in each worker")
     max_attempts: int = Field(3, description="deliveries of a job before it fails for good")
     progress_interval: float = Field(2.0, description="seconds between progress writes of a running job")
+    max_job_seconds: float = Field(7 * 24 * 3600, description="longest a job may run; also sets the broker's visibility timeout")
 
     log_level: str = "INFO"
     log_json: bool = Field(False, description="structured JSON logs")

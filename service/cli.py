@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.db import tenants
+from core.db.session import database
 from core.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,23 +49,14 @@ def migrate(settings: Settings) -> None:
 
 def ensure_local_key(settings: Settings) -> str:
     """The embedded deployment's key for tenant 'default', kept in data_dir/api_key (mode 0600)."""
-    from sqlalchemy import select
-
-    from core.db.models import ApiKey
-    from core.db.session import session_scope
-
-    from api.security import authenticate, create_api_key, get_or_create_tenant, hash_key
-
     key_file = settings.data_dir / "api_key"
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         if key_file.exists():
             key = key_file.read_text().strip()
-            if authenticate(session, key) is not None:
+            if tenants.authenticate(session, key) is not None:
                 return key
-            stale = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
-            if stale is not None and stale.revoked_at is not None:
-                log.warning("the key in %s was revoked; creating a new one", key_file)
-        _, key = create_api_key(session, get_or_create_tenant(session, "default"), name="local")
+            log.warning("the key in %s is no longer valid (revoked?); creating a new one", key_file)
+        _, key = tenants.create_api_key(session, tenants.get_or_create_tenant(session, "default"), name="local")
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     return key
@@ -85,7 +78,7 @@ def run_api(settings: Settings) -> None:
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
 
 
-def cmd_serve(args, settings: Settings) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
     key = ensure_local_key(settings)
     worker = None
@@ -116,85 +109,63 @@ def cmd_serve(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_api(args, settings: Settings) -> int:
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
     run_api(settings)
     return 0
 
 
-def cmd_worker(args, settings: Settings) -> int:
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
     os.execv(sys.executable, worker_command(settings, args.name))
 
 
-def cmd_create_key(args, settings: Settings) -> int:
-    from core.db.session import session_scope
-
-    from api.security import create_api_key, get_or_create_tenant
-
+def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
-    with session_scope(settings.resolved_database_url) as session:
-        tenant = get_or_create_tenant(session, args.tenant)
-        row, key = create_api_key(session, tenant, name=args.name)
+    with database(settings.resolved_database_url).transaction() as session:
+        tenant = tenants.get_or_create_tenant(session, args.tenant)
+        row, key = tenants.create_api_key(session, tenant, name=args.name)
         print(key)
         print(f"tenant {tenant.name} ({tenant.id}), key prefix {row.prefix}: shown once, store it safely", file=sys.stderr)
     return 0
 
 
-def cmd_revoke_key(args, settings: Settings) -> int:
-    from sqlalchemy import select
-
-    from core.db.models import ApiKey, utcnow
-    from core.db.session import session_scope
-
-    with session_scope(settings.resolved_database_url) as session:
-        row = session.scalar(select(ApiKey).where(ApiKey.prefix == args.prefix))
-        if row is None:
+def cmd_revoke_key(args: argparse.Namespace, settings: Settings) -> int:
+    with database(settings.resolved_database_url).transaction() as session:
+        if not tenants.revoke_key(session, args.prefix):
             print(f"error: no key with prefix {args.prefix}", file=sys.stderr)
             return 1
-        row.revoked_at = row.revoked_at or utcnow()
     print(f"revoked key {args.prefix}")
     return 0
 
 
-def cmd_list_keys(args, settings: Settings) -> int:
-    from sqlalchemy import select
-
-    from core.db.models import ApiKey
-    from core.db.session import session_scope
-
-    with session_scope(settings.resolved_database_url) as session:
-        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+def cmd_list_keys(args: argparse.Namespace, settings: Settings) -> int:
+    with database(settings.resolved_database_url).transaction() as session:
+        for row in tenants.list_keys(session):
             state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
             print(f"{row.prefix}  {row.tenant.name:<20} {row.name:<16} created {row.created_at:%Y-%m-%d %H:%M}  {state}")
     return 0
 
 
-def cmd_set_limits(args, settings: Settings) -> int:
-    from core.db.session import session_scope
-
-    from api.security import get_or_create_tenant
-
+def cmd_set_limits(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
-    with session_scope(settings.resolved_database_url) as session:
-        tenant = get_or_create_tenant(session, args.tenant)
-        if args.max_concurrent_jobs is not None:
-            tenant.max_concurrent_jobs = args.max_concurrent_jobs
-        if args.max_upload_bytes is not None:
-            tenant.max_upload_bytes = args.max_upload_bytes
+    with database(settings.resolved_database_url).transaction() as session:
+        tenant = tenants.get_or_create_tenant(session, args.tenant)
+        tenants.set_limits(session, tenant, max_concurrent_jobs=args.max_concurrent_jobs, max_upload_bytes=args.max_upload_bytes)
         print(f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
               f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}")
     return 0
 
 
-def cmd_reconcile(args, settings: Settings) -> int:
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.queue import JobQueue
     from worker.reconciler import reconcile
 
-    print(reconcile(settings))
+    print(reconcile(settings, JobQueue.for_settings(settings)))
     return 0
 
 
-def cmd_demo(args, settings: Settings) -> int:
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
     key = args.api_key or os.environ.get("PEERAID_API_KEY") or (settings.data_dir / "api_key").read_text().strip()

@@ -10,24 +10,27 @@ import sys
 import pytest
 from sqlalchemy import create_engine, text
 
+from core.db import jobs
 from core.db.models import Base, Job, Tenant, utcnow
-from core.db.session import engine_for, session_scope
+from core.db.session import database
 from core.settings import Settings
+from worker.lease import is_stale, owner_is_dead, worker_name
+from worker.queue import JobQueue
 from worker.reconciler import reconcile
-from worker.runner import claim, owner_is_dead, worker_name
 
 
 @pytest.fixture
 def settings(tmp_path):
     settings = Settings(data_dir=tmp_path, heartbeat_timeout=30, requeue_after=60, max_attempts=3)
-    Base.metadata.create_all(engine_for(settings.resolved_database_url))
-    with session_scope(settings.resolved_database_url) as session:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    Base.metadata.create_all(database(settings.resolved_database_url).engine)
+    with database(settings.resolved_database_url).transaction() as session:
         session.add(Tenant(id="tn_test", name="test"))
     return settings
 
 
 def add_job(settings, **values) -> str:
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         job = Job(tenant_id="tn_test", dataset_name="digits", spec={}, max_attempts=settings.max_attempts, **values)
         session.add(job)
         session.flush()
@@ -35,8 +38,12 @@ def add_job(settings, **values) -> str:
 
 
 def job(settings, job_id) -> Job:
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         return session.get(Job, job_id)
+
+
+def claim(session, job_id, settings, worker):
+    return jobs.claim(session, job_id, worker, is_stale=lambda job: is_stale(job, settings))
 
 
 def queued_messages(settings) -> int:
@@ -55,7 +62,7 @@ def test_a_silent_worker_gives_its_job_back_until_attempts_run_out(settings):
     retry = add_job(settings, status="running", attempts=1, worker="elsewhere:1", heartbeat_at=ago(120), enqueued_at=ago(600))
     exhausted = add_job(settings, status="running", attempts=3, worker="elsewhere:2", heartbeat_at=ago(120))
     alive = add_job(settings, status="running", attempts=1, worker="elsewhere:3", heartbeat_at=ago(1))
-    counts = reconcile(settings)
+    counts = reconcile(settings, JobQueue.for_settings(settings))
     assert counts == {"requeued_lost_workers": 1, "failed_lost_workers": 1, "resent_messages": 1}
     assert job(settings, retry).status == "queued" and job(settings, retry).enqueued_at is not None
     failed = job(settings, exhausted)
@@ -68,24 +75,24 @@ def test_lost_messages_are_sent_again_but_fresh_ones_are_left_alone(settings):
     never_sent = add_job(settings, status="queued")
     lost = add_job(settings, status="queued", enqueued_at=ago(3600))
     fresh = add_job(settings, status="queued", enqueued_at=ago(5))
-    assert reconcile(settings)["resent_messages"] == 2
+    assert reconcile(settings, JobQueue.for_settings(settings))["resent_messages"] == 2
     assert queued_messages(settings) == 2
     assert job(settings, fresh).enqueued_at < ago(4)
     assert job(settings, never_sent).enqueued_at > ago(5) and job(settings, lost).enqueued_at > ago(5)
-    assert reconcile(settings)["resent_messages"] == 0  # nothing is due again yet
+    assert reconcile(settings, JobQueue.for_settings(settings))["resent_messages"] == 0  # nothing is due again yet
 
 
 def test_a_cancel_requested_on_a_lost_job_finishes_it_as_cancelled(settings):
     job_id = add_job(settings, status="running", attempts=1, worker="elsewhere:1", heartbeat_at=ago(120), cancel_requested=True)
-    reconcile(settings)
+    reconcile(settings, JobQueue.for_settings(settings))
     assert job(settings, job_id).status == "cancelled"
 
 
 def test_only_one_claim_wins(settings):
     job_id = add_job(settings, status="queued")
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         first = claim(session, job_id, settings, "host-a:1")
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         second = claim(session, job_id, settings, "host-b:2")
     assert first is not None and first.attempts == 1 and second is None
     assert job(settings, job_id).worker == "host-a:1"
@@ -98,13 +105,13 @@ def test_a_job_whose_process_died_on_this_host_is_claimable_at_once(settings):
     host = me.rpartition(":")[0]
     job_id = add_job(settings, status="running", attempts=1, worker=f"{host}:{dead.pid}", heartbeat_at=utcnow())
     assert owner_is_dead(f"{host}:{dead.pid}") and not owner_is_dead(me)
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         claimed = claim(session, job_id, settings, me)
     assert claimed is not None and claimed.attempts == 2
 
 
 def test_claiming_past_max_attempts_fails_the_job(settings):
     job_id = add_job(settings, status="queued", attempts=3)
-    with session_scope(settings.resolved_database_url) as session:
+    with database(settings.resolved_database_url).transaction() as session:
         assert claim(session, job_id, settings, worker_name()) is None
     assert job(settings, job_id).status == "failed" and "gave up after 3 attempts" in job(settings, job_id).error

@@ -1,4 +1,4 @@
-"""A job's artifacts: robust student, SWA student and peer weights (safetensors) and the model card."""
+"""A job's artifacts: robust student, SWA student and peer weights (safetensors), exports and the model card."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 from core.db.models import Artifact, Job
 from core.storage import Storage
 
-from ..deps import SessionDep, StorageDep, TenantDep
+from ..deps import OwnedJob, SessionDep, StorageDep
 from ..schemas import ArtifactOut
-from .jobs import get_job
 
 router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
 
@@ -24,8 +23,7 @@ def _out(artifact: Artifact, request: Request) -> ArtifactOut:
 
 
 @router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256")
-def list_artifacts(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
-    job = get_job(session, tenant, job_id)
+def list_artifacts(job: OwnedJob, request: Request, session: SessionDep) -> list[ArtifactOut]:
     return [_out(a, request) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
 
 
@@ -35,8 +33,8 @@ def list_artifacts(job_id: str, request: Request, session: SessionDep, tenant: T
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
 )
-def download_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> FileResponse:
-    return artifact_file(session, storage, get_job(session, tenant, job_id), name)
+def download_artifact(job: OwnedJob, name: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+    return artifact_file(session, storage, job, name)
 
 
 def artifact_file(session: Session, storage: Storage, job: Job, name: str) -> FileResponse:

@@ -11,9 +11,8 @@ from sqlalchemy.orm import Session
 
 from core.db.models import EpochMetric, Job
 
-from ..deps import SessionDep, TenantDep
+from ..deps import OwnedJob, SessionDep
 from ..plots import training_curves_png
-from .jobs import get_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -35,5 +34,5 @@ def curves_png(request: Request, session: Session, job: Job, title: str = "") ->
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-def job_curves(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> Response:
-    return curves_png(request, session, get_job(session, tenant, job_id), title=job_id)
+def job_curves(job: OwnedJob, request: Request, session: SessionDep) -> Response:
+    return curves_png(request, session, job, title=job.id)

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from core.db.session import engine_for
+from core.db.session import database
 
 from ..deps import SettingsDep
 from ..metrics import REGISTRY
@@ -24,8 +24,8 @@ def healthz() -> dict:
 
 def _check_database(url: str) -> str | None:
     try:
-        with engine_for(url).connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with database(url).transaction() as session:
+            session.execute(text("SELECT 1"))
     except Exception as err:
         return f"{type(err).__name__}: {err}".splitlines()[0]
     return None

@@ -20,13 +20,13 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.db.models import ACTIVE_STATUSES, Job, Tenant
+from core.db.models import ACTIVE_STATUSES, Job
+from core.db.tenants import TenantContext
 
-from ..deps import UI_COOKIE, SessionDep, StorageDep, UITenantDep, ui_signed_in
+from ..deps import UI_COOKIE, DatabaseDep, SessionDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
-from .jobs import get_job
 
 PAGE_SIZE = 50
 SECURITY_HEADERS = {
@@ -100,7 +100,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 
 
 @router.get("", name="ui_home")
-def home(request: Request, tenant: Annotated[Tenant | None, Depends(ui_signed_in)]) -> Response:
+def home(request: Request, tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> Response:
     if tenant is not None:
         return RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
     return page(request, "login.html")
@@ -113,11 +113,11 @@ def _cross_site(request: Request) -> bool:
 
 
 @router.post("/login", name="ui_login")
-def login(request: Request, session: SessionDep, api_key: Annotated[str, Form()] = "") -> Response:
+def login(request: Request, db: DatabaseDep, api_key: Annotated[str, Form()] = "") -> Response:
     if _cross_site(request):
         return page(request, "error.html", {"status_code": 403, "detail": "sign-in from another site refused"}, status.HTTP_403_FORBIDDEN)
     api_key = api_key.strip()
-    if not api_key or authenticate(session, api_key) is None:
+    if not api_key or authenticate(db, api_key) is None:
         return page(request, "login.html", {"error": "That API key is not valid or has been revoked."}, status.HTTP_401_UNAUTHORIZED)
     response = RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
     response.set_cookie(
@@ -145,8 +145,7 @@ def jobs_page(
 
 
 @router.get("/jobs/{job_id}", name="ui_job")
-def job_page(job_id: str, request: Request, session: SessionDep, tenant: UITenantDep) -> Response:
-    job = get_job(session, tenant, job_id)
+def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep) -> Response:
     return page(request, "job.html", {
         "tenant": tenant, "job": job, "artifacts": job.artifacts, "spec": json.dumps(job.spec, indent=2),
         "refresh": job.status in ACTIVE_STATUSES, "version": int(job.updated_at.timestamp()),
@@ -154,10 +153,10 @@ def job_page(job_id: str, request: Request, session: SessionDep, tenant: UITenan
 
 
 @router.get("/jobs/{job_id}/curves.png", name="ui_job_curves")
-def job_curves(job_id: str, request: Request, session: SessionDep, tenant: UITenantDep) -> Response:
-    return curves_png(request, session, get_job(session, tenant, job_id))
+def job_curves(job: UIOwnedJob, request: Request, session: SessionDep) -> Response:
+    return curves_png(request, session, job)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", name="ui_artifact")
-def download(job_id: str, name: str, session: SessionDep, tenant: UITenantDep, storage: StorageDep) -> FileResponse:
-    return artifact_file(session, storage, get_job(session, tenant, job_id), name)
+def download(job: UIOwnedJob, name: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+    return artifact_file(session, storage, job, name)

@@ -5,6 +5,7 @@ Every schema change goes through an Alembic migration in migrations/."""
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import secrets
 from typing import Any
 
@@ -89,9 +90,24 @@ class Dataset(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-JOB_STATUSES = ("queued", "running", "evaluating", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running", "evaluating")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+class JobStatus(enum.StrEnum):
+    """A job's status; its transitions are in core/db/jobs.py, the only writer of job rows."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.EVALUATING)
+LEASED_STATUSES = (JobStatus.RUNNING, JobStatus.EVALUATING)  # a worker owns the job
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class Job(Base):
@@ -109,7 +125,7 @@ class Job(Base):
     preset: Mapped[str | None] = mapped_column(String(64))
     spec: Mapped[dict[str, Any]]
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     phase: Mapped[str] = mapped_column(String(128), default="waiting for a worker")
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     latest_metrics: Mapped[dict[str, Any] | None]

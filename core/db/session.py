@@ -1,4 +1,9 @@
-"""Engines and sessions for SQLite (embedded) and PostgreSQL (production), and retrying writes."""
+"""The database: one `Database` per URL (engine and sessions), and one way to use it — a short
+transaction, `with database(url).transaction() as session:`, committed when the block ends and
+rolled back on an error. Workers, which must ride out a PostgreSQL restart, use `run(work, retry=True)`.
+
+No transaction should stay open while something slow happens (a client reading a stream, a file
+arriving): open one, do the reads and writes, leave."""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
-from typing import TypeVar
+from functools import cache
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -22,7 +27,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
             cursor.execute("PRAGMA foreign_keys=ON")
@@ -31,30 +36,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # pre-ping: after a PostgreSQL restart, stale pooled connections are replaced instead of failing a request
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
-
-
-@lru_cache
-def engine_for(url: str) -> Engine:
-    return make_engine(url)
-
-
-@lru_cache
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    session = session_factory(url)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800, pool_timeout=10)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -64,15 +46,42 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OperationalError)
 
 
-def with_retry(url: str, work: Callable[[Session], T], *, attempts: int = 30, delay: float = 1.0) -> T:
-    """Run work(session) in its own transaction, retrying while the database is unreachable."""
-    for attempt in range(1, attempts + 1):
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        session = self._sessions()
         try:
-            with session_scope(url) as session:
-                return work(session)
-        except DBAPIError as err:
-            if not is_transient(err) or attempt == attempts:
-                raise
-            log.warning("database unavailable (%s), retry %d/%d in %.0fs", type(err.orig).__name__, attempt, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def run(self, work: Callable[[Session], T], *, retry: bool = False, attempts: int = 30, delay: float = 1.0) -> T:
+        """work(session) in its own transaction; with retry, again while the database is unreachable."""
+        for attempt in range(1, (attempts if retry else 1) + 1):
+            try:
+                with self.transaction() as session:
+                    return work(session)
+            except DBAPIError as err:
+                if not retry or not is_transient(err) or attempt == attempts:
+                    raise
+                log.warning("database unavailable (%s), retry %d/%d in %.0fs", type(err.orig).__name__, attempt, attempts, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def forget_inherited_connections(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them under it."""
+        self.engine.dispose(close=False)
+
+
+@cache
+def database(url: str) -> Database:
+    return Database(url)

@@ -1,0 +1,60 @@
+"""Uploading a dataset: the body is streamed to disk under its size limit, validated in full off the
+event loop, and only then recorded in one short transaction; anything refused leaves no file behind."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from fastapi import HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+
+from core.db.models import Dataset, new_id
+from core.db.session import Database
+from core.db.tenants import TenantContext
+from core.engine.dataset_files import inspect_dataset_file
+from core.engine.errors import DatasetError
+from core.settings import Settings
+from core.storage import Storage, UploadTooLarge
+
+FILE_NAME = re.compile(r"^[\w.\- ]{1,200}$")
+
+
+def upload_limit(settings: Settings, tenant: TenantContext) -> int:
+    return tenant.max_upload_bytes or settings.max_upload_bytes
+
+
+async def upload(
+    db: Database, storage: Storage, settings: Settings, tenant: TenantContext, *, name: str, filename: str,
+    declared_size: str | None, body: AsyncIterator[bytes],
+) -> Dataset:
+    if not FILE_NAME.match(filename):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"filename {filename!r}: use letters, digits, '.', '-', '_' and spaces")
+    limit = upload_limit(settings, tenant)
+    if declared_size is not None and declared_size.isdigit() and int(declared_size) > limit:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
+
+    dataset_id = new_id("ds")
+    key = storage.dataset_key(tenant.id, dataset_id, "upload")
+    try:
+        size, sha256 = await storage.receive(key, body, limit)
+    except UploadTooLarge:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+    try:
+        if size == 0:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
+        try:
+            summary = await run_in_threadpool(inspect_dataset_file, storage.path(key))
+        except DatasetError as err:
+            message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
+        dataset = Dataset(
+            id=dataset_id, tenant_id=tenant.id, name=name, file_name=filename, format=summary["format"], size_bytes=size,
+            sha256=sha256, fingerprint=summary["fingerprint"], num_train=summary["num_train"], num_test=summary["num_test"],
+            classes=summary["classes"], input_shape=list(summary["input_shape"]), storage_key=key,
+        )
+        await run_in_threadpool(db.run, lambda session: session.add(dataset))
+    except BaseException:
+        storage.delete(key)
+        raise
+    return dataset

@@ -1,0 +1,89 @@
+"""Submitting a job: idempotency, the spec, the dataset, the tenant's limit and the enqueue, with the
+limit and the dataset reference enforced inside one locked transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import HTTPException, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.db import datasets, jobs
+from core.db.models import Dataset, Job
+from core.db.session import Database
+from core.db.tenants import TenantContext
+from core.engine.models import get_model_info
+from core.engine.sources import BUILTIN_DATASETS
+from core.engine.spec import JobSpec, build_spec
+from core.settings import Settings
+from worker.queue import JobQueue
+
+from ..errors import field_errors
+from ..schemas import JobCreate
+
+
+def submit(
+    db: Database, queue: JobQueue, settings: Settings, tenant: TenantContext, body: JobCreate, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """The job (new, or the one this Idempotency-Key already made) and whether it was created now."""
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
+        return _replay(replay, request_hash), False
+    overrides = dict(body.spec)
+    if body.dataset is not None:
+        overrides["dataset"] = body.dataset
+    spec = build_spec(body.preset, overrides)
+
+    def create(session: Session) -> tuple[Job, bool]:
+        jobs.lock_tenant(session, tenant.id)
+        if idempotency_key and (existing := _earlier(session, tenant, idempotency_key)) is not None:
+            return _replay(existing, request_hash), False  # a concurrent retry won the race
+        dataset = _resolve_dataset(session, tenant, spec.dataset)
+        _check_architectures_fit(spec, dataset)
+        job = jobs.create(
+            session, tenant_id=tenant.id, max_active=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
+            dataset_id=dataset.id if dataset else None, dataset_name=dataset.name if dataset else spec.dataset,
+            preset=body.preset, spec=spec.model_dump(mode="json"), max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key, request_hash=request_hash,
+        )
+        return job, True
+
+    job, created = db.run(create)
+    if created:
+        queue.enqueue(db, job.id)
+        job = db.run(lambda session: session.get_one(Job, job.id))
+    return job, created
+
+
+def _earlier(session: Session, tenant: TenantContext, idempotency_key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+
+
+def _replay(existing: Job, request_hash: str) -> Job:
+    if existing.request_hash != request_hash:
+        raise HTTPException(status.HTTP_409_CONFLICT, "Idempotency-Key was already used for a different request; use a new key")
+    return existing
+
+
+def _resolve_dataset(session: Session, tenant: TenantContext, name: str) -> Dataset | None:
+    """None for a built-in; an upload of this tenant's, locked against deletion until the job is stored."""
+    if name in BUILTIN_DATASETS:
+        return None
+    dataset = datasets.lock(session, name)
+    if dataset is None or dataset.tenant_id != tenant.id:
+        raise field_errors(
+            [("dataset", f"unknown dataset '{name}': use a built-in ({', '.join(BUILTIN_DATASETS)}) or the id of one of your uploads")]
+        )
+    return dataset
+
+
+def _check_architectures_fit(spec: JobSpec, dataset: Dataset | None) -> None:
+    if dataset is None:
+        return
+    size = min(dataset.input_shape[1:])
+    for field, name in (("student", spec.student), ("peer", spec.peer_architecture)):
+        minimum = get_model_info(name).min_input_size if name else 0
+        if size < minimum:
+            raise field_errors([(field, f"{name} needs inputs of at least {minimum}×{minimum}; dataset {dataset.id} has {size}×{size}")])

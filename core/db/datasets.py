@@ -1,0 +1,31 @@
+"""Uploaded datasets: the row of a validated upload, and deletion that cannot race a submission."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .models import ACTIVE_STATUSES, Dataset, Job
+
+
+class DatasetInUse(Exception):
+    def __init__(self, dataset_id: str, active: int):
+        self.dataset_id, self.active = dataset_id, active
+        super().__init__(f"dataset {dataset_id} is used by {active} queued or running job(s)")
+
+
+def lock(session: Session, dataset_id: str) -> Dataset | None:
+    """The dataset, locked until the transaction ends (a submission naming it and its deletion serialise);
+    the no-op write takes the row lock on PostgreSQL and the write lock on SQLite."""
+    session.execute(update(Dataset).where(Dataset.id == dataset_id).values(name=Dataset.name))
+    return session.get(Dataset, dataset_id)
+
+
+def delete_unused(session: Session, dataset: Dataset) -> str:
+    """Delete the dataset's row unless a queued or running job uses it; returns its storage key."""
+    lock(session, dataset.id)
+    active = session.scalar(select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_STATUSES))) or 0
+    if active:
+        raise DatasetInUse(dataset.id, active)
+    session.delete(dataset)
+    return dataset.storage_key

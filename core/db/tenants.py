@@ -1,0 +1,94 @@
+"""Tenants, their API keys and limits. A key is `pk_<prefix>_<secret>`; only its SHA-256 is stored
+(keys are 32 random bytes, so a slow hash adds nothing), looked up by prefix, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .models import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "pk"
+LAST_USED_RESOLUTION_SECONDS = 60  # at most one write a minute per key, so polling stays read-only
+
+
+@dataclass(frozen=True)
+class TenantContext:
+    """Who is calling, detached from any session: safe to keep for a whole request or stream."""
+
+    id: str
+    name: str
+    max_concurrent_jobs: int | None
+    max_upload_bytes: int | None
+    key_prefix: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, tenant: Tenant, name: str = "") -> tuple[ApiKey, str]:
+    """Returns the stored row and the plaintext key, which is shown once and never stored."""
+    prefix = secrets.token_hex(6)
+    key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_key(key), name=name)
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def key_prefix(key: str) -> str | None:
+    parts = key.split("_", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == KEY_PREFIX else None
+
+
+def authenticate(session: Session, key: str) -> TenantContext | None:
+    """The tenant of a valid, unrevoked key, else None."""
+    prefix = key_prefix(key)
+    if prefix is None:
+        return None
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.last_used_at, Tenant.id, Tenant.name, Tenant.max_concurrent_jobs,
+               Tenant.max_upload_bytes).join(Tenant).where(ApiKey.prefix == prefix)
+    ).first()
+    # compare even when no row matches, so timing does not reveal which prefixes exist
+    expected = row.key_hash if row is not None else hash_key("")
+    if not hmac.compare_digest(expected, hash_key(key)) or row is None or row.revoked_at is not None:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() > LAST_USED_RESOLUTION_SECONDS:
+        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(last_used_at=now))
+    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, prefix)
+
+
+def revoke_key(session: Session, prefix: str) -> bool:
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if row is None:
+        return False
+    row.revoked_at = row.revoked_at or utcnow()
+    return True
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).join(Tenant).order_by(ApiKey.created_at)))
+
+
+def set_limits(session: Session, tenant: Tenant, *, max_concurrent_jobs: int | None, max_upload_bytes: int | None) -> None:
+    if max_concurrent_jobs is not None:
+        tenant.max_concurrent_jobs = max_concurrent_jobs
+    if max_upload_bytes is not None:
+        tenant.max_upload_bytes = max_upload_bytes

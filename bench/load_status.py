@@ -1,83 +1,276 @@
-"""Load test: poll job status at a steady rate with a real HTTP client while a job runs, and print
-latency percentiles and errors.
+"""Load test of the service's read endpoints beside a naive baseline, in one run, on one database.
 
-    python -m bench.load_status --url http://127.0.0.1:8000 --api-key "$KEY" --rate 200 --seconds 60
+    python -m bench.load_status                      # starts everything on a throwaway PostgreSQL database
+    python -m bench.load_status --seconds 20 --clients 16 --rate 200 --json figures.json --profile profile.txt
+    python -m bench.load_status --url http://127.0.0.1:8000 --api-key "$KEY" [--naive-url http://127.0.0.1:8001]
 
-It submits a job (preset digits-demo unless --job names a running one), then `--clients` threads
-each issue GET /v1/jobs/{id} on a fixed schedule (open loop: a slow answer does not delay the next
-request, so queueing shows up in the latency) until `--seconds` have passed."""
+By default it creates a database on the local PostgreSQL, starts the service's API
+(`python -m service api`, one uvicorn process) and the naive handler (`python -m bench.naive_app`:
+GET /v1/jobs/{id} done in the most direct way, same uvicorn settings) on it, creates an API key,
+submits a job and adds `--jobs` - 1 more rows, and removes it all at the end (Ctrl-C included).
+
+Phases, each `--seconds` long after a one-second warm-up:
+  get    GET /v1/jobs/{id}, closed loop on `--clients` keep-alive connections: service, then naive
+  list   GET /v1/jobs (one page of up to 50), closed loop
+  sse    GET /v1/jobs/{id}/events: connect, first event, disconnect, closed loop (latency: time to
+         first event)
+  open   GET /v1/jobs/{id} at a fixed `--rate` (open loop: latency counted from the scheduled
+         send time), service then naive
+  streams  event streams opened `--sse-step` at a time (each step once the last one's first events
+         came) up to `--sse-streams` or the first error, all held to the end of the phase: how many
+         concurrent streams the service holds. Last, as a server may not recover from it.
+Printed per phase: requests/s, p50/p90/p99/max latency (ms), errors, and the CPU used by the server,
+this load generator and the whole machine (100% = one core). `--profile FILE` adds a phase that
+samples the service's GET /v1/jobs/{id} with py-spy and writes where its time goes.
+
+The load generator is asyncio over raw keep-alive HTTP/1.1 connections (bench/_http.py), in this
+process, apart from the servers; `--compare-clients` measures it against httpx.AsyncClient on /healthz."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import threading
+import asyncio
+import json
+import math
+import os
+import sys
+import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
+from ._http import Connection
+from ._load import CpuMeter, Sample, closed_loop, open_loop, ramp_streams, stream_openings
+from ._stack import (
+    REPO, create_key, forget_queue, free_port, handle_sigterm_as_ctrl_c, insert_jobs, postgres_problem, service_env,
+    start_server, submit_job, throwaway_database,
+)
+
+PHASES = ("get", "list", "sse", "open", "streams")  # in this order: streams last, as a server may not recover from it
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+@dataclass
+class Target:
+    url: str
+    key: str
+    job: str
+    naive_url: str | None = None
+    service_pid: int | None = None
+    naive_pid: int | None = None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.load_status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--api-key", required=True)
-    parser.add_argument("--job", help="poll this job instead of submitting one")
-    parser.add_argument("--rate", type=float, default=100.0, help="requests per second, all clients together")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    args = parser.parse_args(argv)
+def start_local(stack: ExitStack, jobs: int) -> Target:
+    problem = postgres_problem()
+    if problem:
+        raise SystemExit(problem)
+    database_url = stack.enter_context(throwaway_database())
+    data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peeraid-bench-")))
+    env = service_env(database_url, data_dir, free_port())
+    key = create_key(env, "bench")  # also applies the migrations
+    api = start_server("service API", "service", ["api"], env, data_dir / "api.log")
+    stack.callback(api.stop)
+    naive = start_server("naive app", "bench.naive_app", [], {**env, "PEERAID_API_PORT": str(free_port())}, data_dir / "naive.log")
+    stack.callback(naive.stop)
+    api.wait_until_up()
+    naive.wait_until_up()
+    stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])
+    job = submit_job(api.url, key)
+    insert_jobs(database_url, like=job, count=jobs - 1)
+    return Target(api.url, key, job, naive.url, api.pid, naive.pid)
 
-    headers = {"Authorization": f"Bearer {args.api_key}"}
-    job_id = args.job
-    if job_id is None:
-        response = httpx.post(f"{args.url}/v1/jobs", headers=headers, json={"preset": "digits-demo"}, timeout=30)
-        response.raise_for_status()
-        job_id = response.json()["id"]
 
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-    interval = args.clients / args.rate
-    start = time.perf_counter() + 0.5
-    deadline = start + args.seconds
+def row(endpoint: str, server: str, mode: str, sample: Sample, cpu: dict, **extra) -> dict:
+    return {"endpoint": endpoint, "server": server, "mode": mode, **sample.summary(), **cpu, **extra}
 
-    def client(offset: float) -> None:
-        with httpx.Client(base_url=args.url, headers=headers, timeout=10) as http:
-            due = start + offset
-            while due < deadline:
-                time.sleep(max(0.0, due - time.perf_counter()))
-                sent = time.perf_counter()
+
+async def measure(args, target: Target) -> list[dict]:
+    headers = {"Authorization": f"Bearer {target.key}"}
+
+    def service() -> Connection:
+        return Connection.to(target.url, headers)
+
+    def naive() -> Connection:
+        return Connection.to(target.naive_url, headers)
+
+    servers = [("service", service, target.service_pid)]
+    if target.naive_url:
+        servers.append(("naive", naive, target.naive_pid))
+    job_path, seconds, clients = f"/v1/jobs/{target.job}", args.seconds, args.clients
+    closed = f"closed loop, {clients} connections"
+    rows = []
+
+    async def closed_phase(endpoint: str, path: str, name: str, connect, pid) -> None:
+        await closed_loop(connect, path, clients, 1.0)  # warm-up: connections, pools, caches
+        meter = CpuMeter(pid)
+        sample = await closed_loop(connect, path, clients, seconds)
+        rows.append(row(endpoint, name, closed, sample, meter.shares()))
+        report(rows[-1])
+
+    if args.compare_clients:
+        for name, run in (("raw asyncio", closed_loop), ("httpx.AsyncClient", httpx_closed_loop)):
+            await run(service, "/healthz", clients, 1.0)
+            meter = CpuMeter(target.service_pid)
+            sample = await run(service, "/healthz", clients, seconds)
+            cpu = meter.shares()
+            cpu_per_request = cpu["generator_cores"] * sample.seconds / max(1, len(sample.latencies))
+            rows.append(row("GET /healthz", "service", f"client {name}", sample, cpu, client=name, generator_us_per_request=1e6 * cpu_per_request))
+            report(rows[-1])
+    if "get" in args.phases:
+        for name, connect, pid in servers:
+            await closed_phase("GET /v1/jobs/{id}", job_path, name, connect, pid)
+    if "list" in args.phases:
+        await closed_phase("GET /v1/jobs", "/v1/jobs", "service", service, target.service_pid)
+    if "sse" in args.phases:
+        meter = CpuMeter(target.service_pid)
+        sample = await stream_openings(service, f"{job_path}/events", clients, seconds)
+        rows.append(row("GET /v1/jobs/{id}/events", "service", f"first event, {closed}", sample, meter.shares()))
+        report(rows[-1])
+    if "open" in args.phases:
+        for name, connect, pid in servers:
+            meter = CpuMeter(pid)
+            sample = await open_loop(connect, job_path, args.rate, seconds, max_connections=args.max_connections)
+            rows.append(row("GET /v1/jobs/{id}", name, f"open loop, {args.rate:g}/s", sample, meter.shares()))
+            report(rows[-1])
+    if args.profile:
+        await profile(args, service, job_path, target.service_pid)
+    if "streams" in args.phases:
+        meter = CpuMeter(target.service_pid)
+        reached, outcomes, opened = await ramp_streams(service, f"{job_path}/events", args.sse_streams, args.sse_step, seconds)
+        rows.append(row("GET /v1/jobs/{id}/events", "service", f"streams, +{args.sse_step} a step up to {args.sse_streams}", opened,
+                        meter.shares(), reached=reached, held=outcomes.get("held", 0), outcomes=dict(outcomes)))
+        report(rows[-1])
+    return rows
+
+
+async def httpx_closed_loop(new_connection, path: str, clients: int, seconds: float) -> Sample:
+    """closed_loop's pattern with httpx.AsyncClient instead of raw connections, to compare their cost."""
+    import httpx
+
+    template = new_connection()
+    sample = Sample()
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=f"http://{template.host}:{template.port}", limits=limits, timeout=10) as client:
+
+        async def one_client() -> None:
+            while (sent := time.perf_counter()) < deadline:
                 try:
-                    response = http.get(f"/v1/jobs/{job_id}")
-                    outcome = None if response.status_code == 200 else str(response.status_code)
+                    status = (await client.get(path)).status_code
+                    error = None if status == 200 else str(status)
                 except httpx.HTTPError as err:
-                    outcome = type(err).__name__
-                elapsed = time.perf_counter() - sent
-                with lock:
-                    latencies.append(elapsed)
-                    if outcome:
-                        errors[outcome] = errors.get(outcome, 0) + 1
-                due += interval
+                    error = type(err).__name__
+                sample.record(time.perf_counter() - sent, error)
 
-    threads = [threading.Thread(target=client, args=(i * interval / args.clients,)) for i in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        sample.seconds = time.perf_counter() - started
+    return sample
 
-    final = httpx.get(f"{args.url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
-    ms = [1000 * x for x in latencies]
-    print(f"job {job_id} ({final['status']}, {final['phase']}): {len(ms)} status requests in {args.seconds:.0f}s "
-          f"at a target of {args.rate:.0f}/s from {args.clients} clients")
-    print(f"latency ms: p50 {percentile(ms, 0.50):.1f}  p90 {percentile(ms, 0.90):.1f}  p99 {percentile(ms, 0.99):.1f}  "
-          f"max {max(ms):.1f}  mean {statistics.fmean(ms):.1f}")
-    print(f"errors: {sum(errors.values())} {errors if errors else ''}")
+
+async def profile(args, service, job_path: str, pid: int | None) -> None:
+    from ._profile import start_py_spy, summarise
+
+    if pid is None:
+        raise SystemExit("--profile needs the service started here (no --url): py-spy samples its process")
+    raw = Path(args.profile).with_suffix(".collapsed")
+    await closed_loop(service, job_path, args.clients, 1.0)
+    seconds = max(1, round(args.seconds))
+    spy = start_py_spy(pid, seconds, raw)
+    await asyncio.sleep(0.5)  # py-spy attaching
+    sample = await closed_loop(service, job_path, args.clients, seconds)
+    _, err = await asyncio.to_thread(spy.communicate)
+    if spy.returncode != 0 or not raw.exists():
+        raise SystemExit(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
+    summary = f"GET /v1/jobs/{{id}} under py-spy: {sample.summary()['per_second']:.0f} requests/s\n" + summarise(raw.read_text(), REPO, seconds)
+    Path(args.profile).write_text(summary + "\n")
+    print(f"\nprofile (collapsed stacks in {raw}, e.g. for flamegraph.pl or speedscope):\n{summary}")
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+HEADER = f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}  CPU server/generator/machine"
+
+
+def report(r: dict) -> None:
+    cpu = f"{fmt(100 * r['server_cores'], 0)}% / {fmt(100 * r['generator_cores'], 0)}% / {fmt(100 * r['machine_cores'], 0)}%"
+    print(f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<44} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
+          f"{fmt(r['p99_ms']):>8} {fmt(r['max_ms']):>8} {r['errors']:>7}  {cpu}", flush=True)
+    if r["errors"]:
+        print(f"{'':<26} errors: {r['errors_by_kind']}")
+    if "outcomes" in r:
+        print(f"{'':<26} opened without error: {r['reached']}; held to the end: {r['held']} of {sum(r['outcomes'].values())}; "
+              f"outcomes {r['outcomes']} (latency: time to first event)")
+    if "generator_us_per_request" in r:
+        print(f"{'':<26} load generator CPU per request: {r['generator_us_per_request']:.0f} µs")
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    lines = []
+    for mode in {r["mode"] for r in rows if r["server"] == "naive"}:
+        pair = {r["server"]: r for r in rows if r["mode"] == mode and r["endpoint"] == "GET /v1/jobs/{id}"}
+        if {"service", "naive"} <= pair.keys():
+            s, n = pair["service"], pair["naive"]
+            lines.append(f"GET /v1/jobs/{{id}}, {mode}: service/naive requests/s {s['per_second'] / n['per_second']:.2f}×, "
+                         f"p50 {s['p50_ms'] / n['p50_ms']:.2f}×, p99 {s['p99_ms'] / n['p99_ms']:.2f}×")
+    return sorted(lines)
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m bench.load_status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
+    parser.add_argument("--clients", type=int, default=16, help="connections of the closed-loop phases (default 16)")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests/s of the open-loop phase (default 100)")
+    parser.add_argument("--max-connections", type=int, default=64, help="connections the open loop may open (default 64)")
+    parser.add_argument("--sse-streams", type=int, default=64, help="most event streams the streams phase opens (default 64)")
+    parser.add_argument("--sse-step", type=int, default=4, help="event streams opened at a time in the streams phase (default 4)")
+    parser.add_argument("--jobs", type=int, default=50, help="jobs of the tenant, for the list (default 50: one page)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)} (default all)")
+    parser.add_argument("--compare-clients", action="store_true", help="first measure /healthz with this client and with httpx.AsyncClient")
+    parser.add_argument("--profile", metavar="FILE", help="also sample the service under GET /v1/jobs/{id} with py-spy; summary to FILE")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    parser.add_argument("--url", help="an already running service instead of starting one")
+    parser.add_argument("--api-key", help="with --url")
+    parser.add_argument("--job", help="with --url: the job to read (default: submit one)")
+    parser.add_argument("--naive-url", help="with --url: a running `python -m bench.naive_app` on the same database")
+    args = parser.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if unknown := set(args.phases) - set(PHASES):
+        parser.error(f"unknown phases {sorted(unknown)}")
+    if args.url and not args.api_key:
+        parser.error("--url needs --api-key")
+    return args
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handle_sigterm_as_ctrl_c()
+    started = os.getloadavg()
+    with ExitStack() as stack:
+        if args.url:
+            target = Target(args.url.rstrip("/"), args.api_key, args.job or submit_job(args.url, args.api_key), args.naive_url)
+        else:
+            target = start_local(stack, args.jobs)
+        print(f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in started)} before starting\n\n{HEADER}", flush=True)
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            rows = runner.run(measure(args, target))
+    load = os.getloadavg()
+    print(*ratios(rows), sep="\n")
+    print(f"load average {' '.join(f'{x:.2f}' for x in load)} at the end")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average": {"start": started, "end": load}, "args": vars(args), "rows": rows}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

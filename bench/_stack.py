@@ -1,0 +1,167 @@
+"""What the load tools run against, on this machine only: a throwaway PostgreSQL database, the
+service's API (`python -m service api`) and the naive baseline (`python -m bench.naive_app`) as
+processes, API keys and job rows. Everything is removed again on exit, Ctrl-C included."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get("PEERAID_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("PEERAID_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sqlalchemy_url(libpq_url: str) -> str:
+    return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def libpq_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def postgres_problem(admin_url: str = PG_ADMIN_URL) -> str | None:
+    """Why PostgreSQL cannot be used here, or None."""
+    import psycopg
+
+    try:
+        with psycopg.connect(admin_url, connect_timeout=3):
+            return None
+    except psycopg.Error as err:
+        return f"PostgreSQL not reachable at {admin_url}: {err}"
+
+
+@contextmanager
+def throwaway_database(admin_url: str = PG_ADMIN_URL):
+    """A new, empty database for one run; yields its SQLAlchemy URL, and drops it (connections and all) on exit."""
+    import psycopg
+
+    name = f"peeraid_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield sqlalchemy_url(f"{admin_url.rsplit('/', 1)[0]}/{name}")
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def service_env(database_url: str, data_dir: Path, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PEERAID_DATABASE_URL": database_url,
+        "PEERAID_BROKER_URL": REDIS_URL,
+        "PEERAID_TASK_QUEUE": f"peeraid-bench-{secrets.token_hex(4)}",  # no worker reads it: submitted jobs stay queued
+        "PEERAID_DATA_DIR": str(data_dir),
+        "PEERAID_API_HOST": "127.0.0.1",
+        "PEERAID_API_PORT": str(port),
+    }
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_until_up(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not up on {self.url} after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def start_server(name: str, module: str, args: list[str], env: dict[str, str], log: Path) -> Server:
+    """`python -m module args` in its own process group, so that stopping it reaches any children too.
+    Not waited for: call wait_until_up (after starting the others, so that they start side by side)."""
+    with open(log, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Server(name, process, f"http://{env['PEERAID_API_HOST']}:{env['PEERAID_API_PORT']}", log)
+
+
+def create_key(env: dict[str, str], tenant: str) -> str:
+    """A new API key for `tenant` (created if new), through the service's own command (which also migrates)."""
+    out = subprocess.run([sys.executable, "-m", "service", "create-key", tenant], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"create-key {tenant} failed:\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def submit_job(url: str, key: str) -> str:
+    """A job submitted through the API (preset digits-demo); with no worker it stays queued."""
+    response = httpx.post(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {key}"}, json={"preset": "digits-demo"}, timeout=30)
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def insert_jobs(database_url: str, like: str, count: int) -> list[str]:
+    """`count` more queued jobs of the same tenant and spec as job `like`, written straight into the jobs table."""
+    from sqlalchemy import create_engine, insert, select
+
+    from core.db.models import Job
+
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as db:
+            model = db.execute(select(Job.tenant_id, Job.dataset_name, Job.preset, Job.spec).where(Job.id == like)).one()
+            rows = [dict(model._mapping) for _ in range(count)]
+            return list(db.scalars(insert(Job).returning(Job.id), rows)) if rows else []
+    finally:
+        engine.dispose()
+
+
+def forget_queue(queue: str) -> None:
+    """Drop the messages the API sent to a queue that no worker reads."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+    try:
+        client.delete(queue, *client.keys(f"_kombu.binding.{queue}*"))
+    finally:
+        client.close()
+
+
+def handle_sigterm_as_ctrl_c() -> None:
+    """So that `kill` cleans up exactly as Ctrl-C does: servers stopped, database dropped."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

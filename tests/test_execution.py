@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from core.engine.errors import SpecError
 from core.engine.execution import Execution, StepRunner
 from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
@@ -76,8 +77,9 @@ def test_execution_defaults_per_device():
     assert Execution.resolve("tf32", "off", torch.device("cpu")).precision == "fp32"
     assert Execution.resolve("bf16", "auto", torch.device("cpu")).precision == "bf16"
     assert Execution.resolve("auto", "auto", torch.device("cuda")) == Execution("tf32", True, True)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(SpecError, match="cuda_graph: 'on' needs a CUDA device") as err:
         Execution.resolve("fp32", "on", torch.device("cpu"))
+    assert err.value.errors[0]["field"] == "cuda_graph"
 
 
 def test_bf16_autocast_step_runs_and_stays_close_on_cpu():

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from core.engine.errors import DatasetError
+from core.engine.errors import DatasetError, EngineError
 from core.engine.models import (
+    ArchitectureError,
     ArchitectureInfo,
     UnknownArchitectureError,
     create_model,
@@ -285,7 +286,7 @@ def test_unknown_name():
         create_model("resnet19", num_classes=10)
     msg = str(e.value)
     assert "resnet19" in msg and "resnet18" in msg and "wrn34_10" in msg
-    assert isinstance(e.value, ValueError)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, EngineError)
 
 
 @pytest.mark.parametrize(
@@ -300,11 +301,11 @@ def test_bad_arguments(kwargs, arg, limit):
     with pytest.raises(ValueError, match=arg) as e:
         create_model("small_cnn", **kwargs)
     assert limit in str(e.value)
-    assert not isinstance(e.value, UnknownArchitectureError)
+    assert isinstance(e.value, ArchitectureError) and not isinstance(e.value, UnknownArchitectureError)
 
 
 def test_duplicate_registration_rejected():
-    with pytest.raises(ValueError, match="resnet18"):
+    with pytest.raises(ArchitectureError, match="resnet18"):
         register_model("resnet18", description="dup")(lambda nc, ic: None)
     assert len(list_models()) == len(NAMES)
 

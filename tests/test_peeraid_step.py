@@ -138,3 +138,24 @@ def test_student_gets_gradient_from_the_peer_loss():
     # weight decay alone moves weights by lr·wd·w; the peer loss must add a real gradient on top
     decay_only = -0.1 * 2e-4 * before["conv1.weight"]
     assert (moved - decay_only).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["peeraid", "pgd_at", "trades"])
+def test_a_failed_attack_leaves_the_networks_in_their_modes(method):
+    """Each attack runs in eval mode; when it fails, the networks go back to train mode (the loop's state)."""
+    from core.engine.methods import PGDAT, TRADES
+
+    student, peer = make_pair()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    attack = AttackSettings(EPS, ALPHA, K)
+    if method == "peeraid":  # a 4-class student against a 3-class peer: the attack's KL cannot pair them
+        student = create_model("small_cnn", num_classes=4, in_channels=1)
+        step = PeerAiD(attack, W)
+    elif method == "pgd_at":  # label 7 of 3 classes: the attack's cross-entropy refuses it
+        step, y = PGDAT(attack), torch.full((16,), 7)
+    else:  # two channels for a one-channel network: the clean forward before the attack refuses it
+        step, x = TRADES(attack), torch.rand(16, 2, 8, 8)
+    nets = Networks(student, sgd(student), peer, sgd(peer))
+    with pytest.raises((IndexError, RuntimeError)):
+        step.step(nets, x, y)
+    assert student.training and peer.training

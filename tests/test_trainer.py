@@ -159,3 +159,17 @@ def test_baselines_train_under_the_same_interface(tiny_splits, tmp_path, method)
     assert all(torch.isfinite(torch.tensor(r.losses["loss_student"])) for r in history)
     assert not torch.equal(before["conv1.weight"], trainer.nets.student.conv1.weight)
     assert trainer.best_student.state is not None and trainer.best_swa.state is not None
+
+
+def test_batchnorm_recalibration_restores_mode_and_momenta_even_when_a_batch_fails():
+    from core.engine.models import create_model
+    from core.engine.trainer import recalibrate_batchnorm
+
+    model = create_model("small_cnn", num_classes=3, in_channels=1).eval()
+    good, bad = (torch.rand(4, 1, 8, 8), None), (torch.rand(4, 2, 8, 8), None)  # 2 channels: conv1 refuses it
+    with pytest.raises(RuntimeError):
+        recalibrate_batchnorm(model, [good, bad])
+    assert not model.training
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    recalibrate_batchnorm(model, [good])
+    assert not model.training and model.bn1.num_batches_tracked == 1

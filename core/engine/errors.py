@@ -18,7 +18,11 @@ class SpecError(EngineError, ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors))
 
 
-class UnknownArchitectureError(EngineError, ValueError):
+class ArchitectureError(EngineError, ValueError):
+    """A network cannot be built as asked: bad num_classes or in_channels, or a broken registration."""
+
+
+class UnknownArchitectureError(ArchitectureError):
     """No architecture is registered under the requested name."""
 
 

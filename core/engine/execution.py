@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from .errors import SpecError
 from .methods import Networks, TrainingMethod
 
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -34,7 +35,7 @@ class Execution:
         if precision == "tf32" and not on_gpu:
             precision = "fp32"  # TF32 is a tensor-core format; the CPU computes in fp32 anyway
         if cuda_graph == "on" and not on_gpu:
-            raise ValueError("cuda_graph='on' needs a CUDA device; use 'auto' or 'off' on CPU")
+            raise SpecError([{"field": "cuda_graph", "message": f"'on' needs a CUDA device, not {device.type}; use 'auto' or 'off'"}])
         return Execution(precision, cuda_graph == "on" or (cuda_graph == "auto" and on_gpu), on_gpu)
 
     def configure_backends(self) -> None:

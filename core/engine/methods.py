@@ -5,6 +5,8 @@ Steps return their losses as detached tensors and never synchronise with the hos
 
 from __future__ import annotations
 
+import abc
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,12 +44,24 @@ class Networks:
             optimizer.step()
 
 
-class TrainingMethod:
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode inside the block, back in its previous mode after it, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class TrainingMethod(abc.ABC):
     name: ClassVar[str]
     uses_peer: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def step(self, nets: Networks, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One optimisation step on (x, y); leaves the networks in train mode."""
 
 
 @dataclass(frozen=True)
@@ -66,12 +80,11 @@ class PeerAiD(TrainingMethod):
 
     def step(self, nets: Networks, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         student, peer = nets.student, nets.peer
-        peer.eval()
-        with torch.no_grad():
+        with eval_mode(peer), torch.no_grad():
             peer_clean_probs = F.softmax(peer(x), dim=1)
-        student.eval()
         a = self.attack
-        x_adv = kl_attack(student, x, peer_clean_probs, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
+        with eval_mode(student):
+            x_adv = kl_attack(student, x, peer_clean_probs, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
 
         student.train()
         peer.train()
@@ -101,9 +114,9 @@ class PGDAT(TrainingMethod):
 
     def step(self, nets: Networks, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         student = nets.student
-        student.eval()
         a = self.attack
-        x_adv = pgd(student, x, y, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
+        with eval_mode(student):
+            x_adv = pgd(student, x, y, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
         student.train()
         nets.zero_grad()
         s_adv = student(x_adv)
@@ -123,11 +136,11 @@ class TRADES(TrainingMethod):
 
     def step(self, nets: Networks, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         student = nets.student
-        student.eval()
-        with torch.no_grad():
-            clean_probs = F.softmax(student(x), dim=1)
         a = self.attack
-        x_adv = kl_attack(student, x, clean_probs, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
+        with eval_mode(student):
+            with torch.no_grad():
+                clean_probs = F.softmax(student(x), dim=1)
+            x_adv = kl_attack(student, x, clean_probs, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps)
         student.train()
         nets.zero_grad()
         s_nat = student(x)

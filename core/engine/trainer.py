@@ -78,15 +78,17 @@ def recalibrate_batchnorm(model: nn.Module, loader) -> None:
         bn.reset_running_stats()
     was_training = model.training
     model.train()
-    seen = 0
-    for x, _ in loader:
-        for bn in norms:
-            bn.momentum = len(x) / (seen + len(x))
-        model(x)
-        seen += len(x)
-    for bn, momentum in zip(norms, momenta):
-        bn.momentum = momentum
-    model.train(was_training)
+    try:
+        seen = 0
+        for x, _ in loader:
+            for bn in norms:
+                bn.momentum = len(x) / (seen + len(x))
+            model(x)
+            seen += len(x)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -2,6 +2,7 @@
 
 from . import mobilenetv2, preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401  (registration)
 from .registry import (
+    ArchitectureError,
     ArchitectureInfo,
     UnknownArchitectureError,
     create_model,
@@ -11,6 +12,7 @@ from .registry import (
 )
 
 __all__ = [
+    "ArchitectureError",
     "ArchitectureInfo",
     "UnknownArchitectureError",
     "create_model",

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import DatasetError, UnknownArchitectureError
+from ..errors import ArchitectureError, DatasetError, UnknownArchitectureError
 
 Factory = Callable[[int, int], nn.Module]
 _LARGEST_MINIMUM_SEARCHED = 256
@@ -41,7 +41,7 @@ class ArchitectureInfo:
                 except (ValueError, RuntimeError):
                     continue
                 return size
-        raise RuntimeError(f"{self.name} rejects every input up to {_LARGEST_MINIMUM_SEARCHED}×{_LARGEST_MINIMUM_SEARCHED}")
+        raise ArchitectureError(f"{self.name} rejects every input up to {_LARGEST_MINIMUM_SEARCHED}×{_LARGEST_MINIMUM_SEARCHED}")
 
     def num_params(self, num_classes: int = 10, in_channels: int = 3) -> int:
         _validate(num_classes, in_channels)
@@ -62,7 +62,7 @@ _REGISTRY: dict[str, ArchitectureInfo] = {}
 def register_model(name: str, *, description: str, family: str = "") -> Callable[[Factory], Factory]:
     def decorator(fn: Factory) -> Factory:
         if name in _REGISTRY:
-            raise ValueError(f"architecture {name!r} is already registered")
+            raise ArchitectureError(f"architecture {name!r} is already registered")
         _REGISTRY[name] = ArchitectureInfo(name, description, family or name, fn)
         return fn
 
@@ -84,7 +84,7 @@ def get_model_info(name: str) -> ArchitectureInfo:
 
 def _check_int(arg: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{arg} must be an integer >= {minimum}, got {value!r}")
+        raise ArchitectureError(f"{arg} must be an integer >= {minimum}, got {value!r}")
 
 
 def _validate(num_classes: int, in_channels: int) -> None:

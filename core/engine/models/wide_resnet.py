@@ -7,6 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ArchitectureError
 from .registry import register_model
 
 
@@ -49,7 +50,7 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+            raise ArchitectureError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
         ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, ch[0], kernel_size=3, stride=1, padding=1, bias=False)

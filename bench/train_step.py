@@ -99,7 +99,7 @@ def measure_epoch(arch: str, device: torch.device, batch: int, classes: int, n_t
 
     spec = build_spec("cifar100-resnet18", {
         "student": arch, "peer": arch, "epochs": 2, "lr_decay_epochs": [1], "batch_size": batch, "swa": False,
-        "precision": precision, "cuda_graph": graph,
+        "precision": precision, "cuda_graph": graph, "selection": "validation", "student_adv_forwards": 1,
     })
     splits = synthetic_cifar(n_train, classes, n_val)
     with tempfile.TemporaryDirectory() as workdir:

@@ -104,6 +104,20 @@ def test_evaluation_batches_are_unaugmented_and_in_order():
     assert torch.equal(x, train.images[:10].float() / 255) and torch.equal(y, train.labels[:10])
 
 
+def test_paper_protocol_trains_on_all_training_data_and_selects_on_the_test_set():
+    train, test = load_digits()
+    paper = load_splits("digits", selection="test")
+    assert paper.selection == "test" and paper.val is paper.test
+    assert torch.equal(paper.train.images, train.images) and torch.equal(paper.test.labels, test.labels)
+    held_out = load_splits("digits", val_fraction=0.1)
+    assert held_out.selection == "validation" and len(held_out.train) + len(held_out.val) == len(paper.train)
+    assert paper.fingerprint != held_out.fingerprint
+    assert "paper protocol" in paper.protocol and "selected on the test set" in paper.protocol
+    assert f"{len(held_out.val)} validation images held out" in held_out.protocol
+    with pytest.raises(DatasetError, match="selection must be one of validation, test"):
+        load_splits("digits", selection="train")
+
+
 def test_cifar_offline_names_the_folder(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_splits("cifar10", data_root=tmp_path, download=False)

@@ -173,3 +173,46 @@ def test_batchnorm_recalibration_restores_mode_and_momenta_even_when_a_batch_fai
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     recalibrate_batchnorm(model, [good])
     assert not model.training and model.bn1.num_batches_tracked == 1
+
+
+def test_splits_of_another_selection_protocol_are_refused(tiny_splits, tmp_path):
+    from core.engine.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="the spec asks for selection 'test'"):
+        Trainer(tiny_spec(selection="test"), tiny_splits, workdir=tmp_path)
+
+
+def test_a_v1_checkpoint_resumes_like_an_uninterrupted_run(tiny_splits, tmp_path):
+    """v1 numbered epochs from 0 and its specs predate `selection`; the upgrade must give the same run."""
+    from core.engine.state_io import save_tensors
+    from core.engine.trainer import CHECKPOINT_FORMAT_V1
+
+    spec = tiny_spec(swa_start=1)
+    straight = Trainer(spec, tiny_splits, workdir=tmp_path / "straight")
+    straight.fit()
+    interrupted = Trainer(spec, tiny_splits, workdir=tmp_path / "v1", callbacks=Recorder(stop_after_epochs=2))
+    with pytest.raises(TrainingCancelled):
+        interrupted.fit()
+
+    path = tmp_path / "v1" / CHECKPOINT_NAME
+    tensors, meta = load_tensors(path)
+    zero_based = lambda entry: {**entry, "epoch": entry["epoch"] - 1}  # noqa: E731
+    meta["format"] = CHECKPOINT_FORMAT_V1
+    meta["history"] = [{**zero_based(r), "best": {k: zero_based(b) for k, b in r["best"].items()}} for r in meta["history"]]
+    for name in ("best_student", "best_swa"):
+        meta[name] = zero_based(meta[name])
+    del meta["spec"]["selection"]
+    save_tensors(path, tensors, meta)
+
+    resumed = Trainer(spec, tiny_splits, workdir=tmp_path / "v1")
+    assert resumed.next_epoch == 2 and [r.epoch for r in resumed.history] == [1, 2]
+    assert (resumed.best_student.epoch, resumed.best_swa.epoch) == (interrupted.best_student.epoch, interrupted.best_swa.epoch)
+    assert resumed.history[1].best == interrupted.history[1].best
+    resumed.fit()
+    a, b = full_state(straight), full_state(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r.to_dict() | {"train_seconds": 0, "eval_seconds": 0, "images_per_sec": 0} for r in resumed.history] == [
+        r.to_dict() | {"train_seconds": 0, "eval_seconds": 0, "images_per_sec": 0} for r in straight.history
+    ]
+    assert (resumed.best_student.epoch, resumed.best_swa.epoch) == (straight.best_student.epoch, straight.best_swa.epoch)

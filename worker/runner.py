@@ -71,7 +71,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
         splits = load_splits(
             _dataset_source(db, storage, spec.dataset), data_root=settings.builtin_data_root,
-            val_fraction=spec.val_fraction, seed=spec.seed, download=settings.allow_downloads,
+            val_fraction=spec.val_fraction, seed=spec.seed, download=settings.allow_downloads, selection=spec.selection,
         )
         result = run_job(
             spec, splits, storage.job_dir(job.id), device=settings.worker_device,

@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dataset:
         overrides["dataset"] = args.dataset
     spec = build_spec(args.preset, overrides)
-    splits = load_splits(spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed)
+    splits = load_splits(spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed, selection=spec.selection)
     print(
         f"{spec.method}: {spec.student} student"
         + (f", {spec.peer_architecture} peer" if spec.peer_architecture else "")

@@ -48,13 +48,29 @@ class ImageDataset:
 
 @dataclass
 class DatasetSplits:
-    """Train (for optimisation), validation (for model selection) and test (for the final report)."""
+    """Train (for optimisation), validation (for model selection) and test (for the final report).
+
+    With selection "test" (the paper protocol) `val` is the test set and `train` all training data."""
 
     name: str
     train: ImageDataset
     val: ImageDataset
     test: ImageDataset
     fingerprint: str
+    selection: str = "validation"
+
+    @property
+    def protocol(self) -> str:
+        """How the reported models were chosen, in words for the model card."""
+        if self.selection == "test":
+            return (
+                "paper protocol, as the authors' script: trained on the whole training set, best epoch selected "
+                "on the test set, so the test accuracies of the selected models are not held-out estimates"
+            )
+        return (
+            f"best epoch selected on {len(self.val)} validation images held out from the training data; "
+            "the test set is used only for the final report"
+        )
 
     @property
     def classes(self) -> list[str]:

@@ -150,6 +150,7 @@ def model_card(
             "validation_examples": len(splits.val),
             "test_examples": len(splits.test),
             "test_examples_evaluated": n_test,
+            "protocol": splits.protocol,
         },
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": metrics,

@@ -15,6 +15,7 @@ from .dataset_files import load_dataset_file
 from .datasets import DatasetError, DatasetSplits, ImageDataset, fingerprint, split_validation
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "builtin_data"
+SELECTIONS = ("validation", "test")
 
 BUILTIN_DATASETS = {
     "digits": "scikit-learn's bundled 8×8 handwritten digits (UCI), upscaled to 16×16 grey; 10 classes, 1,797 images. Needs no network.",
@@ -104,8 +105,14 @@ def load_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     download: bool = True,
+    selection: str = "validation",
 ) -> DatasetSplits:
-    """Resolve a built-in name or a dataset file path into train/val/test splits."""
+    """Resolve a built-in name or a dataset file path into train/val/test splits.
+
+    selection "validation" holds `val_fraction` of the training data out for model selection;
+    "test" (the paper protocol) keeps all training data and selects on the test set."""
+    if selection not in SELECTIONS:
+        raise DatasetError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if dataset == "digits":
         train, test = load_digits()
     elif dataset in ("cifar10", "cifar100"):
@@ -119,5 +126,6 @@ def load_splits(
                 f"dataset '{dataset}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing file"
             )
         train, test = load_dataset_file(path)
-    train, val = split_validation(train, val_fraction, seed)
-    return DatasetSplits(dataset if dataset in BUILTIN_DATASETS else Path(dataset).name, train, val, test, fingerprint(train, val, test))
+    train, val = split_validation(train, val_fraction, seed) if selection == "validation" else (train, test)
+    name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).name
+    return DatasetSplits(name, train, val, test, fingerprint(train, val, test), selection)

@@ -51,7 +51,8 @@ class JobSpec(_Strict):
 
     peeraid: PeerAiDWeights = PeerAiDWeights()
     student_adv_forwards: Literal[1, 2] = Field(
-        1, description="2 reproduces the script's second S(x') forward (BatchNorm statistics see x' twice)"
+        1, description="S(x') forwards in train mode: 2 as the script (the paper presets), 1 to save one forward "
+        "(same losses and gradients; BatchNorm running statistics see x' once)"
     )
     trades_beta: float = Field(6.0, ge=0, le=100)
 
@@ -60,7 +61,15 @@ class JobSpec(_Strict):
 
     augment: bool = Field(True, description="random crop with zero padding + horizontal flip")
     crop_padding: int = Field(4, ge=0, le=32)
-    val_fraction: float = Field(0.1, gt=0, le=0.5, description="share of the training data held out for model selection")
+    selection: Literal["validation", "test"] = Field(
+        "validation",
+        description="where the best epoch is selected. 'validation': on val_fraction of the training data, held out "
+        "(the test set serves only the final report); 'test': the paper protocol, as the authors' script: train on "
+        "the whole training set and select on the test set (the report's test accuracies are then not held out)",
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="share of the training data held out for selection 'validation' (unused with 'test')"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
     evaluation: EvaluationSpec = EvaluationSpec()
@@ -127,7 +136,10 @@ _TINY = dict(dataset="tinyimagenet", epochs=200, lr_decay_epochs=[99, 149], batc
 
 
 def _paper_preset(dataset: str, arch: str, schedule: dict[str, Any]) -> dict[str, Any]:
-    return {**schedule, "dataset": dataset, "method": "peeraid", "student": arch, "peer": arch, "peeraid": PAPER_WEIGHTS[dataset].model_dump()}
+    return {
+        **schedule, "dataset": dataset, "method": "peeraid", "student": arch, "peer": arch,
+        "peeraid": PAPER_WEIGHTS[dataset].model_dump(), "selection": "test", "student_adv_forwards": 2,
+    }
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

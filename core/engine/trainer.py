@@ -19,13 +19,13 @@ from torch.optim.swa_utils import AveragedModel
 
 from .callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
 from .datasets import DatasetSplits
-from .errors import CheckpointError, TrainingCancelled, TrainingDiverged
+from .errors import CheckpointError, DatasetError, SpecError, TrainingCancelled, TrainingDiverged
 from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
 from .models import create_model, get_model_info
-from .spec import JobSpec
+from .spec import JobSpec, build_spec
 from .state_io import (
     load_optimizer_state,
     load_tensors,
@@ -120,6 +120,11 @@ class Trainer:
         self.callbacks = callbacks or TrainingCallbacks()
         self.progress_interval = progress_interval
         self.eval_batch_size = eval_batch_size
+        if splits.selection != spec.selection:
+            raise DatasetError(
+                f"the splits select models on '{splits.selection}' but the spec asks for selection '{spec.selection}'; "
+                "load them with load_splits(..., selection=spec.selection)"
+            )
         self.method = make_method(spec)
         self.execution = Execution.resolve(spec.precision, spec.cuda_graph, self.device)
         if self.device.type == "cuda":
@@ -294,7 +299,7 @@ class Trainer:
             raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
         if meta["dataset_fingerprint"] != self.splits.fingerprint:
             raise CheckpointError(f"{self.checkpoint_path} was written for a different dataset")
-        if meta["spec"] != self.spec.model_dump(mode="json"):
+        if _stored_spec(meta["spec"]) != self.spec:
             raise CheckpointError(f"{self.checkpoint_path} was written for a different job spec")
         tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self.nets.student.load_state_dict(unprefixed("student", tensors))
@@ -311,6 +316,14 @@ class Trainer:
         self.history = [EpochRecord(**r) for r in meta["history"]]
         self.next_epoch = meta["next_epoch"]
         self.callbacks.on_resume(self.history)
+
+
+def _stored_spec(data: dict[str, Any]) -> JobSpec | None:
+    """A checkpoint's spec as this version reads it: fields added since take their defaults."""
+    try:
+        return build_spec(None, data)
+    except SpecError:
+        return None
 
 
 def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, FastAPI
-
-from core.settings import Settings, get_settings
+from fastapi import FastAPI
 
 from core.db.session import database
+from core.settings import Settings, get_settings
 from worker.queue import JobQueue
 
 from .errors import register_error_handlers
@@ -36,10 +35,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_job_collector(settings.resolved_database_url)
     app.add_middleware(MetricsMiddleware)
 
-    v1 = APIRouter(prefix="/v1")
-    for module in (datasets, jobs, curves, artifacts, catalog):
-        v1.include_router(module.router)
-    app.include_router(v1)
-    app.include_router(health.router)
-    app.include_router(ui.router)  # the web UI at /ui
+    for module in (datasets, jobs, curves, artifacts, catalog, health, ui):  # /v1/..., /healthz etc., the web UI at /ui
+        app.include_router(module.router)
     return app

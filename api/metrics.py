@@ -32,7 +32,7 @@ class JobCollector:
         counts = dict.fromkeys(JobStatus, 0)
         try:
             with database(self.database_url).transaction() as session:
-                counts.update(dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all()))
+                counts.update({status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))})
         except Exception:
             return
         for job_status, count in counts.items():

@@ -13,7 +13,7 @@ from core.storage import Storage
 from ..deps import OwnedJob, SessionDep, StorageDep
 from ..schemas import ArtifactOut
 
-router = APIRouter(prefix="/jobs/{job_id}/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 
 
 def _out(artifact: Artifact, request: Request) -> ArtifactOut:

@@ -12,7 +12,7 @@ from core.engine.spec import PRESETS
 from ..deps import TenantDep
 from ..schemas import ArchitectureOut, PresetOut
 
-router = APIRouter(tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"])
 
 
 @cache

@@ -14,7 +14,7 @@ from core.db.models import EpochMetric, Job
 from ..deps import OwnedJob, SessionDep
 from ..plots import training_curves_png
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 def curves_png(request: Request, session: Session, job: Job, title: str = "") -> Response:

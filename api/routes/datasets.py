@@ -15,7 +15,7 @@ from ..deps import DatabaseDep, SessionDep, SettingsDep, StorageDep, TenantDep, 
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as dataset_service
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 def builtin_datasets() -> list[DatasetOut]:

@@ -20,7 +20,7 @@ from ..deps import DatabaseDep, JobQueueDep, OwnedJob, SessionDep, SettingsDep, 
 from ..schemas import EpochMetricOut, JobCreate, JobList, JobOut
 from ..services import jobs as job_service
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job")

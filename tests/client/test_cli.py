@@ -11,7 +11,8 @@ import pytest
 
 from .conftest import cli_env, free_port, run_cli
 
-pytestmark = pytest.mark.slow
+# The client is backend-agnostic: it runs against the production deployment (PostgreSQL + Redis).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("stack", ["postgres-redis"], indirect=True)]
 
 
 @pytest.fixture

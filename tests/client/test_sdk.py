@@ -24,7 +24,8 @@ from peeraid_client import (
 
 from .conftest import FAST_JOB, free_port
 
-pytestmark = pytest.mark.slow
+# The client is backend-agnostic: it runs against the production deployment (PostgreSQL + Redis).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("stack", ["postgres-redis"], indirect=True)]
 
 LONG_JOB = {**FAST_JOB, "epochs": 60, "lr_decay_epochs": [50]}  # runs until cancelled
 

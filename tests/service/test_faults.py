@@ -137,13 +137,8 @@ def test_disk_full_while_writing_an_artifact_fails_cleanly(stack):
     assert (stack.data_dir / "jobs" / job_id / "checkpoint.safetensors").exists(), "the training is kept"
 
 
-def _require_postgres_stack(stack):
-    if stack.name != "postgres-redis":
-        pytest.skip("needs the PostgreSQL + Redis deployment")
-
-
+@pytest.mark.parametrize("stack", ["postgres-redis"], indirect=True)
 def test_redis_restarted_while_jobs_are_queued_and_running_loses_none(stack):
-    _require_postgres_stack(stack)
     if not shutil.which("redis-server") or "127.0.0.1:6379" not in stack.env["PEERAID_BROKER_URL"]:
         pytest.skip("needs a local redis-server to restart")
     client = stack.new_tenant()
@@ -168,8 +163,8 @@ def _pg_cluster() -> list[str] | None:
     return ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main"]
 
 
+@pytest.mark.parametrize("stack", ["postgres-redis"], indirect=True)
 def test_postgres_restarted_during_a_running_job_loses_nothing(stack):
-    _require_postgres_stack(stack)
     cluster = _pg_cluster()
     if cluster is None:
         pytest.skip("needs a local PostgreSQL cluster to restart (pg_ctlcluster)")

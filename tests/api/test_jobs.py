@@ -1,0 +1,85 @@
+"""Jobs through the API without a worker: idempotent submission, the tenant's limit, listing, cancelling
+a queued job, deleting jobs and datasets; the catalog, health, readiness and metrics."""
+
+from __future__ import annotations
+
+from core.db import tenants
+from core.db.session import database
+from tests.stack import FAST_JOB
+
+from .conftest import create_key
+
+SHORT = {"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}}
+
+
+def test_idempotency_key_makes_retries_safe(client):
+    first = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": "retry-me"})
+    again = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": "retry-me"})
+    assert first.status_code == 201 and again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = client.post("/v1/jobs", json={**SHORT, "spec": {**SHORT["spec"], "epochs": 3, "lr_decay_epochs": [2]}},
+                        headers={"Idempotency-Key": "retry-me"})
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    assert client.post(f"/v1/jobs/{first.json()['id']}/cancel").json()["status"] == "cancelled"
+
+
+def test_the_tenant_limit_answers_429_and_the_upload_limit_413(new_client, settings, digits_npz_bytes):
+    key = create_key(settings, "limited")
+    with database(settings.resolved_database_url).transaction() as session:
+        tenants.set_limits(session, tenants.get_or_create_tenant(session, "limited"), max_concurrent_jobs=1, max_upload_bytes=100_000)
+    client = new_client(key)
+    first = client.post("/v1/jobs", json=SHORT)
+    assert first.status_code == 201
+    second = client.post("/v1/jobs", json=SHORT)
+    assert second.status_code == 429 and "limit 1" in second.json()["detail"] and second.headers["retry-after"] == "60"
+    client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    assert client.post("/v1/jobs", json=SHORT).status_code == 201  # a cancelled job no longer counts
+    too_big = client.post("/v1/datasets", params={"name": "big", "filename": "digits.npz"}, content=digits_npz_bytes)
+    assert too_big.status_code == 413 and "100000" in too_big.json()["detail"]
+
+
+def test_list_jobs_paginates_and_filters(new_client):
+    client = new_client()
+    ids = [client.post("/v1/jobs", json=SHORT).json()["id"] for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert page["total"] == 3 and [j["id"] for j in page["items"]] == ids[::-1][:2]
+    assert [j["id"] for j in client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()["items"]] == [ids[0]]
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert cancelled["total"] == 1 and cancelled["items"][0]["id"] == ids[0]
+    assert client.get("/v1/jobs", params={"status": "exploded"}).status_code == 422
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+    for job_id in ids[1:]:
+        client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_cancel_and_delete_a_queued_job_and_a_dataset(new_client, settings, digits_npz_bytes):
+    client = new_client()
+    dataset = client.post("/v1/datasets", params={"name": "tmp"}, content=digits_npz_bytes).json()
+    job = client.post("/v1/jobs", json={**SHORT, "dataset": dataset["id"]}).json()
+    assert job["status"] == "queued" and job["dataset_id"] == dataset["id"]
+    response = client.delete(f"/v1/datasets/{dataset['id']}")
+    assert response.status_code == 409 and "used by 1 queued or running job" in response.json()["detail"]
+    response = client.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 409 and "cancel it first" in response.json()["detail"]
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"] and cancelled["finished_at"]
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+    assert client.get(f"/v1/datasets/{dataset['id']}").status_code == 404
+    assert not (settings.data_dir / "datasets" / dataset["id"]).exists()
+    assert client.delete("/v1/datasets/digits").status_code == 405
+
+
+def test_catalog_health_readiness_and_metrics(client):
+    names = {a["name"] for a in client.get("/v1/architectures").json()}
+    assert {"resnet18", "wrn34_10", "small_cnn"} <= names
+    assert "cifar10-resnet18" in {p["name"] for p in client.get("/v1/presets").json()}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    metrics = client.get("/metrics").text
+    assert 'peeraid_http_requests_total{method="GET",route="/v1/architectures",status="200"}' in metrics
+    assert 'peeraid_jobs{status="queued"}' in metrics
+    assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]

@@ -1,0 +1,128 @@
+"""The web UI (/ui) without a browser: cookie sign-in (with its CSRF check), the jobs list, the job page,
+its curves and downloads, another tenant's job, escaping of user-supplied names; and the curves PNG."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+
+import numpy as np
+from PIL import Image
+
+from tests.stack import FAST_JOB
+
+from .conftest import create_key
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ORIGIN = "http://testserver"
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    assert data[:8] == PNG_MAGIC
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+def signed_in(new_client, key: str):
+    browser = new_client(None)
+    response = browser.post("/ui/login", data={"api_key": key}, headers={"Origin": ORIGIN}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"].endswith("/ui/jobs"), response.text
+    return browser
+
+
+def owner_key(finished) -> str:
+    return finished[0].headers["authorization"].split()[1]
+
+
+def test_curves_png_of_a_finished_job(new_client, finished):
+    client, _, job = finished
+    response = client.get(f"/v1/jobs/{job['id']}/curves.png")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    pixels = decode_png(response.content)
+    assert pixels.shape[0] >= 300 and pixels.shape[1] >= 1000
+    assert pixels.std() > 10  # lines, labels and legends, not a blank canvas
+    unchanged = client.get(f"/v1/jobs/{job['id']}/curves.png", headers={"If-None-Match": response.headers["etag"]})
+    assert unchanged.status_code == 304 and not unchanged.content  # auto-refreshing pages do not re-render
+
+
+def test_ui_sign_in_and_jobs_list(new_client, finished):
+    key, job = owner_key(finished), finished[2]
+    anonymous = new_client(None)
+    form = anonymous.get("/ui")
+    assert form.status_code == 200 and 'name="api_key"' in form.text
+    assert anonymous.get("/ui/jobs", follow_redirects=False).status_code == 303  # to the sign-in form
+
+    bad = anonymous.post("/ui/login", data={"api_key": "pk_0000_nonsense"}, headers={"Origin": ORIGIN})
+    assert bad.status_code == 401 and 'name="api_key"' in bad.text and "not valid" in bad.text
+    assert not anonymous.cookies
+
+    forged = new_client(None).post("/ui/login", data={"api_key": key}, headers={"Origin": "https://evil.example"})
+    assert forged.status_code == 403 and "set-cookie" not in forged.headers  # login CSRF
+
+    browser = new_client(None)
+    response = browser.post("/ui/login", data={"api_key": key}, headers={"Origin": ORIGIN}, follow_redirects=False)
+    assert response.status_code == 303
+    cookie = response.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    jobs = browser.get("/ui/jobs")
+    assert jobs.status_code == 200 and job["id"] in jobs.text and "succeeded" in jobs.text
+    assert browser.get("/ui", follow_redirects=False).status_code == 303  # signed in: straight to the jobs
+
+    # the cookie is the UI's only: /v1 still wants a Bearer key
+    assert new_client(None).get("/v1/jobs", headers={"Cookie": f"peeraid_key={key}"}).status_code == 401
+
+    assert browser.post("/ui/logout", headers={"Origin": ORIGIN}, follow_redirects=False).status_code == 303
+    assert browser.get("/ui/jobs", follow_redirects=False).status_code == 303
+
+
+def test_ui_job_page_metrics_and_downloads(new_client, finished):
+    client, _, job = finished
+    browser = signed_in(new_client, owner_key(finished))
+    page = browser.get(f"/ui/jobs/{job['id']}")
+    assert page.status_code == 200 and job["id"] in page.text
+    assert 'http-equiv="refresh"' not in page.text
+    test = job["result"]["student"]["test"]
+    for text in ("PGD-20", "SWA student", f"{test['clean_acc'] * 100:.1f}%", f"{test['pgd20_acc'] * 100:.1f}%"):
+        assert text in page.text, text
+
+    image = re.search(r'<img class="curves" src="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+    response = browser.get(image)
+    assert response.status_code == 200 and decode_png(response.content).std() > 10
+
+    listing = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    links = {name: url for url, name in re.findall(r'href="([^"]+/artifacts/([\w.-]+))"', page.text)}
+    assert set(links) == set(listing) and {"student", "swa_student", "peer", "model_card"} <= set(listing)
+    for name, url in links.items():
+        download = browser.get(url)
+        assert download.status_code == 200, (name, download.text[:200])
+        assert hashlib.sha256(download.content).hexdigest() == listing[name]["sha256"]
+        assert len(download.content) == listing[name]["size_bytes"]
+    assert new_client(None).get(links["student"], follow_redirects=False).status_code == 303  # no cookie: no bytes
+
+
+def test_ui_another_tenants_job_is_not_found(new_client, finished, settings):
+    job = finished[2]
+    intruder = signed_in(new_client, create_key(settings))
+    for path in (f"/ui/jobs/{job['id']}", f"/ui/jobs/{job['id']}/curves.png", f"/ui/jobs/{job['id']}/artifacts/student"):
+        response = intruder.get(path)
+        assert response.status_code == 404, path
+        assert "Not found" in response.text
+    assert job["id"] not in intruder.get("/ui/jobs").text
+
+
+def test_ui_escapes_user_supplied_names(new_client, digits_npz_bytes):
+    client = new_client()
+    name = "<script>alert(1)</script>"
+    dataset = client.post("/v1/datasets", params={"name": name, "filename": "digits.npz"}, content=digits_npz_bytes)
+    assert dataset.status_code == 201, dataset.text
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset.json()["id"], "spec": FAST_JOB}).json()
+    browser = signed_in(new_client, client.headers["authorization"].split()[1])
+    for path in ("/ui/jobs", f"/ui/jobs/{job['id']}"):
+        page = browser.get(path)
+        assert page.status_code == 200 and job["id"] in page.text
+        assert name not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+        assert "script-src" not in page.headers["content-security-policy"]  # and no script may run anyway
+        assert 'http-equiv="refresh"' in page.text  # a queued job: the page refreshes itself
+    client.post(f"/v1/jobs/{job['id']}/cancel")

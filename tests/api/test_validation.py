@@ -1,0 +1,138 @@
+"""Bad input gets a 4xx that names the field or file at fault, and leaves nothing behind: job specs,
+uploads (broken, hostile, oversized), architectures too large for the data."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from tests.stack import UPLOAD_LIMIT
+from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz, tar_with, write_tar, write_zip
+
+
+@pytest.mark.parametrize(
+    "body,field,fragment",
+    [
+        ({"preset": "digits-demo", "spec": {"epsilon": 3}}, "epsilon", "less than or equal to 0.5"),
+        ({"preset": "digits-demo", "spec": {"student": "resnet9000"}}, "student", "unknown architecture"),
+        ({"preset": "digits-demo", "spec": {"epochs": "many"}}, "epochs", "valid integer"),
+        ({"preset": "digits-demo", "spec": {"warp": 9}}, "warp", "unknown field"),
+        ({"preset": "no-such-preset"}, "preset", "unknown preset"),
+        ({"preset": "digits-demo", "dataset": "ds_missing"}, "dataset", "unknown dataset"),
+        ({"preset": "digits-demo", "specs": {}}, "specs", "Extra inputs"),
+    ],
+)
+def test_invalid_job_specs_are_422_naming_the_field(client, body, field, fragment):
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert any(field in ".".join(map(str, d["loc"])) and fragment in d["msg"] for d in detail), detail
+
+
+def zip_with(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+GOOD = dict(x_train=np.zeros((8, 4, 4, 1), np.uint8), y_train=np.arange(8) % 2, x_test=np.zeros((2, 4, 4, 1), np.uint8), y_test=np.arange(2))
+
+
+def hostile_corpus(tmp_path):
+    """name → (file bytes, a fragment the error must contain). Built with the engine tests' helpers."""
+    def read(path):
+        return path.read_bytes()
+
+    def npz_with(**changes):
+        return read(save_npz(tmp_path / "x.npz", **{**npz_arrays(), **changes}))
+
+    def tar_link(kind):
+        member = tarfile.TarInfo("cat/link.png")
+        member.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+        member.linkname = "/etc/passwd"
+        return read(tar_with(tmp_path / f"{kind}.tar", member))
+
+    good_zip = read(write_zip(tmp_path / "good.zip", class_tree()))
+    return {
+        "broken.zip": (zip_with({"a/x.png": b"x" * 100})[:60], "broken.zip"),
+        "notes.txt": (b"hello, these are not images", "unrecognised file format"),
+        "evil.zip": (zip_with({"../evil/x.png": b"123"}), "evil.zip"),
+        "text.zip": (zip_with({"cats/readme.txt": b"meow", "dogs/readme.txt": b"woof"}), "readme.txt"),
+        "nan-small.npz": (npz(**{**GOOD, "x_train": np.full((8, 4, 4, 1), np.nan, np.float32)}), "NaN"),
+        "keys.npz": (npz(x_train=GOOD["x_train"]), "y_train"),
+        "pickled.npz": (npz(**{**GOOD, "y_test": np.array([object(), 1], dtype=object)}), "pickled.npz"),
+        "empty.bin": (b"", "empty"),
+        "truncated.zip": (good_zip[: len(good_zip) // 2], "truncated"),
+        "truncated.tar.gz": (read(write_tar(tmp_path / "t.tar.gz", class_tree()))[:300], "truncated"),
+        "garbage.bin": (bytes(range(256)) * 8, "unrecognised"),
+        "bomb.zip": (read(write_zip(tmp_path / "bomb.zip", {"cat/a.png": bytes(50 << 20)})), "compression ratio"),
+        "escape.zip": (read(write_zip(tmp_path / "e.zip", {"../evil.png": png(rgb()), **class_tree()})), "../evil.png"),
+        "absolute.tar": (read(write_tar(tmp_path / "a.tar", {"/etc/evil.png": png(rgb()), **class_tree()}, "w")), "/etc/evil.png"),
+        "symlink.tar": (tar_link("symlink"), "link"),
+        "hardlink.tar": (tar_link("hardlink"), "link"),
+        "notimage.zip": (read(write_zip(tmp_path / "n.zip", {**class_tree(), "cat/readme.txt": b"hello"})), "readme.txt"),
+        "mixed.zip": (read(write_zip(tmp_path / "m.zip", {**class_tree(), "dog/big.png": png(rgb(12))})), "mixed image sizes"),
+        "oneclass.zip": (read(write_zip(tmp_path / "o.zip", class_tree(classes=("cat",)))), "class"),
+        "labels.npz": (npz_with(y_test=np.array([0, 1, 2, 9, 0, 1])), "9"),
+        "nan.npz": (npz_with(x_train=np.full((12, 8, 8, 3), np.nan, np.float32)), "NaN"),
+        "dtype.npz": (npz_with(x_train=np.zeros((12, 8, 8, 3), np.complex64)), "complex"),
+        "pickle.npz": (npz_with(y_train=np.array([object()] * 12, dtype=object)), "pickle"),
+    }
+
+
+def stored_files(settings) -> set:
+    root = settings.data_dir / "datasets"
+    return {p for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def test_hostile_and_broken_uploads_are_4xx_naming_the_file_and_leave_nothing(new_client, settings, tmp_path):
+    client = new_client()
+    before = stored_files(settings)
+    for filename, (content, fragment) in hostile_corpus(tmp_path).items():
+        response = client.post("/v1/datasets", params={"name": "hostile", "filename": filename}, content=content)
+        detail = str(response.json().get("detail", ""))
+        assert 400 <= response.status_code < 500, (filename, response.status_code, detail)
+        assert fragment.lower() in detail.lower(), (filename, detail)
+        assert filename in detail or fragment in detail, (filename, detail)
+        assert str(settings.data_dir) not in response.text, "server paths must not leak"
+    assert client.get("/healthz").status_code == 200
+    assert [d for d in client.get("/v1/datasets").json()["items"] if not d["builtin"]] == []
+    assert stored_files(settings) == before, "nothing of a refused upload stays on disk"
+
+
+def test_an_upload_over_the_limit_is_413_and_leaves_nothing_behind(client, settings):
+    before = client.get("/v1/datasets").json()["items"]
+    blob = os.urandom(UPLOAD_LIMIT + 1)
+
+    def chunks():  # no Content-Length: the server must cut the stream itself
+        for start in range(0, len(blob), 1 << 20):
+            yield blob[start : start + (1 << 20)]
+
+    for content in (blob, chunks()):
+        response = client.post("/v1/datasets", params={"name": "huge", "filename": "huge.zip"}, content=content)
+        assert response.status_code == 413, response.text
+        assert "huge.zip" in response.json()["detail"] and str(UPLOAD_LIMIT) in response.json()["detail"]
+    assert client.get("/v1/datasets").json()["items"] == before
+    assert not [p for p in stored_files(settings) if p.name.endswith(".partial") or p.stat().st_size > UPLOAD_LIMIT]
+
+
+def test_an_architecture_too_large_for_the_input_is_refused(client):
+    buffer = io.BytesIO()
+    np.savez(buffer, **npz_arrays(shape=(4, 4, 3)))
+    dataset = client.post("/v1/datasets", params={"name": "tiny"}, content=buffer.getvalue()).json()
+    response = client.post("/v1/jobs", json={"preset": "cifar10-resnet18", "dataset": dataset["id"]})
+    assert response.status_code == 422
+    assert "resnet18 needs inputs of at least" in str(response.json()["detail"])

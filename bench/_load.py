@@ -95,22 +95,27 @@ async def open_loop(
     new_connection: Callable[[], Connection], path: str, rate: float, seconds: float, max_connections: int = 64, timeout: float = 10.0
 ) -> Sample:
     """`rate` requests a second for `seconds`, on up to `max_connections` keep-alive connections;
-    a request waiting for a free connection is late, and its latency says so."""
+    a request waiting for a free connection is late, and its latency says so. Each request has
+    `timeout` seconds from its scheduled time, so the phase ends at most that long after the last."""
     sample = Sample()
     idle: list[Connection] = []
     connections = asyncio.Semaphore(max_connections)
 
     async def one(due: float) -> None:
-        async with connections:
-            connection = idle.pop() if idle else new_connection()
-            try:
-                async with asyncio.timeout(timeout):
-                    error = outcome_of((await connection.get(path)).status)
-            except (TimeoutError, *NETWORK_ERRORS) as err:
-                error = error_name(err)
-                connection.close()
-            sample.record(time.perf_counter() - due, error)
-            idle.append(connection)
+        try:
+            async with asyncio.timeout(max(0.0, due + timeout - time.perf_counter())):  # waiting for a connection counts
+                async with connections:
+                    connection = idle.pop() if idle else new_connection()
+                    try:
+                        error = outcome_of((await connection.get(path)).status)
+                    except BaseException:
+                        connection.close()  # a half-read answer: start afresh
+                        raise
+                    finally:
+                        idle.append(connection)
+        except (TimeoutError, *NETWORK_ERRORS) as err:
+            error = error_name(err)
+        sample.record(time.perf_counter() - due, error)
 
     start = time.perf_counter() + 0.05
     tasks = []

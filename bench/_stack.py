@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import httpx
@@ -160,6 +161,36 @@ def forget_queue(queue: str) -> None:
         client.delete(queue, *client.keys(f"_kombu.binding.{queue}*"))
     finally:
         client.close()
+
+
+@dataclass
+class LocalService:
+    database_url: str
+    api: Server
+    keys: dict[str, str]  # tenant name: API key
+    naive: Server | None = None
+
+
+def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = False) -> LocalService:
+    """A throwaway database, the service's API on it (and the naive app), a key per tenant; all
+    undone when `stack` closes: servers stopped, queued messages dropped, database dropped."""
+    problem = postgres_problem()
+    if problem:
+        raise SystemExit(problem)
+    database_url = stack.enter_context(throwaway_database())
+    data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peeraid-bench-")))
+    env = service_env(database_url, data_dir, free_port())
+    keys = {tenant: create_key(env, tenant) for tenant in tenants}  # the first also applies the migrations
+    api = start_server("service API", "service", ["api"], env, data_dir / "api.log")
+    stack.callback(api.stop)
+    naive_app = None
+    if naive:
+        naive_app = start_server("naive app", "bench.naive_app", [], {**env, "PEERAID_API_PORT": str(free_port())}, data_dir / "naive.log")
+        stack.callback(naive_app.stop)
+        naive_app.wait_until_up()
+    api.wait_until_up()
+    stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])
+    return LocalService(database_url, api, keys, naive_app)
 
 
 def handle_sigterm_as_ctrl_c() -> None:

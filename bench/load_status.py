@@ -9,7 +9,7 @@ By default it creates a database on the local PostgreSQL, starts the service's A
 GET /v1/jobs/{id} done in the most direct way, same uvicorn settings) on it, creates an API key,
 submits a job and adds `--jobs` - 1 more rows, and removes it all at the end (Ctrl-C included).
 
-Phases, each `--seconds` long after a one-second warm-up:
+Phases, each `--seconds` long after a warm-up (one second, or `--seconds` if shorter):
   get    GET /v1/jobs/{id}, closed loop on `--clients` keep-alive connections: service, then naive
   list   GET /v1/jobs (one page of up to 50), closed loop
   sse    GET /v1/jobs/{id}/events: connect, first event, disconnect, closed loop (latency: time to
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,10 +41,7 @@ from pathlib import Path
 
 from ._http import Connection
 from ._load import CpuMeter, Sample, closed_loop, open_loop, ramp_streams, stream_openings
-from ._stack import (
-    REPO, create_key, forget_queue, free_port, handle_sigterm_as_ctrl_c, insert_jobs, postgres_problem, service_env,
-    start_server, submit_job, throwaway_database,
-)
+from ._stack import REPO, handle_sigterm_as_ctrl_c, insert_jobs, start_local_service, submit_job
 
 PHASES = ("get", "list", "sse", "open", "streams")  # in this order: streams last, as a server may not recover from it
 
@@ -61,23 +57,11 @@ class Target:
 
 
 def start_local(stack: ExitStack, jobs: int) -> Target:
-    problem = postgres_problem()
-    if problem:
-        raise SystemExit(problem)
-    database_url = stack.enter_context(throwaway_database())
-    data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peeraid-bench-")))
-    env = service_env(database_url, data_dir, free_port())
-    key = create_key(env, "bench")  # also applies the migrations
-    api = start_server("service API", "service", ["api"], env, data_dir / "api.log")
-    stack.callback(api.stop)
-    naive = start_server("naive app", "bench.naive_app", [], {**env, "PEERAID_API_PORT": str(free_port())}, data_dir / "naive.log")
-    stack.callback(naive.stop)
-    api.wait_until_up()
-    naive.wait_until_up()
-    stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])
-    job = submit_job(api.url, key)
-    insert_jobs(database_url, like=job, count=jobs - 1)
-    return Target(api.url, key, job, naive.url, api.pid, naive.pid)
+    local = start_local_service(stack, ["bench"], naive=True)
+    key = local.keys["bench"]
+    job = submit_job(local.api.url, key)
+    insert_jobs(local.database_url, like=job, count=jobs - 1)
+    return Target(local.api.url, key, job, local.naive.url, local.api.pid, local.naive.pid)
 
 
 def row(endpoint: str, server: str, mode: str, sample: Sample, cpu: dict, **extra) -> dict:
@@ -98,10 +82,11 @@ async def measure(args, target: Target) -> list[dict]:
         servers.append(("naive", naive, target.naive_pid))
     job_path, seconds, clients = f"/v1/jobs/{target.job}", args.seconds, args.clients
     closed = f"closed loop, {clients} connections"
+    warm_up = min(1.0, seconds)
     rows = []
 
     async def closed_phase(endpoint: str, path: str, name: str, connect, pid) -> None:
-        await closed_loop(connect, path, clients, 1.0)  # warm-up: connections, pools, caches
+        await closed_loop(connect, path, clients, warm_up)  # connections, pools, caches
         meter = CpuMeter(pid)
         sample = await closed_loop(connect, path, clients, seconds)
         rows.append(row(endpoint, name, closed, sample, meter.shares()))
@@ -109,7 +94,7 @@ async def measure(args, target: Target) -> list[dict]:
 
     if args.compare_clients:
         for name, run in (("raw asyncio", closed_loop), ("httpx.AsyncClient", httpx_closed_loop)):
-            await run(service, "/healthz", clients, 1.0)
+            await run(service, "/healthz", clients, warm_up)
             meter = CpuMeter(target.service_pid)
             sample = await run(service, "/healthz", clients, seconds)
             cpu = meter.shares()
@@ -174,7 +159,7 @@ async def profile(args, service, job_path: str, pid: int | None) -> None:
     if pid is None:
         raise SystemExit("--profile needs the service started here (no --url): py-spy samples its process")
     raw = Path(args.profile).with_suffix(".collapsed")
-    await closed_loop(service, job_path, args.clients, 1.0)
+    await closed_loop(service, job_path, args.clients, min(1.0, args.seconds))
     seconds = max(1, round(args.seconds))
     spy = start_py_spy(pid, seconds, raw)
     await asyncio.sleep(0.5)  # py-spy attaching
@@ -262,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             target = start_local(stack, args.jobs)
         print(f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in started)} before starting\n\n{HEADER}", flush=True)
-        with asyncio.Runner(loop_factory=new_event_loop) as runner:
-            rows = runner.run(measure(args, target))
+        try:
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                rows = runner.run(measure(args, target))
+        except KeyboardInterrupt:
+            print("interrupted: stopping the servers and dropping the database", file=sys.stderr)
+            return 130
     load = os.getloadavg()
     print(*ratios(rows), sep="\n")
     print(f"load average {' '.join(f'{x:.2f}' for x in load)} at the end")

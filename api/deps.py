@@ -5,7 +5,7 @@ names — 404 unless the caller owns it."""
 from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
-from fastapi import Cookie, Depends, HTTPException, Request, status
+from fastapi import Cookie, Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -16,9 +16,13 @@ from core.settings import Settings
 from core.storage import Storage
 from worker.queue import JobQueue
 
+from .schemas import ID_PATTERN
 from .security import authenticate
 
 Owned = TypeVar("Owned", Job, Dataset)
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="a job's id (job_…)")]
+DatasetId = Annotated[str, Path(pattern=ID_PATTERN, description="a dataset's id (ds_…) or a built-in dataset's name")]
+ArtifactName = Annotated[str, Path(pattern=ID_PATTERN, description="an artifact's name, as the artifact listing gives it")]
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer pk_...")
 
 
@@ -98,7 +102,7 @@ def find_owned(session: Session, model: type[Owned], item_id: str, tenant: Tenan
 
 
 def _owned_job(tenant_dependency: Callable[..., TenantContext]) -> Callable[..., Job]:
-    def owned_job(job_id: str, session: SessionDep, tenant: Annotated[TenantContext, Depends(tenant_dependency)]) -> Job:
+    def owned_job(job_id: JobId, session: SessionDep, tenant: Annotated[TenantContext, Depends(tenant_dependency)]) -> Job:
         return find_owned(session, Job, job_id, tenant)
 
     return owned_job

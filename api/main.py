@@ -12,6 +12,7 @@ from worker.queue import JobQueue
 
 from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
+from .request_limits import BodyLimits, register_validation_handler
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database(settings.resolved_database_url)  # the engine and its pool, before the first request
     register_error_handlers(app)
+    register_validation_handler(app)
     register_job_collector(settings.resolved_database_url)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_json_bytes)
     app.add_middleware(MetricsMiddleware)
 
     for module in (datasets, jobs, curves, artifacts, catalog, health, ui):  # /v1/..., /healthz etc., the web UI at /ui

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-JobStatus = Literal["queued", "running", "evaluating", "succeeded", "failed", "cancelled"]
+from core.db.models import JobStatus
+
+# Names and references users send: printable text only (no NUL or other control characters).
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # job and dataset ids, built-in dataset names, artifact names
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
+Reference = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=PRINTABLE)]
 
 
 class Out(BaseModel):
@@ -52,10 +58,10 @@ class PresetOut(BaseModel):
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str | None = Field(
+    dataset: Reference | None = Field(
         None, description="a built-in dataset name (digits, cifar10, cifar100, tinyimagenet) or an uploaded dataset id; default: the preset's"
     )
-    preset: str | None = Field(None, description="start from a named preset (see /v1/presets)")
+    preset: Name | None = Field(None, description="start from a named preset (see /v1/presets)")
     spec: dict[str, Any] = Field(default_factory=dict, description="job-spec fields, merged over the preset")
 
 

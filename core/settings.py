@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base URL users reach the API at (for links); default http://api_host:api_port")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload, per file")
+    max_json_bytes: int = Field(256 * 1024, description="largest JSON or form request body (413 above it)")
     tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
     dataset_data_root: Path | None = Field(None, description="where CIFAR/TinyImageNet live or are downloaded; default data_dir/builtin")
     allow_downloads: bool = Field(True, description="let workers download CIFAR through torchvision")

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from core.db.models import Artifact, Job
 from core.storage import Storage
 
-from ..deps import OwnedJob, SessionDep, StorageDep
+from ..deps import ArtifactName, OwnedJob, SessionDep, StorageDep
 from ..schemas import ArtifactOut
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
@@ -33,7 +33,7 @@ def list_artifacts(job: OwnedJob, request: Request, session: SessionDep) -> list
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
 )
-def download_artifact(job: OwnedJob, name: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+def download_artifact(job: OwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
     return artifact_file(session, storage, job, name)
 
 

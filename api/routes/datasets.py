@@ -11,8 +11,8 @@ from core.db import datasets
 from core.db.models import Dataset
 from core.engine.sources import BUILTIN_DATASETS
 
-from ..deps import DatabaseDep, SessionDep, SettingsDep, StorageDep, TenantDep, find_owned
-from ..schemas import DatasetList, DatasetOut
+from ..deps import DatabaseDep, DatasetId, SessionDep, SettingsDep, StorageDep, TenantDep, find_owned
+from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -42,7 +42,7 @@ async def upload_dataset(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
-    name: Annotated[str, Query(min_length=1, max_length=128, description="your name for the dataset")],
+    name: Annotated[str, Query(min_length=1, max_length=128, pattern=PRINTABLE, description="your name for the dataset")],
     filename: Annotated[str, Query(min_length=1, max_length=200, description="original file name, for reference")] = "upload",
 ) -> Dataset:
     return await dataset_service.upload(
@@ -58,7 +58,7 @@ def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetList:
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
-def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+def read_dataset(dataset_id: DatasetId, session: SessionDep, tenant: TenantDep) -> DatasetOut:
     builtin = {d.id: d for d in builtin_datasets()}
     if dataset_id in builtin:
         return builtin[dataset_id]
@@ -66,7 +66,7 @@ def read_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Dat
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset")
-def delete_dataset(dataset_id: str, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, f"{dataset_id} is built in and cannot be deleted")
     key = db.run(lambda session: datasets.delete_unused(session, find_owned(session, Dataset, dataset_id, tenant)))

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.db.models import ACTIVE_STATUSES, Job
 from core.db.tenants import TenantContext
 
-from ..deps import UI_COOKIE, DatabaseDep, SessionDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
+from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SessionDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
@@ -158,5 +158,5 @@ def job_curves(job: UIOwnedJob, request: Request, session: SessionDep) -> Respon
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", name="ui_artifact")
-def download(job: UIOwnedJob, name: str, session: SessionDep, storage: StorageDep) -> FileResponse:
+def download(job: UIOwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
     return artifact_file(session, storage, job, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from fastapi import HTTPException, status
 from sqlalchemy import select
@@ -21,7 +22,7 @@ from core.settings import Settings
 from worker.queue import JobQueue
 
 from ..errors import field_errors
-from ..schemas import JobCreate
+from ..schemas import PRINTABLE, JobCreate
 
 
 def submit(
@@ -71,6 +72,8 @@ def _resolve_dataset(session: Session, tenant: TenantContext, name: str) -> Data
     """None for a built-in; an upload of this tenant's, locked against deletion until the job is stored."""
     if name in BUILTIN_DATASETS:
         return None
+    if not re.fullmatch(PRINTABLE, name):
+        raise field_errors([("dataset", "must be printable text: no NUL or other control characters")])
     dataset = datasets.lock(session, name)
     if dataset is None or dataset.tenant_id != tenant.id:
         raise field_errors(

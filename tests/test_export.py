@@ -16,11 +16,11 @@ from core.engine.export import (
     export_torchscript,
     library_versions,
     load_model,
-    model_card_markdown,
     verify_onnx,
     verify_torchscript,
 )
 from core.engine.job import run_job
+from core.engine.model_card import model_card_markdown
 from core.engine.models import create_model
 from core.engine.spec import build_spec
 
@@ -172,7 +172,9 @@ def _sample_card():
         "input_range": [0.0, 1.0],
         "threat_model": {"norm": "Linf", "epsilon": 8 / 255},
         "dataset": {"name": "cifar10-sample", "fingerprint": "f00dfeed1234", "train_examples": 45000,
-                    "validation_examples": 5000, "test_examples": 10000, "test_examples_evaluated": 2000},
+                    "validation_examples": 5000, "test_examples": 10000, "test_examples_evaluated": 2000,
+                    "protocol": "best epoch selected on 5000 validation images"},
+        "training": {"epochs": 300, "epochs_completed": 300, "stopped": None},
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": {
             "student": {"best_epoch": 211, "validation": {"clean_acc": 0.8111, "pgd_acc": 0.5122},
@@ -180,7 +182,10 @@ def _sample_card():
             "swa_student": {"best_epoch": 277, "validation": {"clean_acc": 0.8377, "pgd_acc": 0.5288},
                             "test": {"clean_acc": 0.8499, "fgsm_acc": 0.6611, "pgd50_acc": 0.5722, "autoattack_acc": 0.5133}},
         },
-        "exports": {"onnx": "ok", "torchscript": "failed: ExportError: TorchScript logits differ"},
+        "evaluation": {"status": "complete", "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
+                       "failures": []},
+        "exports": {"student_onnx": "ok", "student_torchscript": "failed: ExportError: TorchScript logits differ"},
+        "artifacts": {"student": "student.safetensors", "swa_student": "swa_student.safetensors", "student_onnx": "student.onnx"},
         "history": [],
         "device": "cuda:0",
         "library_versions": {"python": "3.11.7", "torch": "2.14.1", "onnxruntime": "1.32.0"},
@@ -207,7 +212,7 @@ def test_markdown_card_renders_every_metric_and_the_threat_model():
     assert "f00dfeed1234" in md and "45000 training, 5000 validation, 10000 test" in md and "2000" in md
     assert "onnxruntime 1.32.0" in md and "2026-03-04T05:06:07+00:00" in md
     assert '"input"' in md and "student.onnx" in md and "load_model" in md
-    assert "torch.jit.load" not in md and "TorchScript export is not available (failed: ExportError" in md
+    assert "torch.jit.load" not in md and "student's TorchScript export is not available (failed: ExportError" in md
     assert "## Limitations" in md and "AutoAttack was not run" not in md
 
 
@@ -216,6 +221,7 @@ def test_markdown_card_without_autoattack_says_so_and_writes_odd_epsilons_over_2
     card["threat_model"]["epsilon"] = 4.5 / 255
     for m in card["metrics"].values():
         del m["test"]["autoattack_acc"]
+    del card["evaluation"]["images"]["autoattack_acc"]
     md = model_card_markdown(card)
     assert "ε = 4.5/255" in md and "AutoAttack was not run" in md and "| AutoAttack |" not in md
 
@@ -238,7 +244,7 @@ def test_job_ships_verified_onnx_torchscript_and_a_markdown_card(tiny_splits, tm
     assert artifacts["model_card_markdown"].name == "model_card.md"
 
     card = json.loads(artifacts["model_card"].read_text())
-    assert card["exports"] == {"onnx": "ok", "torchscript": "ok"} == result.model_card["exports"]
+    assert card["exports"] == {"student_onnx": "ok", "student_torchscript": "ok"} == result.model_card["exports"]
 
     student, _ = load_model(artifacts["student"])
     x = tiny_splits.test.images[:8].float() / 255
@@ -259,15 +265,15 @@ def test_a_failed_export_is_recorded_and_the_training_result_kept(tiny_splits, t
     def broken(model, path, input_shape):
         raise ExportError("ONNX logits differ from PyTorch by 1 at batch 8")
 
-    monkeypatch.setattr(job_module, "export_onnx", broken)
+    monkeypatch.setitem(job_module.EXPORT_FORMATS, "onnx", broken)
     result = run_job(_tiny_job_spec(), tiny_splits, tmp_path)
     card = json.loads(result.artifacts["model_card"].read_text())
-    assert card["exports"]["onnx"] == "failed: ExportError: ONNX logits differ from PyTorch by 1 at batch 8"
-    assert card["exports"]["torchscript"] == "ok"
+    assert card["exports"]["student_onnx"] == "failed: ExportError: ONNX logits differ from PyTorch by 1 at batch 8"
+    assert card["exports"]["student_torchscript"] == "ok"
     assert "student_onnx" not in result.artifacts and not (tmp_path / "artifacts" / "student.onnx").exists()
     assert {"student", "swa_student", "student_torchscript", "model_card"} <= set(result.artifacts)
     assert all(p.exists() for p in result.artifacts.values())
-    assert "ONNX export is not available" in result.artifacts["model_card_markdown"].read_text()
+    assert "student's ONNX export is not available" in result.artifacts["model_card_markdown"].read_text()
 
 
 def test_library_versions_name_the_export_runtimes():

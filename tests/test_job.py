@@ -1,20 +1,102 @@
-"""A real PeerAiD run on the built-in dataset, its report, its exports, and AutoAttack parity."""
+"""A job's order of work (models on disk before the final evaluation; failures recorded, not fatal;
+stopped jobs keep a model), and a real PeerAiD run on the built-in dataset: its report, its exports,
+AutoAttack parity and the command line."""
 
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from core.engine.sources import load_splits
+from core.engine import evaluation as evaluation_module
+from core.engine import faults
+from core.engine.callbacks import TrainingCallbacks
+from core.engine.errors import CheckpointError, TrainingCancelled
 from core.engine.evaluation import accuracies, autoattack_accuracy, pgd_attack
 from core.engine.export import load_model
-from core.engine.job import run_job
+from core.engine.job import ARTIFACTS, export_checkpoint_student, run_job
+from core.engine.sources import load_splits
 from core.engine.spec import build_spec
+from core.engine.state_io import load_tensors, unprefixed
+from core.engine.trainer import CHECKPOINT_NAME
 
-pytestmark = pytest.mark.slow
+from .conftest import tiny_spec
+
+
+def _tiny_job_spec(autoattack=False):
+    return tiny_spec(epochs=2, lr_decay_epochs=[1], evaluation=dict(n_examples=16, autoattack=autoattack, batch_size=64, pgd_steps=2))
+
+
+def test_models_and_a_card_are_on_disk_before_the_final_evaluation(tiny_splits, tmp_path, monkeypatch):
+    monkeypatch.setattr(faults, "_hits", Counter())
+    monkeypatch.setenv("PEERAID_FAULTS", "final-evaluation:enospc")
+    with pytest.raises(OSError, match="No space left"):
+        run_job(_tiny_job_spec(), tiny_splits, tmp_path)
+    out = tmp_path / "artifacts"
+    for name in ("student", "swa_student", "peer", "student_onnx", "model_card", "model_card_markdown"):
+        assert (out / ARTIFACTS[name].file_name).exists(), name
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["evaluation"]["status"] == "pending" and card["metrics"]["student"]["test"] == {}
+    assert "evaluation had not finished" in (out / "model_card.md").read_text()
+    load_model(out / "student.safetensors")
+
+
+def test_a_failing_attack_is_recorded_and_the_job_keeps_its_models_and_other_metrics(tiny_splits, tmp_path, monkeypatch):
+    def autoattack_breaks(*args, **kwargs):  # what pyautoattack's standard version raised on 2 classes
+        raise IndexError("index -3 is out of bounds for dimension 1 with size 2")
+
+    monkeypatch.setattr(evaluation_module, "autoattack_accuracy", autoattack_breaks)
+    result = run_job(_tiny_job_spec(autoattack=True), tiny_splits, tmp_path)
+    error = "IndexError: index -3 is out of bounds for dimension 1 with size 2"
+    assert result.evaluation["status"] == "incomplete"
+    assert result.evaluation["failures"] == [{"model": m, "attack": "AutoAttack", "error": error} for m in ("student", "swa_student")]
+    for m in result.report.values():
+        assert set(m["test"]) == {"clean_acc", "fgsm_acc", "pgd2_acc"}
+    assert all(p.exists() for p in result.artifacts.values()) and {"student", "swa_student", "student_onnx"} <= set(result.artifacts)
+    card = json.loads(result.artifacts["model_card"].read_text())
+    assert card["evaluation"] == result.evaluation and card["metrics"] == result.report
+    md = result.artifacts["model_card_markdown"].read_text()
+    assert f"Not evaluated: AutoAttack on the student failed ({error})" in md and "| — |" in md
+
+
+class StopAfter(TrainingCallbacks):
+    def __init__(self, epochs):
+        self.epochs, self.done = epochs, 0
+
+    def on_epoch(self, record):
+        self.done += 1
+
+    def should_stop(self):
+        return self.done >= self.epochs
+
+
+def test_a_cancelled_job_still_leaves_loadable_students_and_a_card(tiny_splits, tmp_path):
+    with pytest.raises(TrainingCancelled):
+        run_job(tiny_spec(epochs=3, lr_decay_epochs=[1]), tiny_splits, tmp_path, callbacks=StopAfter(2))
+    artifacts = export_checkpoint_student(tmp_path, tiny_splits, stopped="cancelled after epoch 2")
+    assert set(artifacts) == {"last_student", "student", "swa_student", "model_card", "model_card_markdown"}
+    tensors, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    for name, prefix in (("last_student", "student"), ("student", "best_student"), ("swa_student", "best_swa")):
+        model, weights_meta = load_model(artifacts[name])
+        assert weights_meta["classes"] == tiny_splits.classes
+        want = unprefixed(prefix, tensors)
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), name
+    card = json.loads(artifacts["model_card"].read_text())
+    assert card["training"] == {"epochs": 3, "epochs_completed": 2, "stopped": "cancelled after epoch 2"}
+    assert card["evaluation"]["status"] == "not run" and card["metrics"]["student"]["best_epoch"] == meta["best_student"]["epoch"]
+    md = artifacts["model_card_markdown"].read_text()
+    assert "Not evaluated on the test set: cancelled after epoch 2" in md and "| Epochs | 2 of 3 (cancelled after epoch 2) |" in md
+
+
+def test_a_job_stopped_before_its_first_epoch_has_no_model_to_export(tiny_splits, tmp_path):
+    with pytest.raises(CheckpointError, match="no epoch finished"):
+        export_checkpoint_student(tmp_path, tiny_splits, stopped="cancelled")
+
+
+# --- a real PeerAiD run on the built-in digits (slow) ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +117,7 @@ def natural_run(digits, tmp_path_factory):
     return spec, run_job(spec, digits, tmp_path_factory.mktemp("natural"))
 
 
+@pytest.mark.slow
 def test_peeraid_student_is_clearly_more_robust_than_natural_training(peeraid_run, natural_run):
     robust = peeraid_run[1].report["student"]["test"]
     natural = natural_run[1].report["student"]["test"]
@@ -45,6 +128,7 @@ def test_peeraid_student_is_clearly_more_robust_than_natural_training(peeraid_ru
     assert robust["clean_acc"] >= 0.6
 
 
+@pytest.mark.slow
 def test_report_covers_student_and_swa_student(peeraid_run):
     spec, result = peeraid_run
     for key in ("student", "swa_student"):
@@ -55,6 +139,7 @@ def test_report_covers_student_and_swa_student(peeraid_run):
     assert result.report["swa_student"]["best_epoch"] > spec.resolved_swa_start  # 1-based: epoch swa_start + 1 is the first averaged
 
 
+@pytest.mark.slow
 def test_model_card_records_what_a_user_needs(peeraid_run, digits):
     spec, result = peeraid_run
     card = json.loads(result.artifacts["model_card"].read_text())
@@ -67,6 +152,7 @@ def test_model_card_records_what_a_user_needs(peeraid_run, digits):
     assert card["library_versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
+@pytest.mark.slow
 def test_exported_weights_are_safetensors_that_reproduce_the_reported_accuracy(peeraid_run, digits):
     spec, result = peeraid_run
     path = result.artifacts["student"]
@@ -83,6 +169,7 @@ def test_exported_weights_are_safetensors_that_reproduce_the_reported_accuracy(p
     assert result.artifacts["peer"].exists() and result.artifacts["swa_student"].exists()
 
 
+@pytest.mark.slow
 def test_autoattack_through_the_engine_equals_pyautoattack_directly(peeraid_run, digits):
     from pyautoattack import AutoAttack
 
@@ -99,6 +186,7 @@ def test_autoattack_through_the_engine_equals_pyautoattack_directly(peeraid_run,
     assert 0 < engine <= pgd + 0.02
 
 
+@pytest.mark.slow
 def test_command_line_runs_a_job_and_prints_the_report(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "core.engine.cli", "train", "--preset", "digits-demo", "--workdir", str(tmp_path),
@@ -112,6 +200,7 @@ def test_command_line_runs_a_job_and_prints_the_report(tmp_path):
     assert (tmp_path / "artifacts" / "student.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_command_line_names_a_bad_field(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "core.engine.cli", "train", "--preset", "digits-demo", "--set", "epsilon=3"],

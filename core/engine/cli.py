@@ -11,7 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from .errors import DatasetError, SpecError
-from .job import run_job
+from .evaluation import metric_label
+from .job import JobResult, run_job
 from .models import list_models
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec
@@ -69,11 +70,14 @@ class ProgressBar(TrainingCallbacks):
             self.bar = None
 
 
-def format_report(metrics: dict[str, Any]) -> str:
-    names = list(next(iter(metrics.values()))["test"])  # clean, fgsm, pgdK, autoattack: final_report's order
-    lines = [f"{'model':<14}{'epoch':>6}" + "".join(f"{n.removesuffix('_acc'):>12}" for n in names)]
-    for key, m in metrics.items():
-        lines.append(f"{key:<14}{m['best_epoch']:>6}" + "".join(f"{m['test'].get(n, float('nan')):>12.2%}" for n in names))
+def format_report(result: JobResult) -> str:
+    """The test metrics per model, one column per planned attack ("—" where an attack failed), then what failed."""
+    keys = list(result.evaluation["images"])
+    lines = [f"{'model':<14}{'epoch':>6}" + "".join(f"{metric_label(k):>12}" for k in keys)]
+    for model, m in result.report.items():
+        cells = "".join(f"{m['test'][k]:>12.2%}" if k in m["test"] else f"{'—':>12}" for k in keys)
+        lines.append(f"{model:<14}{m['best_epoch']:>6}{cells}")
+    lines += [f"not evaluated: {f['attack']} on {f['model']}: {f['error']}" for f in result.evaluation["failures"]]
     return "\n".join(lines)
 
 
@@ -92,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = run_job(spec, splits, Path(args.workdir), device=args.device, callbacks=ProgressBar(), progress_interval=0.5)
-    print(format_report(result.report))
+    print(format_report(result))
     print(f"weights and model card in {Path(args.workdir) / 'artifacts'}")
     return 0
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Callable
 
 import torch
@@ -11,9 +12,34 @@ from torch import nn
 
 from .attacks import fgsm, pgd
 from .datasets import ImageDataset
+from .errors import TrainingCancelled
 from .faults import fault_point
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The final report's metric keys, in report order; every reader (card, CLI, UI, demo) takes them from here.
+CLEAN_KEY = "clean_acc"
+FGSM_KEY = "fgsm_acc"
+AUTOATTACK_KEY = "autoattack_acc"
+VALIDATION_PGD_KEY = "pgd_acc"  # per-epoch validation: PGD with the spec's eval_pgd_steps
+
+
+def pgd_key(steps: int) -> str:
+    return f"pgd{steps}_acc"
+
+
+def report_keys(pgd_steps: int, autoattack: bool) -> list[str]:
+    """The test metrics a final report holds: clean, FGSM, PGD-`pgd_steps` and (if run) AutoAttack."""
+    return [CLEAN_KEY, FGSM_KEY, pgd_key(pgd_steps)] + ([AUTOATTACK_KEY] if autoattack else [])
+
+
+def metric_label(key: str) -> str:
+    """"PGD-20" for pgd20_acc; "Clean", "FGSM", "AutoAttack"; the key itself when unknown."""
+    fixed = {CLEAN_KEY: "Clean", FGSM_KEY: "FGSM", AUTOATTACK_KEY: "AutoAttack", VALIDATION_PGD_KEY: "PGD"}
+    if key in fixed:
+        return fixed[key]
+    match = re.fullmatch(r"pgd(\d+)_acc", key)
+    return f"PGD-{match.group(1)}" if match else key
 
 
 def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, memory_format: torch.memory_format):
@@ -67,7 +93,7 @@ def validation_metrics(
 ) -> dict[str, float]:
     """The per-epoch model-selection metrics: clean and PGD-`steps` accuracy (CE, uniform random start)."""
     return accuracies(
-        model, dataset, {"clean_acc": None, "pgd_acc": pgd_attack(epsilon, step_size, steps)},
+        model, dataset, {CLEAN_KEY: None, VALIDATION_PGD_KEY: pgd_attack(epsilon, step_size, steps)},
         batch_size=batch_size, device=device,
     )
 
@@ -114,19 +140,30 @@ def final_report(
     device,
     seed: int,
     on_phase: Callable[[str], None] = lambda phase: None,
-) -> dict[str, float]:
-    on_phase("clean, FGSM, PGD")
-    report = accuracies(
-        model,
-        test,
-        {"clean_acc": None, "fgsm_acc": fgsm_attack(epsilon), f"pgd{pgd_steps}_acc": pgd_attack(epsilon, step_size, pgd_steps)},
-        batch_size=batch_size,
-        device=device,
-    )
+) -> tuple[dict[str, float], dict[str, Exception]]:
+    """The model's test metrics (report_keys order), and the attacks that raised instead: {attack: error}.
+
+    A failed attack costs only its own figures: the others still run."""
+    report: dict[str, float] = {}
+    failures: dict[str, Exception] = {}
+    first_pass = f"clean, FGSM, PGD-{pgd_steps}"
+    on_phase(first_pass)
+    attacks = {CLEAN_KEY: None, FGSM_KEY: fgsm_attack(epsilon), pgd_key(pgd_steps): pgd_attack(epsilon, step_size, pgd_steps)}
+    try:
+        report.update(accuracies(model, test, attacks, batch_size=batch_size, device=device))
+    except TrainingCancelled:
+        raise
+    except Exception as err:
+        failures[first_pass] = err
     fault_point("final-evaluation")
     if run_autoattack:
         on_phase("AutoAttack")
-        report["autoattack_acc"] = autoattack_accuracy(
-            model, test, epsilon=epsilon, batch_size=batch_size, device=device, seed=seed
-        )
-    return report
+        try:
+            report[AUTOATTACK_KEY] = autoattack_accuracy(
+                model, test, epsilon=epsilon, batch_size=batch_size, device=device, seed=seed
+            )
+        except TrainingCancelled:
+            raise
+        except Exception as err:
+            failures["AutoAttack"] = err
+    return report, failures

@@ -1,33 +1,54 @@
-"""One robustification job end to end: train (resuming if a checkpoint exists), report on the
-test set, export weights (safetensors, ONNX, TorchScript) and the model card (JSON, Markdown).
-The worker, the CLI and the tests all call `run_job`."""
+"""One robustification job end to end: train (resuming if a checkpoint exists); write the models
+(safetensors weights, portable exports) and a model card; then evaluate them on the test set and
+rewrite the card with the results. The models are on disk before the final evaluation starts, so a
+failing attack costs only its own figures, never the trained model.
+
+The worker, the CLI and the tests call `run_job`; the worker calls `export_checkpoint_student` when
+a job is cancelled or fails after an epoch finished, so that the job still leaves a usable model."""
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .datasets import DatasetSplits
-from .evaluation import final_report
-from .export import export_onnx, export_torchscript, library_versions, save_weights, write_json, write_model_card_markdown
-from .models import create_model
-from .spec import JobSpec
 from .callbacks import Stage, TrainingCallbacks
-from .trainer import Trainer
+from .datasets import DatasetSplits
+from .errors import CheckpointError
+from .evaluation import final_report, report_keys
+from .export import export_onnx, export_torchscript, save_weights, write_json
+from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
+from .models import create_model
+from .spec import JobSpec, build_spec
+from .state_io import load_tensors, unprefixed
+from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_NAME, Trainer
 
 ARTIFACTS_DIR = "artifacts"
-STUDENT_FILE = "student.safetensors"
-SWA_STUDENT_FILE = "swa_student.safetensors"
-PEER_FILE = "peer.safetensors"
-MODEL_CARD_FILE = "model_card.json"
-STUDENT_ONNX_FILE = "student.onnx"
-STUDENT_TORCHSCRIPT_FILE = "student.torchscript.pt"
-MODEL_CARD_MARKDOWN_FILE = "model_card.md"
 MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    file_name: str
+    description: str
+
+
+# Every file a job can publish, by artifact name: the one place the service and the docs read them from.
+ARTIFACTS: dict[str, ArtifactFile] = {
+    "student": ArtifactFile("student.safetensors", "the best student (by validation PGD accuracy), safetensors weights"),
+    "swa_student": ArtifactFile("swa_student.safetensors", "the best SWA student, safetensors weights"),
+    "peer": ArtifactFile("peer.safetensors", "the peer tutor at the last epoch, safetensors weights"),
+    "last_student": ArtifactFile("last_student.safetensors", "the student of the last finished epoch of a stopped job"),
+    "student_onnx": ArtifactFile("student.onnx", "the student as ONNX (opset 17, any batch size)"),
+    "student_torchscript": ArtifactFile("student.torchscript.pt", "the student as TorchScript"),
+    "model_card": ArtifactFile("model_card.json", "the model card: setup, metrics, evaluation and export status"),
+    "model_card_markdown": ArtifactFile("model_card.md", "the model card, for people"),
+}
+STUDENT_MODELS = ("student", "swa_student")  # the products; the peer is a training aid
+EXPORT_FORMATS = {"onnx": export_onnx, "torchscript": export_torchscript}
 
 
 @dataclass
@@ -37,7 +58,13 @@ class JobResult:
 
     @property
     def report(self) -> dict[str, Any]:
+        """{model: {best_epoch, validation, test}}; `test` holds only the attacks that ran."""
         return self.model_card["metrics"]
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        """status, images per metric, and failures [{model, attack, error}]."""
+        return self.model_card["evaluation"]
 
 
 def run_job(
@@ -53,109 +80,127 @@ def run_job(
     trainer = Trainer(spec, splits, workdir=workdir, device=device, callbacks=callbacks, progress_interval=progress_interval)
     trainer.fit()
 
-    callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
+    out_dir = Path(workdir) / ARTIFACTS_DIR
+    callbacks.on_stage(Stage.EXPORTING, "saving the weights and exporting the students")
+    best = {"student": trainer.best_student, "swa_student": trainer.best_swa}
+    models = {key: _build(spec.student, trainer.model_kwargs, b.state) for key, b in best.items() if b.state is not None}
+    metrics = {key: {"best_epoch": best[key].epoch, "validation": best[key].metrics, "test": {}} for key in models}
+    artifacts = {key: _save(models[key], out_dir, key, spec.student, splits) for key in models}
+    if trainer.nets.peer is not None:
+        artifacts["peer"] = _save(trainer.nets.peer, out_dir, "peer", spec.peer_architecture, splits)
+    exports = _export_portable(models, out_dir, splits.input_shape, artifacts)
+
     ev = spec.evaluation
     test = splits.test
     if ev.n_examples is not None and ev.n_examples < len(test):
         test = test.subset(torch.arange(ev.n_examples))
-    out_dir = Path(workdir) / ARTIFACTS_DIR
-    artifacts: dict[str, Path] = {}
-    metrics: dict[str, Any] = {}
-    models: dict[str, torch.nn.Module] = {}
-    for key, best, architecture, file_name in (
-        ("student", trainer.best_student, spec.student, STUDENT_FILE),
-        ("swa_student", trainer.best_swa, spec.student, SWA_STUDENT_FILE),
-    ):
-        if best.state is None:
-            continue
-        model = create_model(architecture, **trainer.model_kwargs)
-        model.load_state_dict(best.state)
-        model.to(trainer.device).eval()
-        test_metrics = final_report(
+    planned = {key: len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
+    card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device))
+    evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "failures": []}
+    card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
+
+    callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
+    for key, model in models.items():
+        model.to(trainer.device)
+        test_metrics, failures = final_report(
             model, test, epsilon=spec.epsilon, step_size=spec.attack_step_size, pgd_steps=ev.pgd_steps,
             run_autoattack=ev.autoattack, batch_size=ev.batch_size, device=trainer.device, seed=spec.seed,
             on_phase=lambda phase, key=key: callbacks.on_stage(Stage.EVALUATING, f"evaluating {key}: {phase}"),
         )
-        metrics[key] = {"best_epoch": best.epoch, "validation": best.metrics, "test": test_metrics}
-        models[key] = model
-        artifacts[key] = out_dir / file_name
-        save_weights(model, artifacts[key], architecture=architecture, **_shape_info(splits))
-    if trainer.nets.peer is not None:
-        artifacts["peer"] = out_dir / PEER_FILE
-        save_weights(trainer.nets.peer, artifacts["peer"], architecture=spec.peer_architecture, **_shape_info(splits))
+        metrics[key]["test"] = test_metrics
+        evaluation["failures"] += [{"model": key, "attack": attack, "error": _sentence(err)} for attack, err in failures.items()]
+    evaluation["status"] = INCOMPLETE if evaluation["failures"] else COMPLETE
+    card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
+    return JobResult(card, artifacts)
 
-    exports: dict[str, str] = {}
-    if "student" in models:
-        callbacks.on_stage(Stage.EXPORTING, "exporting ONNX and TorchScript")
-        exports = _export_portable(models["student"], out_dir, splits.input_shape, artifacts)
 
-    card = model_card(spec, splits, metrics, trainer, n_test=len(test), exports=exports)
-    markdown = out_dir / MODEL_CARD_MARKDOWN_FILE
+def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: str) -> dict[str, Path]:
+    """For a job that stopped before its end (`stopped` says why, e.g. "cancelled after epoch 3"): write the
+    checkpoint's models as weights files, with a model card that says training did not finish.
+
+    Writes `last_student` (the student of the last finished epoch), `student` and `swa_student` (the best so
+    far by validation PGD accuracy, where any) and the model cards; returns {artifact name: path}. Raises
+    CheckpointError if no epoch finished or the checkpoint belongs to other data."""
+    path = Path(workdir) / CHECKPOINT_NAME
+    if not path.exists():
+        raise CheckpointError(f"no epoch finished: {path} does not exist")
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this version")
+    if meta["dataset_fingerprint"] != splits.fingerprint:
+        raise CheckpointError(f"{path} was written for a different dataset")
+    spec = build_spec(None, meta["spec"])
+    kwargs = dict(num_classes=len(splits.classes), in_channels=splits.input_shape[0])
+    out_dir = Path(workdir) / ARTIFACTS_DIR
+    states = {"last_student": ("student", None), "student": ("best_student", "best_student"), "swa_student": ("best_swa", "best_swa")}
+    artifacts: dict[str, Path] = {}
+    metrics: dict[str, Any] = {}
+    for key, (prefix, best_key) in states.items():
+        state = unprefixed(prefix, tensors)
+        if not state:
+            continue
+        artifacts[key] = _save(_build(spec.student, kwargs, state), out_dir, key, spec.student, splits)
+        if best_key in meta:
+            metrics[key] = {"best_epoch": meta[best_key]["epoch"], "validation": meta[best_key]["metrics"], "test": {}}
+    evaluation = {"status": NOT_RUN, "images": {}, "failures": []}
+    _write_cards(out_dir, spec, splits, artifacts, {}, metrics=metrics, evaluation=evaluation,
+                 history=meta["history"], device=None, stopped=stopped)
+    return artifacts
+
+
+def _build(architecture: str, model_kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    model = create_model(architecture, **model_kwargs)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _save(model: nn.Module, out_dir: Path, key: str, architecture: str, splits: DatasetSplits) -> Path:
+    path = out_dir / ARTIFACTS[key].file_name
+    save_weights(model, path, architecture=architecture, num_classes=len(splits.classes),
+                 input_shape=splits.input_shape, classes=splits.classes)
+    return path
+
+
+def _export_portable(models: dict[str, nn.Module], out_dir: Path, input_shape, artifacts: dict[str, Path]) -> dict[str, str]:
+    """Export the student in each portable format; a failed export is reported, not raised, and leaves no file."""
+    status = {}
+    for fmt, export in EXPORT_FORMATS.items():
+        name = f"student_{fmt}"
+        if "student" not in models:
+            continue
+        path = out_dir / ARTIFACTS[name].file_name
+        try:
+            export(models["student"], path, input_shape)
+        except Exception as err:
+            path.unlink(missing_ok=True)  # a resumed job may have left one from an earlier run
+            status[name] = "failed: " + _sentence(err)
+        else:
+            artifacts[name] = path
+            status[name] = "ok"
+    return status
+
+
+def _write_cards(
+    out_dir: Path, spec: JobSpec, splits: DatasetSplits, artifacts: dict[str, Path], exports: dict[str, str], **card_fields
+) -> dict[str, Any]:
+    """Write model_card.md and model_card.json (last, so that it records the Markdown card's status); adds both to `artifacts`."""
+    markdown = out_dir / ARTIFACTS["model_card_markdown"].file_name
+    names = {name: ARTIFACTS[name].file_name for name in [*artifacts, "model_card_markdown", "model_card"]}
+    card = build_model_card(spec, splits, exports=exports, artifacts=names, **card_fields)
     try:
         write_model_card_markdown(markdown, card)
         artifacts["model_card_markdown"] = markdown
     except Exception as err:  # the Markdown card is a courtesy; it must not cost the trained model
         markdown.unlink(missing_ok=True)
-        card["exports"]["model_card_markdown"] = _failure(err)
-    # last, so that it records the status of every other export
-    artifacts["model_card"] = out_dir / MODEL_CARD_FILE
+        artifacts.pop("model_card_markdown", None)
+        card["exports"]["model_card_markdown"] = "failed: " + _sentence(err)
+        del card["artifacts"]["model_card_markdown"]
+    artifacts["model_card"] = out_dir / ARTIFACTS["model_card"].file_name
     write_json(artifacts["model_card"], card)
-    return JobResult(card, artifacts)
+    return card
 
 
-def _export_portable(model: torch.nn.Module, out_dir: Path, input_shape, artifacts: dict[str, Path]) -> dict[str, str]:
-    """Export the student to ONNX and TorchScript; a failed export is reported, not raised, and leaves no file."""
-    status = {}
-    for fmt, name, file_name, export in (
-        ("onnx", "student_onnx", STUDENT_ONNX_FILE, export_onnx),
-        ("torchscript", "student_torchscript", STUDENT_TORCHSCRIPT_FILE, export_torchscript),
-    ):
-        path = out_dir / file_name
-        try:
-            export(model, path, input_shape)
-        except Exception as err:
-            path.unlink(missing_ok=True)  # a resumed job may have left one from an earlier run
-            status[fmt] = _failure(err)
-        else:
-            artifacts[name] = path
-            status[fmt] = "ok"
-    return status
-
-
-def _failure(err: Exception) -> str:
+def _sentence(err: BaseException) -> str:
+    """The error in one line for the user: its type and message, at most MAX_ERROR_CHARS characters."""
     text = " ".join(f"{type(err).__name__}: {err}".split())
-    return "failed: " + (text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…")
-
-
-def _shape_info(splits: DatasetSplits) -> dict[str, Any]:
-    return {"num_classes": len(splits.classes), "input_shape": splits.input_shape, "classes": splits.classes}
-
-
-def model_card(
-    spec: JobSpec, splits: DatasetSplits, metrics: dict[str, Any], trainer: Trainer, n_test: int,
-    exports: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    return {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": spec.method,
-        "architecture": {"student": spec.student, "peer": spec.peer_architecture},
-        "classes": splits.classes,
-        "input_shape": list(splits.input_shape),
-        "input_range": [0.0, 1.0],
-        "threat_model": {"norm": "Linf", "epsilon": spec.epsilon},
-        "dataset": {
-            "name": splits.name,
-            "fingerprint": splits.fingerprint,
-            "train_examples": len(splits.train),
-            "validation_examples": len(splits.val),
-            "test_examples": len(splits.test),
-            "test_examples_evaluated": n_test,
-            "protocol": splits.protocol,
-        },
-        "hyperparameters": spec.model_dump(mode="json"),
-        "metrics": metrics,
-        "exports": dict(exports or {}),
-        "history": [r.to_dict() for r in trainer.history],
-        "device": str(trainer.device),
-        "library_versions": library_versions(),
-    }
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"

@@ -99,3 +99,67 @@ def test_benchmark_command_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     for word in ("reference", "eager", "tf32-graph", "bf16-graph", "images/s", "× ref", "epoch fp32"):
         assert word in out.stdout, out.stdout
+
+
+class CaptureFails(StepRunner):
+    """The real runner, with the CUDA capture replaced by the error a failed capture raises."""
+
+    def _capture(self, x, y, key):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+class FirstReplayFails(StepRunner):
+    """The real runner; its capture keeps the static buffers a capture keeps, and the replay raises."""
+
+    def _capture(self, x, y, key):
+        self.static, self.graph_key = {"x": x.clone(), "y": y.clone()}, key
+        self.captures += 1
+
+    def _replay(self, x, y):
+        raise RuntimeError("CUDA error: an illegal instruction was encountered")
+
+    def _synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("runner_class,phase", [(CaptureFails, "capture"), (FirstReplayFails, "first replay")])
+def test_a_failing_cuda_graph_falls_back_to_eager_steps(runner_class, phase, caplog):
+    data = batches((16, 16, 16, 7))
+
+    def run(make_runner):
+        torch.manual_seed(0)
+        student = create_model("resnet18", num_classes=5)
+        peer = create_model("small_cnn", num_classes=5)
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+        runner = make_runner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), Networks(student, sgd(student), peer, sgd(peer)))
+        torch.manual_seed(1)
+        losses = [runner(x, y) for x, y in data]
+        return runner, (student, peer), losses
+
+    cpu = torch.device("cpu")
+    eager, eager_nets, _ = run(lambda method, nets: StepRunner(method, nets, Execution("fp32", False, False), cpu))
+    with caplog.at_level("WARNING", logger="core.engine.execution"):
+        failing, failing_nets, losses = run(
+            lambda method, nets: runner_class(method, nets, Execution("fp32", True, False), cpu, warmup_steps=0)
+        )
+    assert_same_parameters(eager_nets, failing_nets)  # no step lost, none applied twice
+    assert all(torch.isfinite(v) for step in losses for v in step.values())
+    report = failing.report()
+    assert report["cuda_graph_requested"] and not report["cuda_graph"]
+    assert report["fallback"]["step"] == 1 and report["fallback"]["reason"].startswith(f"{phase} failed: RuntimeError: CUDA error")
+    assert report["graph_captures"] == (1 if phase == "first replay" else 0)
+    assert f"CUDA graph {phase} failed" in caplog.text and "continuing with eager steps" in caplog.text
+    assert eager.report() == {"precision": "fp32", "channels_last": False, "cuda_graph_requested": False,
+                              "cuda_graph": False, "graph_captures": 0, "fallback": None}
+
+
+def test_the_trainer_reports_the_execution_it_used(tiny_splits, tmp_path):
+    from core.engine.trainer import Trainer
+
+    from .conftest import tiny_spec
+
+    trainer = Trainer(tiny_spec(precision="bf16"), tiny_splits, workdir=tmp_path)
+    assert trainer.execution_report() == {
+        "device": "cpu", "precision": "bf16", "channels_last": False, "cuda_graph_requested": False, "cuda_graph": False,
+        "graph_captures": 0, "fallback": None,
+    }

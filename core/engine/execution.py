@@ -10,8 +10,9 @@ into the captured optimizer kernels, so the graph is re-captured when the schedu
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +20,7 @@ from .errors import SpecError
 from .methods import Networks, TrainingMethod
 
 Precision = Literal["fp32", "tf32", "bf16"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,12 @@ class Execution:
 
 
 class StepRunner:
-    """Calls `method.step` with the chosen precision; on CUDA with cuda_graph, through a captured graph."""
+    """Calls `method.step` with the chosen precision; on CUDA with cuda_graph, through a captured graph.
+
+    A graph is an optimisation, never a reason to lose a job: if a capture or the replay right after
+    it raises, the runner logs a warning, drops the graph, runs that batch eagerly and stays eager for
+    the rest of the job. (A replay that fails after launching part of its kernels may have applied part
+    of that step; replays fail at launch in practice.) `report()` says what actually ran, and why."""
 
     def __init__(self, method: TrainingMethod, nets: Networks, execution: Execution, device: torch.device, warmup_steps: int = 3):
         self.method = method
@@ -64,13 +71,32 @@ class StepRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_key: tuple | None = None
         self.static: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.captures = 0
+        self.fallback: dict[str, Any] | None = None
+
+    @property
+    def uses_graph(self) -> bool:
+        return self.execution.cuda_graph and self.fallback is None
+
+    def report(self) -> dict[str, Any]:
+        """The execution actually used: precision, memory format, graph or eager and why."""
+        return {
+            "precision": self.execution.precision,
+            "channels_last": self.execution.channels_last,
+            "cuda_graph_requested": self.execution.cuda_graph,
+            "cuda_graph": self.uses_graph,
+            "graph_captures": self.captures,
+            "fallback": self.fallback,
+        }
 
     def eager(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with self.execution.autocast(self.device):
             return self.method.step(self.nets, x, y)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self.execution.cuda_graph:
+        self.steps += 1
+        if not self.uses_graph:
             return self.eager(x, y)
         if self.warmup_left > 0:  # real steps on a side stream: lazily created state (momentum) must exist before capture
             self.warmup_left -= 1
@@ -78,12 +104,26 @@ class StepRunner:
         key = (tuple(x.shape), tuple(g["lr"] for o in self.nets.optimizers() for g in o.param_groups))
         if self.graph is not None and key[0] != self.graph_key[0]:
             return self.eager(x, y)  # the epoch's last, smaller batch
-        if key != self.graph_key:
+        if key == self.graph_key:
+            return self._replay(x, y)
+        phase = "capture"
+        try:
             self._capture(x, y, key)
-        self.static["x"].copy_(x)
-        self.static["y"].copy_(y)
-        self.graph.replay()
-        return self.static["out"]
+            phase = "first replay"
+            out = self._replay(x, y)
+            self._synchronize()  # a replay's asynchronous errors surface here, not steps later
+            return out
+        except Exception as err:  # noqa: BLE001 - any failure of the graph path falls back to the eager step
+            self._fall_back(phase, err)
+            return self.eager(x, y)
+
+    def _fall_back(self, phase: str, err: Exception) -> None:
+        reason = f"{phase} failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        log.warning("CUDA graph %s; continuing with eager steps from step %d", reason, self.steps)
+        self.fallback = {"reason": reason, "step": self.steps}
+        self.graph, self.graph_key, self.static = None, None, {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _on_side_stream(self, x, y):
         stream = torch.cuda.Stream(self.device)
@@ -102,3 +142,13 @@ class StepRunner:
             out = self.eager(static_x, static_y)
         self.static = {"x": static_x, "y": static_y, "out": out}
         self.graph, self.graph_key = graph, key
+        self.captures += 1
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.static["x"].copy_(x)
+        self.static["y"].copy_(y)
+        self.graph.replay()
+        return self.static["out"]
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)

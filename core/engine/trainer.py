@@ -163,6 +163,10 @@ class Trainer:
         if self.checkpoint_path.exists():
             self.load_checkpoint()
 
+    def execution_report(self) -> dict[str, Any]:
+        """How the training steps ran: device, precision, memory format, CUDA graph or eager, and why it fell back."""
+        return {"device": str(self.device), **self.step.report()}
+
     def _sgd(self, model: nn.Module, lr: float) -> torch.optim.SGD:
         s = self.spec
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)

@@ -2,6 +2,7 @@
 the job queue, the calling tenant (bearer key or the web UI's cookie) and the job or dataset a path
 names — 404 unless the caller owns it."""
 
+import hmac
 from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Dataset, Job
 from core.db.session import Database, database
+from core.db import tenants
 from core.db.tenants import TenantContext
 from core.settings import Settings
 from core.storage import Storage
@@ -18,6 +20,7 @@ from worker.queue import JobQueue
 
 from .schemas import ID_PATTERN
 from .security import authenticate
+from .streams import JobWatcher, TenantSlots
 
 Owned = TypeVar("Owned", Job, Dataset)
 JobId = Annotated[str, Path(pattern=ID_PATTERN, description="a job's id (job_…)")]
@@ -63,6 +66,27 @@ def get_job_queue(request: Request) -> JobQueue:
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
+def get_job_watcher(request: Request) -> JobWatcher:
+    return request.app.state.job_watcher
+
+
+JobWatcherDep = Annotated[JobWatcher, Depends(get_job_watcher)]
+
+
+def get_stream_slots(request: Request) -> TenantSlots:
+    return request.app.state.stream_slots
+
+
+StreamSlotsDep = Annotated[TenantSlots, Depends(get_stream_slots)]
+
+
+def get_upload_slots(request: Request) -> TenantSlots:
+    return request.app.state.upload_slots
+
+
+UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]
+
+
 def current_tenant(db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
     tenant = authenticate(db, credentials.credentials) if credentials else None
     if tenant is None:
@@ -75,13 +99,22 @@ def current_tenant(db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCred
 
 TenantDep = Annotated[TenantContext, Depends(current_tenant)]
 
-# The web UI (/ui) signs in once and keeps the API key in an HttpOnly, SameSite=Strict cookie,
-# because a browser sends no Authorization header for page loads, <img> or download links.
-UI_COOKIE = "peeraid_key"
+
+def is_operator(settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> bool:
+    """The caller holds the operator's token (PEERAID_OPERATOR_TOKEN): cross-tenant counts and internal details."""
+    token = settings.operator_token
+    return bool(token) and credentials is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode())
 
 
-def ui_signed_in(db: DatabaseDep, key: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
-    return authenticate(db, key) if key else None
+OperatorDep = Annotated[bool, Depends(is_operator)]
+
+# The web UI (/ui) signs in once with an API key and keeps a session token (never the key) in an HttpOnly,
+# SameSite=Strict cookie, because a browser sends no Authorization header for page loads, <img> or downloads.
+UI_COOKIE = "peeraid_session"
+
+
+def ui_signed_in(db: DatabaseDep, token: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
+    return db.run(lambda session: tenants.ui_session_tenant(session, token)) if token else None
 
 
 def ui_tenant(tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> TenantContext:

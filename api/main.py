@@ -2,25 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from core.db.session import database
 from core.settings import Settings, get_settings
+from core.storage import Storage
+from core.sweep import sweep_orphans
 from worker.queue import JobQueue
 
 from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
 from .request_limits import BodyLimits, register_validation_handler
+from .streams import JobWatcher, TenantSlots
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the API serves: sweep files no row points at (interrupted uploads), at start-up and periodically."""
+    sweeper = asyncio.create_task(_sweep_periodically(app.state.settings), name="sweeper")
+    yield
+    sweeper.cancel()
+
+
+async def _sweep_periodically(settings: Settings) -> None:
+    db, storage = database(settings.resolved_database_url), Storage(settings.data_dir)
+    while True:
+        try:
+            await run_in_threadpool(sweep_orphans, db, storage)
+        except Exception:
+            log.exception("sweeping orphaned files failed; next try in %.0f s", settings.sweep_interval)
+        await asyncio.sleep(settings.sweep_interval)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
+        lifespan=lifespan,
         title="PeerAiD robustification service",
         version="1.0.0",
         description=(
@@ -31,7 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.job_queue = JobQueue.for_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database(settings.resolved_database_url)  # the engine and its pool, before the first request
+    db = database(settings.resolved_database_url)  # the engine and its pool, before the first request
+    app.state.job_watcher = JobWatcher(db)
+    app.state.stream_slots = TenantSlots("event streams", settings.tenant_max_streams)
+    app.state.upload_slots = TenantSlots("uploads", settings.tenant_max_uploads)
+    app.state.validations = asyncio.Semaphore(settings.max_parallel_validations)
     register_error_handlers(app)
     register_validation_handler(app)
     register_job_collector(settings.resolved_database_url)

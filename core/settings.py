@@ -27,8 +27,14 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base URL users reach the API at (for links); default http://api_host:api_port")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload, per file")
+    tenant_max_storage_bytes: int = Field(50 * 1024**3, description="default per-tenant total of uploaded datasets (413 above it)")
+    sweep_interval: float = Field(600.0, description="seconds between the API's sweeps of files no row points at")
+    upload_idle_timeout: float = Field(60.0, description="an upload that sends nothing for this long is dropped (408)")
     max_json_bytes: int = Field(256 * 1024, description="largest JSON or form request body (413 above it)")
     tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
+    tenant_max_streams: int = Field(10, description="event streams one tenant may hold open at once, per API process (429 above)")
+    tenant_max_uploads: int = Field(2, description="uploads one tenant may send at once, per API process (429 above)")
+    max_parallel_validations: int = Field(2, description="uploads validated at once per API process; others wait their turn")
     dataset_data_root: Path | None = Field(None, description="where CIFAR/TinyImageNet live or are downloaded; default data_dir/builtin")
     allow_downloads: bool = Field(True, description="let workers download CIFAR through torchvision")
 
@@ -40,6 +46,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="deliveries of a job before it fails for good")
     progress_interval: float = Field(2.0, description="seconds between progress writes of a running job")
     max_job_seconds: float = Field(7 * 24 * 3600, description="longest a job may run; also sets the broker's visibility timeout")
+
+    operator_token: str | None = Field(None, description="bearer token for /metrics and /readyz's details (cross-tenant counts, hosts)")
 
     log_level: str = "INFO"
     log_json: bool = Field(False, description="structured JSON logs")

@@ -5,6 +5,7 @@ Every path is derived from server-generated ids, never from user input: a storag
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -14,12 +15,19 @@ from pathlib import Path
 from .engine.state_io import atomic_write
 
 CHUNK = 1024 * 1024
+PARTIAL_SUFFIX = ".partial"
 
 
 class UploadTooLarge(Exception):
     def __init__(self, limit: int):
         self.limit = limit
         super().__init__(f"upload exceeds the limit of {limit} bytes")
+
+
+class UploadStalled(Exception):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(f"no data for {seconds:.0f} s")
 
 
 class Storage:
@@ -42,15 +50,23 @@ class Storage:
     def job_key(self, job_id: str, path: Path) -> str:
         return str(path.resolve().relative_to(self.root))
 
-    async def receive(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> tuple[int, str]:
-        """Stream chunks into the file at `key` (atomically), stopping at `max_bytes`; returns (size, sha256)."""
+    async def receive(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int, idle_timeout: float) -> tuple[int, str]:
+        """Stream chunks into the file at `key` (atomically), stopping at `max_bytes` (UploadTooLarge) or
+        after `idle_timeout` seconds without data (UploadStalled); returns (size, sha256)."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
         digest, size = hashlib.sha256(), 0
+        incoming = aiter(chunks)
         try:
             with open(partial, "wb") as f:
-                async for chunk in chunks:
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(anext(incoming), idle_timeout)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise UploadStalled(idle_timeout) from None
                     size += len(chunk)
                     if size > max_bytes:
                         raise UploadTooLarge(max_bytes)
@@ -90,4 +106,4 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["Storage", "UploadTooLarge", "atomic_write", "sha256_file"]
+__all__ = ["Storage", "UploadStalled", "UploadTooLarge", "atomic_write", "sha256_file"]

@@ -6,8 +6,9 @@
     peeraid-service create-key TENANT [--name N]   print a new API key for TENANT (created if new)
     peeraid-service revoke-key PREFIX              revoke a key (the part after pk_, before the next _)
     peeraid-service list-keys
-    peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes B]   per-tenant limits
+    peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes B] [--max-storage-bytes B]
     peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
+    peeraid-service sweep            remove interrupted uploads and files no database row points at
     peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
 """
 
@@ -151,9 +152,11 @@ def cmd_set_limits(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
     with database(settings.resolved_database_url).transaction() as session:
         tenant = tenants.get_or_create_tenant(session, args.tenant)
-        tenants.set_limits(session, tenant, max_concurrent_jobs=args.max_concurrent_jobs, max_upload_bytes=args.max_upload_bytes)
+        tenants.set_limits(session, tenant, max_concurrent_jobs=args.max_concurrent_jobs, max_upload_bytes=args.max_upload_bytes,
+                           max_storage_bytes=args.max_storage_bytes)
         print(f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
-              f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}")
+              f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}, "
+              f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}")
     return 0
 
 
@@ -162,6 +165,15 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from worker.reconciler import reconcile
 
     print(reconcile(settings, JobQueue.for_settings(settings)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from core.storage import Storage
+    from core.sweep import sweep_orphans
+
+    print(sweep_orphans(database(settings.resolved_database_url), Storage(settings.data_dir), partial_after=args.older_than,
+                        orphan_after=args.older_than))
     return 0
 
 
@@ -195,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("tenant")
     limits.add_argument("--max-concurrent-jobs", type=int, help="queued + running jobs at once (429 above)")
     limits.add_argument("--max-upload-bytes", type=int, help="largest dataset upload (413 above)")
+    limits.add_argument("--max-storage-bytes", type=int, help="total size of the tenant's uploaded datasets (413 above)")
     limits.set_defaults(func=cmd_set_limits)
     sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
+    sweep = sub.add_parser("sweep", help="remove interrupted uploads and other files no database row points at")
+    sweep.add_argument("--older-than", type=float, default=3600, help="only files untouched this many seconds (default 3600)")
+    sweep.set_defaults(func=cmd_sweep)
     demo = sub.add_parser("demo", help="robustify a model on the offline dataset through the REST API")
     demo.add_argument("--url", help="service URL (default: PEERAID_PUBLIC_URL or http://127.0.0.1:8000)")
     demo.add_argument("--api-key", help="default: PEERAID_API_KEY or data_dir/api_key")

@@ -26,6 +26,10 @@ def test_compose_has_the_production_stack():
         assert "artifacts:/data" in services[name]["volumes"]  # one volume shared by the API and the workers
     for name in ("api", "redis", "postgres"):
         assert "healthcheck" in services[name]
+    flower = services["flower"]
+    assert any(arg.startswith("--basic-auth=") for arg in flower["command"]), "the queue monitor is not open to anyone"
+    assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
+    assert "PEERAID_OPERATOR_TOKEN" in services["api"]["environment"]  # /metrics needs it
 
 
 def test_more_gpu_workers_each_pin_their_own_gpu():

@@ -8,23 +8,26 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db.models import Artifact, Job
+from core.settings import Settings
 from core.storage import Storage
 
-from ..deps import ArtifactName, OwnedJob, SessionDep, StorageDep
+from ..deps import ArtifactName, OwnedJob, SessionDep, SettingsDep, StorageDep
 from ..schemas import ArtifactOut
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 
 
-def _out(artifact: Artifact, request: Request) -> ArtifactOut:
+def _out(artifact: Artifact, request: Request, settings: Settings) -> ArtifactOut:
+    """With the download's absolute URL on the configured public URL (never the request's Host header)."""
     out = ArtifactOut.model_validate(artifact)
-    out.url = str(request.url_for("download_artifact", job_id=artifact.job_id, name=artifact.name))
+    path = request.app.url_path_for("download_artifact", job_id=artifact.job_id, name=artifact.name)
+    out.url = settings.resolved_public_url.rstrip("/") + str(path)
     return out
 
 
 @router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256")
-def list_artifacts(job: OwnedJob, request: Request, session: SessionDep) -> list[ArtifactOut]:
-    return [_out(a, request) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
+def list_artifacts(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep) -> list[ArtifactOut]:
+    return [_out(a, request, settings) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
 
 
 @router.get(

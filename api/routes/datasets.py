@@ -11,7 +11,7 @@ from core.db import datasets
 from core.db.models import Dataset
 from core.engine.sources import BUILTIN_DATASETS
 
-from ..deps import DatabaseDep, DatasetId, SessionDep, SettingsDep, StorageDep, TenantDep, find_owned
+from ..deps import DatabaseDep, DatasetId, SessionDep, SettingsDep, StorageDep, TenantDep, UploadSlotsDep, find_owned
 from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
 
@@ -42,13 +42,15 @@ async def upload_dataset(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
+    slots: UploadSlotsDep,
     name: Annotated[str, Query(min_length=1, max_length=128, pattern=PRINTABLE, description="your name for the dataset")],
     filename: Annotated[str, Query(min_length=1, max_length=200, description="original file name, for reference")] = "upload",
 ) -> Dataset:
-    return await dataset_service.upload(
-        db, storage, settings, tenant, name=name, filename=filename, declared_size=request.headers.get("content-length"),
-        body=request.stream(),
-    )
+    with slots.slot(tenant.id):
+        return await dataset_service.upload(
+            db, storage, settings, tenant, name=name, filename=filename, declared_size=request.headers.get("content-length"),
+            body=request.stream(), validations=request.app.state.validations,
+        )
 
 
 @router.get("", response_model=DatasetList, summary="Built-in datasets and your uploads")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from core.db.session import database
 
-from ..deps import SettingsDep
+from ..deps import OperatorDep, SettingsDep
 from ..metrics import REGISTRY
 
 router = APIRouter(tags=["health"])
@@ -42,8 +42,8 @@ def _check_broker(url: str) -> str | None:
     return None
 
 
-@router.get("/readyz", summary="Ready to serve: the database and the broker answer")
-async def readyz(settings: SettingsDep, response: Response) -> dict:
+@router.get("/readyz", summary="Ready to serve: the database and the broker answer (details for the operator only)")
+async def readyz(settings: SettingsDep, operator: OperatorDep, response: Response) -> dict:
     started = time.perf_counter()
     problems = {
         "database": await run_in_threadpool(_check_database, settings.resolved_database_url),
@@ -51,6 +51,8 @@ async def readyz(settings: SettingsDep, response: Response) -> dict:
     }
     ready = not any(problems.values())
     response.status_code = status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE
+    if not operator:  # which hosts failed, and how, is for the operator's eyes
+        return {"status": "ready" if ready else "unavailable"}
     return {
         "status": "ready" if ready else "unavailable",
         "checks": {name: (problem or "ok") for name, problem in problems.items()},
@@ -58,6 +60,10 @@ async def readyz(settings: SettingsDep, response: Response) -> dict:
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics() -> Response:
+@router.get("/metrics", summary="Prometheus metrics (the operator's token: Authorization: Bearer $PEERAID_OPERATOR_TOKEN)",
+            response_class=Response)
+def metrics(settings: SettingsDep, operator: OperatorDep) -> Response:
+    if not operator:
+        hint = "send the operator token" if settings.operator_token else "set PEERAID_OPERATOR_TOKEN to enable them"
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"metrics are for the operator: {hint}", headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

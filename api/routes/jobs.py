@@ -7,20 +7,21 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
-from core.db.session import Database
+from core.db.tenants import TenantContext
 
-from ..deps import DatabaseDep, JobQueueDep, OwnedJob, SessionDep, SettingsDep, StorageDep, TenantDep
+from ..deps import DatabaseDep, JobQueueDep, JobWatcherDep, OwnedJob, SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
 from ..schemas import EpochMetricOut, JobCreate, JobList, JobOut
 from ..services import jobs as job_service
+from ..streams import JobWatcher, TenantSlots
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+KEEP_ALIVE_SECONDS = 15
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job")
@@ -77,41 +78,39 @@ def delete_job(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def _snapshot(db: Database, job_id: str) -> dict[str, Any] | None:
-    job = db.run(lambda session: session.get(Job, job_id))
-    return None if job is None else JobOut.model_validate(job).model_dump(mode="json")
-
-
 @router.get(
     "/{job_id}/events",
     summary="Server-sent events: the job's state whenever it changes, until it finishes",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def job_events(job: OwnedJob, request: Request, db: DatabaseDep) -> StreamingResponse:
+async def job_events(job: OwnedJob, tenant: TenantDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
+    slots.acquire(tenant.id)
     first = JobOut.model_validate(job).model_dump(mode="json")
+    return StreamingResponse(_events(first, tenant, watcher, slots), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def stream() -> AsyncIterator[str]:
-        state: dict[str, Any] | None = first
-        last_sent, idle = None, 0.0
-        while True:
-            if state is None:
-                yield "event: deleted\ndata: {}\n\n"
-                return
-            if state["updated_at"] != last_sent:
-                last_sent = state["updated_at"]
-                yield f"event: job\ndata: {json.dumps(state)}\n\n"
-                idle = 0.0
-                if JobStatus(state["status"]).terminal:
-                    yield f"event: end\ndata: {json.dumps({'status': state['status']})}\n\n"
+
+async def _events(first: dict[str, Any], tenant: TenantContext, watcher: JobWatcher, slots: TenantSlots) -> AsyncIterator[str]:
+    try:
+        async with watcher.watch(first["id"], tenant.key_prefix) as subscription:
+            state: dict[str, Any] | None = first
+            last_sent = None
+            while True:
+                if state is None:
+                    yield "event: deleted\ndata: {}\n\n"
                     return
-            elif idle >= 15:
-                yield ": keep-alive\n\n"
-                idle = 0.0
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(1.0)
-            idle += 1.0
-            state = await run_in_threadpool(_snapshot, db, job.id)
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                if state.get("revoked"):
+                    yield f"event: error\ndata: {json.dumps({'detail': 'the API key was revoked'})}\n\n"
+                    return
+                if state["updated_at"] != last_sent:
+                    last_sent = state["updated_at"]
+                    yield f"event: job\ndata: {json.dumps(state)}\n\n"
+                    if JobStatus(state["status"]).terminal:
+                        yield f"event: end\ndata: {json.dumps({'status': state['status']})}\n\n"
+                        return
+                try:
+                    state = await asyncio.wait_for(subscription.news.get(), timeout=KEEP_ALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+    finally:
+        slots.release(tenant.id)

@@ -18,17 +18,21 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db.models import ACTIVE_STATUSES, Job
+from core.db import tenants
 from core.db.tenants import TenantContext
+from core.settings import Settings
 
-from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SessionDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
+from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SessionDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
 
 PAGE_SIZE = 50
+UI_SESSION_LIFETIME = dt.timedelta(hours=12)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -82,18 +86,31 @@ class PageRoute(APIRoute):
                 return await handler(request)
             except StarletteHTTPException as err:
                 if err.status_code == status.HTTP_401_UNAUTHORIZED:
-                    response = RedirectResponse(request.url_for("ui_home"), status.HTTP_303_SEE_OTHER)
-                    if UI_COOKIE in request.cookies:  # a revoked key: forget it
-                        _forget_key(response)
+                    response = RedirectResponse(path_to(request, "ui_home"), status.HTTP_303_SEE_OTHER)
+                    if UI_COOKIE in request.cookies:  # an expired session or a revoked key: forget it
+                        _forget_session(response)
                     return response
                 return page(request, "error.html", {"status_code": err.status_code, "detail": err.detail}, err.status_code)
 
         return route_handler
 
 
-def _forget_key(response: Response) -> Response:
+def _forget_session(response: Response) -> Response:
     response.delete_cookie(UI_COOKIE, path="/ui", httponly=True, samesite="strict")
     return response
+
+
+def path_to(request: Request, route: str, /, **params: Any) -> URL:
+    """A page's path, never an absolute URL: links and redirects do not depend on the Host header."""
+    return URL(str(request.app.url_path_for(route, **params)))
+
+
+@jinja2.pass_context
+def _url_for(context: dict[str, Any], route: str, /, **params: Any) -> URL:
+    return path_to(context["request"], route, **params)
+
+
+templates.env.globals["url_for"] = _url_for
 
 
 router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
@@ -102,33 +119,59 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 @router.get("", name="ui_home")
 def home(request: Request, tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> Response:
     if tenant is not None:
-        return RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
+        return RedirectResponse(path_to(request, "ui_jobs"), status.HTTP_303_SEE_OTHER)
     return page(request, "login.html")
 
 
-def _cross_site(request: Request) -> bool:
-    """A form posted from another site (login CSRF: signing a victim in with the attacker's key)."""
-    origin = request.headers.get("origin")
-    return origin is not None and origin != "null" and urlsplit(origin).netloc != request.url.netloc
+def _same_site(request: Request, settings: Settings) -> bool:
+    """A state-changing form must come from one of our own pages: its Origin (or, without one, its Referer)
+    is the configured public URL's origin. A missing or `null` origin is refused (login CSRF would sign a
+    victim in with the attacker's key; a forged sign-out would end their session)."""
+    origin = request.headers.get("origin") or _origin_of(request.headers.get("referer"))
+    return origin is not None and origin in trusted_origins(settings)
+
+
+def _origin_of(url: str | None) -> str | None:
+    parts = urlsplit(url or "")
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+
+
+def trusted_origins(settings: Settings) -> set[str]:
+    public = _origin_of(settings.resolved_public_url)
+    origins = {public} if public else set()
+    if settings.public_url is None and settings.api_host in ("127.0.0.1", "localhost"):  # the local default: both names work
+        origins |= {f"http://127.0.0.1:{settings.api_port}", f"http://localhost:{settings.api_port}"}
+    return origins
+
+
+def _refused(request: Request, what: str) -> Response:
+    return page(request, "error.html", {"status_code": 403, "detail": f"{what} from another site refused"}, status.HTTP_403_FORBIDDEN)
 
 
 @router.post("/login", name="ui_login")
-def login(request: Request, db: DatabaseDep, api_key: Annotated[str, Form()] = "") -> Response:
-    if _cross_site(request):
-        return page(request, "error.html", {"status_code": 403, "detail": "sign-in from another site refused"}, status.HTTP_403_FORBIDDEN)
-    api_key = api_key.strip()
-    if not api_key or authenticate(db, api_key) is None:
+def login(request: Request, db: DatabaseDep, settings: SettingsDep, api_key: Annotated[str, Form(max_length=256)] = "") -> Response:
+    if not _same_site(request, settings):
+        return _refused(request, "sign-in")
+    tenant = authenticate(db, api_key.strip()) if api_key.strip() else None
+    if tenant is None:
         return page(request, "login.html", {"error": "That API key is not valid or has been revoked."}, status.HTTP_401_UNAUTHORIZED)
-    response = RedirectResponse(request.url_for("ui_jobs"), status.HTTP_303_SEE_OTHER)
+    token = db.run(lambda session: tenants.start_ui_session(session, tenant, UI_SESSION_LIFETIME))
+    response = RedirectResponse(path_to(request, "ui_jobs"), status.HTTP_303_SEE_OTHER)
     response.set_cookie(
-        UI_COOKIE, api_key, path="/ui", httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        UI_COOKIE, token, path="/ui", httponly=True, samesite="strict", secure=settings.resolved_public_url.startswith("https://"),
+        max_age=int(UI_SESSION_LIFETIME.total_seconds()),
     )
     return response
 
 
 @router.post("/logout", name="ui_logout")
-def logout(request: Request) -> Response:
-    return _forget_key(RedirectResponse(request.url_for("ui_home"), status.HTTP_303_SEE_OTHER))
+def logout(request: Request, db: DatabaseDep, settings: SettingsDep) -> Response:
+    if not _same_site(request, settings):
+        return _refused(request, "sign-out")
+    token = request.cookies.get(UI_COOKIE)
+    if token:
+        db.run(lambda session: tenants.end_ui_session(session, token))
+    return _forget_session(RedirectResponse(path_to(request, "ui_home"), status.HTTP_303_SEE_OTHER))
 
 
 @router.get("/jobs", name="ui_jobs")

@@ -3,19 +3,22 @@ event loop, and only then recorded in one short transaction; anything refused le
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
+from core.db import datasets, jobs
 from core.db.models import Dataset, new_id
 from core.db.session import Database
 from core.db.tenants import TenantContext
 from core.engine.dataset_files import inspect_dataset_file
 from core.engine.errors import DatasetError
 from core.settings import Settings
-from core.storage import Storage, UploadTooLarge
+from core.storage import Storage, UploadStalled, UploadTooLarge
 
 FILE_NAME = re.compile(r"^[\w.\- ]{1,200}$")
 
@@ -24,27 +27,47 @@ def upload_limit(settings: Settings, tenant: TenantContext) -> int:
     return tenant.max_upload_bytes or settings.max_upload_bytes
 
 
+def storage_quota(settings: Settings, tenant: TenantContext) -> int:
+    return tenant.max_storage_bytes or settings.tenant_max_storage_bytes
+
+
+def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        f"{filename}: {size} bytes would exceed your storage quota of {quota} bytes ({used} bytes used); delete datasets you no longer need",
+    )
+
+
 async def upload(
     db: Database, storage: Storage, settings: Settings, tenant: TenantContext, *, name: str, filename: str,
-    declared_size: str | None, body: AsyncIterator[bytes],
+    declared_size: str | None, body: AsyncIterator[bytes], validations: asyncio.Semaphore,
 ) -> Dataset:
     if not FILE_NAME.match(filename):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"filename {filename!r}: use letters, digits, '.', '-', '_' and spaces")
-    limit = upload_limit(settings, tenant)
-    if declared_size is not None and declared_size.isdigit() and int(declared_size) > limit:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
+    limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
+    used = await run_in_threadpool(db.run, lambda session: datasets.storage_used(session, tenant.id))
+    if declared_size is not None and declared_size.isdigit():
+        if int(declared_size) > limit:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
+        if int(declared_size) > quota - used:
+            raise _quota_reached(filename, declared_size, quota, used)
 
     dataset_id = new_id("ds")
     key = storage.dataset_key(tenant.id, dataset_id, "upload")
     try:
-        size, sha256 = await storage.receive(key, body, limit)
+        size, sha256 = await storage.receive(key, body, min(limit, max(0, quota - used)), settings.upload_idle_timeout)
     except UploadTooLarge:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+        if limit <= quota - used:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+        raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
+    except UploadStalled as err:
+        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
     try:
         if size == 0:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
         try:
-            summary = await run_in_threadpool(inspect_dataset_file, storage.path(key))
+            async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
+                summary = await run_in_threadpool(inspect_dataset_file, storage.path(key))
         except DatasetError as err:
             message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
@@ -53,7 +76,15 @@ async def upload(
             sha256=sha256, fingerprint=summary["fingerprint"], num_train=summary["num_train"], num_test=summary["num_test"],
             classes=summary["classes"], input_shape=list(summary["input_shape"]), storage_key=key,
         )
-        await run_in_threadpool(db.run, lambda session: session.add(dataset))
+
+        def record(session: Session) -> None:
+            jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant cannot both slip under the quota
+            now_used = datasets.storage_used(session, tenant.id)
+            if now_used + size > quota:
+                raise _quota_reached(filename, size, quota, now_used)
+            session.add(dataset)
+
+        await run_in_threadpool(db.run, record)
     except BaseException:
         storage.delete(key)
         raise

@@ -14,6 +14,11 @@ class DatasetInUse(Exception):
         super().__init__(f"dataset {dataset_id} is used by {active} queued or running job(s)")
 
 
+def storage_used(session: Session, tenant_id: str) -> int:
+    """Bytes of the tenant's stored uploads."""
+    return session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)) or 0
+
+
 def lock(session: Session, dataset_id: str) -> Dataset | None:
     """The dataset, locked until the transaction ends (a submission naming it and its deletion serialise);
     the no-op write takes the row lock on PostgreSQL and the write lock on SQLite."""

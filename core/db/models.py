@@ -49,6 +49,7 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
@@ -69,6 +70,18 @@ class ApiKey(Base):
     last_used_at: Mapped[dt.datetime | None]
 
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
+
+
+class UISession(Base):
+    """A signed-in web UI: the browser's cookie holds a random token whose SHA-256 is this row's id,
+    never the API key. It ends at sign-out, at expiry, or when its key is revoked."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
 
 
 class Dataset(Base):

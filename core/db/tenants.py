@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from .models import ApiKey, Tenant, utcnow
+from .models import ApiKey, Tenant, UISession, utcnow
 
 KEY_PREFIX = "pk"
 LAST_USED_RESOLUTION_SECONDS = 60  # at most one write a minute per key, so polling stays read-only
@@ -25,7 +27,15 @@ class TenantContext:
     name: str
     max_concurrent_jobs: int | None
     max_upload_bytes: int | None
+    max_storage_bytes: int | None
     key_prefix: str
+
+
+TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.max_concurrent_jobs, Tenant.max_upload_bytes, Tenant.max_storage_bytes, ApiKey.prefix)
+
+
+def _context(row: Any) -> TenantContext:
+    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, row.max_storage_bytes, row.prefix)
 
 
 def hash_key(key: str) -> str:
@@ -61,10 +71,7 @@ def authenticate(session: Session, key: str) -> TenantContext | None:
     prefix = key_prefix(key)
     if prefix is None:
         return None
-    row = session.execute(
-        select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.last_used_at, Tenant.id, Tenant.name, Tenant.max_concurrent_jobs,
-               Tenant.max_upload_bytes).join(Tenant).where(ApiKey.prefix == prefix)
-    ).first()
+    row = session.execute(select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.last_used_at, *TENANT_COLUMNS).join(Tenant).where(ApiKey.prefix == prefix)).first()
     # compare even when no row matches, so timing does not reveal which prefixes exist
     expected = row.key_hash if row is not None else hash_key("")
     if not hmac.compare_digest(expected, hash_key(key)) or row is None or row.revoked_at is not None:
@@ -72,7 +79,7 @@ def authenticate(session: Session, key: str) -> TenantContext | None:
     now = utcnow()
     if row.last_used_at is None or (now - row.last_used_at).total_seconds() > LAST_USED_RESOLUTION_SECONDS:
         session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(last_used_at=now))
-    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, prefix)
+    return _context(row)
 
 
 def revoke_key(session: Session, prefix: str) -> bool:
@@ -87,8 +94,33 @@ def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).join(Tenant).order_by(ApiKey.created_at)))
 
 
-def set_limits(session: Session, tenant: Tenant, *, max_concurrent_jobs: int | None, max_upload_bytes: int | None) -> None:
-    if max_concurrent_jobs is not None:
-        tenant.max_concurrent_jobs = max_concurrent_jobs
-    if max_upload_bytes is not None:
-        tenant.max_upload_bytes = max_upload_bytes
+def set_limits(session: Session, tenant: Tenant, **limits: int | None) -> None:
+    """max_concurrent_jobs=, max_upload_bytes=, max_storage_bytes=: the tenant's own limits (None leaves one as it is)."""
+    for name, value in limits.items():
+        if value is not None:
+            setattr(tenant, name, value)
+
+
+# --- the web UI's sessions --------------------------------------------------------------------
+
+
+def start_ui_session(session: Session, tenant: TenantContext, lifetime: dt.timedelta) -> str:
+    """A new sign-in for the key `tenant` was authenticated with; returns the cookie's token (shown once)."""
+    token = secrets.token_urlsafe(32)
+    key_id = session.scalar(select(ApiKey.id).where(ApiKey.prefix == tenant.key_prefix))
+    session.add(UISession(id=hash_key(token), api_key_id=key_id, expires_at=utcnow() + lifetime))
+    return token
+
+
+def ui_session_tenant(session: Session, token: str) -> TenantContext | None:
+    """The tenant of a live UI session: not expired, its key not revoked."""
+    row = session.execute(
+        select(*TENANT_COLUMNS).select_from(UISession).join(ApiKey).join(Tenant)
+        .where(UISession.id == hash_key(token), UISession.expires_at > utcnow(), ApiKey.revoked_at.is_(None))
+    ).first()
+    return None if row is None else _context(row)
+
+
+def end_ui_session(session: Session, token: str) -> None:
+    session.execute(delete(UISession).where(UISession.id == hash_key(token)))
+    session.execute(delete(UISession).where(UISession.expires_at <= utcnow()))  # tidy expired ones on the way

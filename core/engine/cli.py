@@ -77,6 +77,8 @@ def format_report(result: JobResult) -> str:
     for model, m in result.report.items():
         cells = "".join(f"{m['test'][k]:>12.2%}" if k in m["test"] else f"{'—':>12}" for k in keys)
         lines.append(f"{model:<14}{m['best_epoch']:>6}{cells}")
+    if "autoattack" in result.evaluation:
+        lines.append(f"AutoAttack: {result.evaluation['autoattack']['description']}")
     lines += [f"not evaluated: {f['attack']} on {f['model']}: {f['error']}" for f in result.evaluation["failures"]]
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attacks import fgsm, pgd
+from .attacks import AutoAttackSet, autoattack, fgsm, pgd
 from .datasets import ImageDataset
 from .errors import TrainingCancelled
 from .faults import fault_point
@@ -107,20 +107,13 @@ def autoattack_accuracy(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> float:
-    """Robust accuracy under AutoAttack, standard version, L∞ (the pyautoattack package).
-
-    The standard version attacks 9 target classes; with fewer than 10 classes it attacks all
-    num_classes − 1 of them, the most the data allows."""
-    from pyautoattack import AutoAttack
-
+    """Robust accuracy under AutoAttack, L∞ (pyautoattack), with the attack set `AutoAttackSet` chooses
+    for the dataset's number of classes: the standard version from 10 classes on."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    adversary = AutoAttack(model, norm="Linf", eps=epsilon, version="standard", device=device, seed=seed)
-    num_classes = len(dataset.classes)
-    adversary.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-    adversary.fab.n_target_classes = min(9, num_classes - 1)
+    adversary = autoattack(model, AutoAttackSet(len(dataset.classes)), epsilon=epsilon, device=device, seed=seed)
     x = dataset.images.to(device).float().div_(255)
     y = dataset.labels.to(device)
     _x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)

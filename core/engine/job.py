@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attacks import AutoAttackSet
 from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError
@@ -63,7 +64,7 @@ class JobResult:
 
     @property
     def evaluation(self) -> dict[str, Any]:
-        """status, images per metric, and failures [{model, attack, error}]."""
+        """status, images per metric, failures [{model, attack, error}], and the AutoAttack set (if it ran)."""
         return self.model_card["evaluation"]
 
 
@@ -95,8 +96,10 @@ def run_job(
     if ev.n_examples is not None and ev.n_examples < len(test):
         test = test.subset(torch.arange(ev.n_examples))
     planned = {key: len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
-    card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device))
+    card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device), execution=trainer.execution_report())
     evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "failures": []}
+    if ev.autoattack:
+        evaluation["autoattack"] = AutoAttackSet(len(splits.classes)).to_dict()
     card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
 
     callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")

@@ -36,6 +36,7 @@ def build_model_card(
     artifacts: dict[str, str],
     device: str | None,
     stopped: str | None = None,
+    execution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON card. `metrics`: {model: {best_epoch, validation, test}}; `evaluation`: {status, images
     (per metric key), failures, ...}; `exports`: {artifact name: "ok" or "failed: ..."}; `artifacts`:
@@ -66,6 +67,7 @@ def build_model_card(
         "artifacts": dict(artifacts),
         "history": history,
         "device": device,
+        "execution": execution,  # Trainer.execution_report(): precision, channels_last, CUDA graph or eager and why
         "library_versions": library_versions(),
     }
 
@@ -183,9 +185,9 @@ def _md_results(card: dict[str, Any]) -> str:
             *_md_metric_table(metrics, "test", list(images)),
         ]
         if "autoattack" in evaluation:
-            lines += ["", f"AutoAttack: {evaluation['autoattack']}."]
-        elif not any(key == "autoattack_acc" for key in images):
-            lines += ["", "AutoAttack was not run for this model."]
+            lines += ["", f"AutoAttack: {evaluation['autoattack']['description']}."]
+        else:
+            lines += ["", "AutoAttack was not run."]
         for failure in evaluation.get("failures", []):
             lines += ["", f"Not evaluated: {failure['attack']} on the {MODEL_LABELS.get(failure['model'], failure['model']).lower()} "
                           f"failed ({failure['error']})."]

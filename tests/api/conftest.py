@@ -23,10 +23,12 @@ from service.cli import migrate
 from tests.stack import FAST_JOB, UPLOAD_LIMIT
 from worker import runner
 
+OPERATOR_TOKEN = "op-" + secrets.token_hex(8)
+
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("api"), max_upload_bytes=UPLOAD_LIMIT, worker_device="cpu",
+    settings = Settings(data_dir=tmp_path_factory.mktemp("api"), public_url="http://testserver", operator_token=OPERATOR_TOKEN, max_upload_bytes=UPLOAD_LIMIT, worker_device="cpu",
                         allow_downloads=False, heartbeat_interval=0.5, progress_interval=0.5)
     migrate(settings)
     return settings

@@ -7,7 +7,7 @@ from core.db import tenants
 from core.db.session import database
 from tests.stack import FAST_JOB
 
-from .conftest import create_key
+from .conftest import OPERATOR_TOKEN, create_key
 
 SHORT = {"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}}
 
@@ -77,9 +77,12 @@ def test_catalog_health_readiness_and_metrics(client):
     assert {"resnet18", "wrn34_10", "small_cnn"} <= names
     assert "cifar10-resnet18" in {p["name"] for p in client.get("/v1/presets").json()}
     assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz")
+    assert client.get("/readyz").json() == {"status": "ready"}  # hosts and errors only for the operator
+    assert client.get("/metrics").status_code == 401  # a tenant's key does not show cross-tenant counts
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    ready = client.get("/readyz", headers=operator)
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=operator).text
     assert 'peeraid_http_requests_total{method="GET",route="/v1/architectures",status="200"}' in metrics
     assert 'peeraid_jobs{status="queued"}' in metrics
     assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]

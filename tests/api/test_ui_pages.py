@@ -12,6 +12,9 @@ from PIL import Image
 
 from tests.stack import FAST_JOB
 
+from core.db import tenants
+from core.db.session import database
+
 from .conftest import create_key
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,14 +61,21 @@ def test_ui_sign_in_and_jobs_list(new_client, finished):
     assert bad.status_code == 401 and 'name="api_key"' in bad.text and "not valid" in bad.text
     assert not anonymous.cookies
 
-    forged = new_client(None).post("/ui/login", data={"api_key": key}, headers={"Origin": "https://evil.example"})
-    assert forged.status_code == 403 and "set-cookie" not in forged.headers  # login CSRF
+    # login CSRF: a form from another site, or from nowhere we can tell, signs nobody in
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {}, {"Referer": "https://evil.example/ui"},
+                    {"Origin": "http://testserver.evil.example"}):
+        forged = new_client(None).post("/ui/login", data={"api_key": key}, headers=headers)
+        assert forged.status_code == 403 and "set-cookie" not in forged.headers, headers
+
+    by_referer = new_client(None).post("/ui/login", data={"api_key": key}, headers={"Referer": f"{ORIGIN}/ui"}, follow_redirects=False)
+    assert by_referer.status_code == 303  # no Origin header, but a same-site Referer
 
     browser = new_client(None)
     response = browser.post("/ui/login", data={"api_key": key}, headers={"Origin": ORIGIN}, follow_redirects=False)
-    assert response.status_code == 303
+    assert response.status_code == 303 and response.headers["location"] == "/ui/jobs"  # a path: no Host header in it
     cookie = response.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    assert key.split("_", 2)[2].lower() not in cookie, "the cookie holds a session token, never the API key"
     jobs = browser.get("/ui/jobs")
     assert jobs.status_code == 200 and job["id"] in jobs.text and "succeeded" in jobs.text
     assert browser.get("/ui", follow_redirects=False).status_code == 303  # signed in: straight to the jobs
@@ -73,7 +83,22 @@ def test_ui_sign_in_and_jobs_list(new_client, finished):
     # the cookie is the UI's only: /v1 still wants a Bearer key
     assert new_client(None).get("/v1/jobs", headers={"Cookie": f"peeraid_key={key}"}).status_code == 401
 
+    assert browser.post("/ui/logout", follow_redirects=False).status_code == 403  # a forged sign-out is refused too
+    assert browser.get("/ui/jobs").status_code == 200
+    session_cookie = browser.cookies["peeraid_session"]
     assert browser.post("/ui/logout", headers={"Origin": ORIGIN}, follow_redirects=False).status_code == 303
+    assert browser.get("/ui/jobs", follow_redirects=False).status_code == 303
+    replayed = new_client(None)
+    replayed.cookies.set("peeraid_session", session_cookie, path="/ui")
+    assert replayed.get("/ui/jobs", follow_redirects=False).status_code == 303, "a signed-out session is gone on the server"
+
+
+def test_revoking_the_key_ends_its_ui_sessions(new_client, settings):
+    key = create_key(settings)
+    browser = signed_in(new_client, key)
+    assert browser.get("/ui/jobs").status_code == 200
+    with database(settings.resolved_database_url).transaction() as session:
+        tenants.revoke_key(session, tenants.key_prefix(key))
     assert browser.get("/ui/jobs", follow_redirects=False).status_code == 303
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from core.engine import job as job_module
+from core.engine.attacks import AutoAttackSet
 from core.engine.export import (
     ExportError,
     export_onnx,
@@ -183,7 +184,7 @@ def _sample_card():
                             "test": {"clean_acc": 0.8499, "fgsm_acc": 0.6611, "pgd50_acc": 0.5722, "autoattack_acc": 0.5133}},
         },
         "evaluation": {"status": "complete", "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
-                       "failures": []},
+                       "failures": [], "autoattack": AutoAttackSet(30).to_dict()},
         "exports": {"student_onnx": "ok", "student_torchscript": "failed: ExportError: TorchScript logits differ"},
         "artifacts": {"student": "student.safetensors", "swa_student": "swa_student.safetensors", "student_onnx": "student.onnx"},
         "history": [],
@@ -214,6 +215,7 @@ def test_markdown_card_renders_every_metric_and_the_threat_model():
     assert '"input"' in md and "student.onnx" in md and "load_model" in md
     assert "torch.jit.load" not in md and "student's TorchScript export is not available (failed: ExportError" in md
     assert "## Limitations" in md and "AutoAttack was not run" not in md
+    assert "AutoAttack: standard version, L∞: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries)." in md
 
 
 def test_markdown_card_without_autoattack_says_so_and_writes_odd_epsilons_over_255():
@@ -221,7 +223,7 @@ def test_markdown_card_without_autoattack_says_so_and_writes_odd_epsilons_over_2
     card["threat_model"]["epsilon"] = 4.5 / 255
     for m in card["metrics"].values():
         del m["test"]["autoattack_acc"]
-    del card["evaluation"]["images"]["autoattack_acc"]
+    del card["evaluation"]["images"]["autoattack_acc"], card["evaluation"]["autoattack"]
     md = model_card_markdown(card)
     assert "ε = 4.5/255" in md and "AutoAttack was not run" in md and "| AutoAttack |" not in md
 

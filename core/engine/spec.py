@@ -165,11 +165,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` over `base`, nested dicts key by key (the API, the CLI and presets layer specs this way)."""
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -189,7 +190,7 @@ def build_spec(preset: str | None = None, overrides: dict[str, Any] | None = Non
     """A preset (or the defaults) with `overrides` merged in (nested dicts merge key by key), validated."""
     if preset is not None and preset not in PRESETS:
         raise SpecError([{"field": "preset", "message": f"unknown preset '{preset}'; known: {', '.join(PRESETS)}"}])
-    data = _merge(PRESETS[preset][1] if preset else {}, overrides or {})
+    data = merge_overrides(PRESETS[preset][1] if preset else {}, overrides or {})
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:

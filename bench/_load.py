@@ -232,7 +232,8 @@ async def ramp_streams(
 
 
 class CpuMeter:
-    """CPU seconds spent by the machine, this process and optionally one other process (Linux /proc)."""
+    """CPU seconds spent by the machine, this process, PostgreSQL's processes and optionally one
+    other process (the server), from Linux's /proc; what remains is other work on the machine."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -240,28 +241,45 @@ class CpuMeter:
         self.pid = pid
         self.start = self._read()
 
-    def _read(self) -> tuple[float, float, float, float]:
+    def _read(self) -> tuple[float, float, float, float, dict[int, float]]:
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:]]
         busy = (sum(fields) - fields[3] - fields[4]) / self.TICKS  # all but idle and iowait
-        return time.perf_counter(), busy, time.process_time(), self._process_seconds(self.pid)
-
-    def _process_seconds(self, pid: int | None) -> float:
-        if pid is None:
-            return math.nan
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return math.nan
-        return (int(fields[11]) + int(fields[12])) / self.TICKS  # utime + stime
+        server = process_seconds(self.pid)[1] if self.pid else math.nan
+        return time.perf_counter(), busy, time.process_time(), server, postgres_seconds()
 
     def shares(self) -> dict:
-        """Since creation, as fractions of one core: machine (all cores), generator (this process), server."""
+        """Since creation, as fractions of one core."""
         end = self._read()
         wall = end[0] - self.start[0]
-        return {
+        postgres = sum(seconds - self.start[4].get(pid, 0.0) for pid, seconds in end[4].items())
+        shares = {
             "machine_cores": (end[1] - self.start[1]) / wall,
             "generator_cores": (end[2] - self.start[2]) / wall,
             "server_cores": (end[3] - self.start[3]) / wall,
+            "postgres_cores": postgres / wall,
         }
+        known = shares["generator_cores"] + shares["postgres_cores"] + (0 if math.isnan(shares["server_cores"]) else shares["server_cores"])
+        return {**shares, "other_cores": max(0.0, shares["machine_cores"] - known)}
+
+
+def process_seconds(pid: int) -> tuple[str, float]:
+    """(command name, user + system CPU seconds) of a process; ('', nan) if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            name, _, rest = stat.read().partition(" (")[2].rpartition(")")
+    except OSError:
+        return "", math.nan
+    fields = rest.split()
+    return name, (int(fields[11]) + int(fields[12])) / CpuMeter.TICKS
+
+
+def postgres_seconds() -> dict[int, float]:
+    """CPU seconds of every PostgreSQL process on this machine (the server and its backends)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            name, seconds = process_seconds(int(entry))
+            if name == "postgres" and not math.isnan(seconds):
+                found[int(entry)] = seconds
+    return found

@@ -11,6 +11,7 @@ submits a job and adds `--jobs` - 1 more rows, and removes it all at the end (Ct
 
 Phases, each `--seconds` long after a warm-up (one second, or `--seconds` if shorter):
   get    GET /v1/jobs/{id}, closed loop on `--clients` keep-alive connections: service, then naive
+         (`--repeat` times, alternating, for a median ratio where other work shares the machine)
   list   GET /v1/jobs (one page of up to 50), closed loop
   sse    GET /v1/jobs/{id}/events: connect, first event, disconnect, closed loop (latency: time to
          first event)
@@ -20,7 +21,8 @@ Phases, each `--seconds` long after a warm-up (one second, or `--seconds` if sho
          came) up to `--sse-streams` or the first error, all held to the end of the phase: how many
          concurrent streams the service holds. Last, as a server may not recover from it.
 Printed per phase: requests/s, p50/p90/p99/max latency (ms), errors, and the CPU used by the server,
-this load generator and the whole machine (100% = one core). `--profile FILE` adds a phase that
+PostgreSQL, this load generator and anything else on the machine (100% = one core; the
+machine has 2 cores). `--profile FILE` adds a phase that
 samples the service's GET /v1/jobs/{id} with py-spy and writes where its time goes.
 
 The load generator is asyncio over raw keep-alive HTTP/1.1 connections (bench/_http.py), in this
@@ -33,6 +35,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -85,11 +88,11 @@ async def measure(args, target: Target) -> list[dict]:
     warm_up = min(1.0, seconds)
     rows = []
 
-    async def closed_phase(endpoint: str, path: str, name: str, connect, pid) -> None:
+    async def closed_phase(endpoint: str, path: str, name: str, connect, pid, mode: str = closed) -> None:
         await closed_loop(connect, path, clients, warm_up)  # connections, pools, caches
         meter = CpuMeter(pid)
         sample = await closed_loop(connect, path, clients, seconds)
-        rows.append(row(endpoint, name, closed, sample, meter.shares()))
+        rows.append(row(endpoint, name, mode, sample, meter.shares()))
         report(rows[-1])
 
     if args.compare_clients:
@@ -102,8 +105,10 @@ async def measure(args, target: Target) -> list[dict]:
             rows.append(row("GET /healthz", "service", f"client {name}", sample, cpu, client=name, generator_us_per_request=1e6 * cpu_per_request))
             report(rows[-1])
     if "get" in args.phases:
-        for name, connect, pid in servers:
-            await closed_phase("GET /v1/jobs/{id}", job_path, name, connect, pid)
+        for run in range(1, args.repeat + 1):
+            for name, connect, pid in servers:
+                mode = closed if args.repeat == 1 else f"{closed}, run {run}/{args.repeat}"
+                await closed_phase("GET /v1/jobs/{id}", job_path, name, connect, pid, mode)
     if "list" in args.phases:
         await closed_phase("GET /v1/jobs", "/v1/jobs", "service", service, target.service_pid)
     if "sse" in args.phases:
@@ -176,11 +181,11 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-HEADER = f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}  CPU server/generator/machine"
+HEADER = f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}  CPU % server/postgres/generator/other"
 
 
 def report(r: dict) -> None:
-    cpu = f"{fmt(100 * r['server_cores'], 0)}% / {fmt(100 * r['generator_cores'], 0)}% / {fmt(100 * r['machine_cores'], 0)}%"
+    cpu = " / ".join(fmt(100 * r[f"{name}_cores"], 0) for name in ("server", "postgres", "generator", "other"))
     print(f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<44} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
           f"{fmt(r['p99_ms']):>8} {fmt(r['max_ms']):>8} {r['errors']:>7}  {cpu}", flush=True)
     if r["errors"]:
@@ -193,14 +198,22 @@ def report(r: dict) -> None:
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    lines = []
-    for mode in {r["mode"] for r in rows if r["server"] == "naive"}:
+    """service/naive of each pair of GET /v1/jobs/{id} rows measured alike, and the medians of repeated runs."""
+    lines, repeated = [], []
+    for mode in sorted({r["mode"] for r in rows if r["server"] == "naive"}):
         pair = {r["server"]: r for r in rows if r["mode"] == mode and r["endpoint"] == "GET /v1/jobs/{id}"}
         if {"service", "naive"} <= pair.keys():
             s, n = pair["service"], pair["naive"]
-            lines.append(f"GET /v1/jobs/{{id}}, {mode}: service/naive requests/s {s['per_second'] / n['per_second']:.2f}×, "
-                         f"p50 {s['p50_ms'] / n['p50_ms']:.2f}×, p99 {s['p99_ms'] / n['p99_ms']:.2f}×")
-    return sorted(lines)
+            ratio = {key: s[key] / n[key] for key in ("per_second", "p50_ms", "p99_ms")}
+            lines.append(f"GET /v1/jobs/{{id}}, {mode}: service/naive requests/s {ratio['per_second']:.2f}×, "
+                         f"p50 {ratio['p50_ms']:.2f}×, p99 {ratio['p99_ms']:.2f}×")
+            if ", run " in mode:
+                repeated.append(ratio)
+    if len(repeated) > 1:
+        median = {key: statistics.median(r[key] for r in repeated) for key in repeated[0]}
+        lines.append(f"GET /v1/jobs/{{id}}, closed loop, median of {len(repeated)} runs: service/naive requests/s {median['per_second']:.2f}×, "
+                     f"p50 {median['p50_ms']:.2f}×, p99 {median['p99_ms']:.2f}×")
+    return lines
 
 
 def parse_args(argv: list[str] | None):
@@ -208,6 +221,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
     parser.add_argument("--clients", type=int, default=16, help="connections of the closed-loop phases (default 16)")
     parser.add_argument("--rate", type=float, default=100.0, help="requests/s of the open-loop phase (default 100)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure GET /v1/jobs/{id} service then naive this many times, "
+                        "for the median ratio on a machine shared with other work (default 1)")
     parser.add_argument("--max-connections", type=int, default=64, help="connections the open loop may open (default 64)")
     parser.add_argument("--sse-streams", type=int, default=64, help="most event streams the streams phase opens (default 64)")
     parser.add_argument("--sse-step", type=int, default=4, help="event streams opened at a time in the streams phase (default 4)")

@@ -144,6 +144,7 @@ def test_npz_detected_by_content_and_inspected(tmp_path):
         "num_classes": 3,
         "classes": ["0", "1", "2"],
         "input_shape": (3, 8, 8),
+        "resize": None,
     }
 
 

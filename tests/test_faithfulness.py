@@ -180,3 +180,19 @@ def test_per_epoch_validation_uses_the_specs_pgd_steps_and_epsilon(tiny_splits, 
     for i, x_adv in enumerate(attack_inputs[training_attack_steps:]):
         x = val[(i // steps) * 16 : (i // steps) * 16 + len(x_adv)]
         assert (x_adv - x).abs().max() <= eps + 1e-6
+
+
+def test_the_model_card_states_the_protocol_the_execution_and_the_report_attack(tiny_splits, tmp_path):
+    from core.engine.datasets import DatasetSplits, fingerprint
+    from core.engine.job import run_job
+
+    train, test = tiny_splits.train, tiny_splits.test
+    paper = DatasetSplits("digits-tiny", train, test, test, fingerprint(train, test, test), selection="test")
+    spec = tiny_spec(epochs=1, lr_decay_epochs=[], swa=False, selection="test",
+                     evaluation=dict(n_examples=16, autoattack=False, batch_size=64, pgd_steps=3))
+    card = run_job(spec, paper, tmp_path).model_card
+    assert card["dataset"]["protocol"].startswith("paper protocol") and "selected on the test set" in card["dataset"]["protocol"]
+    assert card["hyperparameters"]["selection"] == "test"
+    assert card["execution"] == {"device": "cpu", "precision": "fp32", "channels_last": False, "cuda_graph_requested": False,
+                                 "cuda_graph": False, "graph_captures": 0, "fallback": None}
+    assert "pgd3_acc" in card["metrics"]["student"]["test"]  # the report's PGD runs evaluation.pgd_steps steps

@@ -63,6 +63,11 @@ class JobResult:
         return self.model_card["metrics"]
 
     @property
+    def warnings(self) -> list[dict[str, str]]:
+        """Outcomes to distrust ([{model, kind, message, advice}]): a model at chance, or predicting one class."""
+        return self.model_card["warnings"]
+
+    @property
     def evaluation(self) -> dict[str, Any]:
         """status, images per metric, failures [{model, attack, error}], and the AutoAttack set (if it ran)."""
         return self.model_card["evaluation"]
@@ -103,17 +108,18 @@ def run_job(
     card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
 
     callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
+    warnings: list[dict[str, str]] = []
     for key, model in models.items():
-        model.to(trainer.device)
-        test_metrics, failures = final_report(
-            model, test, epsilon=spec.epsilon, step_size=spec.attack_step_size, pgd_steps=ev.pgd_steps,
-            run_autoattack=ev.autoattack, batch_size=ev.batch_size, device=trainer.device, seed=spec.seed,
-            on_phase=lambda phase, key=key: callbacks.on_stage(Stage.EVALUATING, f"evaluating {key}: {phase}"),
+        report = final_report(
+            model.to(trainer.device), test, name=key, epsilon=spec.epsilon, step_size=spec.attack_step_size,
+            pgd_steps=ev.pgd_steps, run_autoattack=ev.autoattack, batch_size=ev.batch_size,
+            device=trainer.device, seed=spec.seed, callbacks=callbacks,
         )
-        metrics[key]["test"] = test_metrics
-        evaluation["failures"] += [{"model": key, "attack": attack, "error": _sentence(err)} for attack, err in failures.items()]
+        metrics[key]["test"] = report.metrics
+        evaluation["failures"] += [{"model": key, "attack": attack, "error": _sentence(err)} for attack, err in report.failures.items()]
+        warnings += report.warnings
     evaluation["status"] = INCOMPLETE if evaluation["failures"] else COMPLETE
-    card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
+    card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, warnings=warnings, **card_args)
     return JobResult(card, artifacts)
 
 

@@ -35,12 +35,14 @@ def build_model_card(
     exports: dict[str, str],
     artifacts: dict[str, str],
     device: str | None,
+    warnings: list[dict[str, str]] | None = None,
     stopped: str | None = None,
     execution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON card. `metrics`: {model: {best_epoch, validation, test}}; `evaluation`: {status, images
     (per metric key), failures, ...}; `exports`: {artifact name: "ok" or "failed: ..."}; `artifacts`:
-    {artifact name: file name}; `stopped`: why training ended early, if it did."""
+    {artifact name: file name}; `warnings`: outcomes to distrust (evaluation.outcome_warnings); `stopped`: why
+    training ended early, if it did."""
     n_evaluated = max(evaluation.get("images", {}).values(), default=0)
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -62,6 +64,7 @@ def build_model_card(
         "training": {"epochs": spec.epochs, "epochs_completed": len(history), "stopped": stopped},
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": metrics,
+        "warnings": list(warnings or []),
         "evaluation": evaluation,
         "exports": dict(exports),
         "artifacts": dict(artifacts),
@@ -87,8 +90,8 @@ def write_model_card_markdown(path: Path, card: dict[str, Any]) -> None:
 
 def model_card_markdown(card: dict[str, Any]) -> str:
     """A human-readable model card for the JSON card `build_model_card` builds; deterministic."""
-    sections = (_md_title, _md_intended_use, _md_loading, _md_results, _md_training, _md_dataset, _md_versions, _md_limitations)
-    return "\n\n".join(section(card) for section in sections) + "\n"
+    sections = (_md_title, _md_warnings, _md_intended_use, _md_loading, _md_results, _md_training, _md_dataset, _md_versions, _md_limitations)
+    return "\n\n".join(text for text in (section(card) for section in sections) if text) + "\n"
 
 
 def _md_title(card: dict[str, Any]) -> str:
@@ -99,6 +102,14 @@ def _md_title(card: dict[str, Any]) -> str:
         f"An adversarially trained image classifier: a `{arch['student']}` student trained with {_method(card)}{peer} "
         f"on the dataset `{data['name']}`. Created {card['created']}."
     )
+
+
+def _md_warnings(card: dict[str, Any]) -> str:
+    if not card["warnings"]:
+        return ""
+    lines = ["## Warnings", ""] + [f"- **Warning**: {w['message']}." for w in card["warnings"]]
+    advice = dict.fromkeys(w["advice"] for w in card["warnings"])
+    return "\n".join(lines + ["", *(f"What to try: {a}." for a in advice)])
 
 
 def _md_intended_use(card: dict[str, Any]) -> str:

@@ -83,7 +83,7 @@ RESIZE_FILTER = Image.Resampling.BILINEAR
 # compress "too well", and a bomb must be big to do harm.
 RATIO_GRACE_BYTES = 1 << 20
 CHUNK = 1 << 20
-NPZ_CHUNK_BYTES = 4 << 20  # .npz images are converted this many float64 bytes at a time
+NPZ_CHUNK_BYTES = 2 << 20  # .npz images are converted this many float64 bytes at a time
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 

@@ -55,7 +55,7 @@ def test_autoattack_breaks_exactly_the_images_that_are_not_robust(num_classes):
     dataset, robust = band_images(num_classes)
     model = Bands(num_classes)
     assert (model(dataset.images.float() / 255).argmax(1) == dataset.labels).all()
-    assert autoattack_accuracy(model, dataset, epsilon=EPS, batch_size=12) == robust.float().mean().item()
+    assert autoattack_accuracy(model, dataset, epsilon=EPS, batch_size=12) * 12 == robust.sum().item()
 
 
 @pytest.mark.parametrize("num_classes", [2, 3])
@@ -82,7 +82,7 @@ def test_from_4_classes_the_engine_runs_the_standard_version(num_classes):
     if num_classes < 10:
         direct.apgd_targeted.n_target_classes = direct.fab.n_target_classes = num_classes - 1
     _, y_adv = direct.run_standard_evaluation(images.float() / 255, labels, batch_size=16)
-    assert engine == (y_adv == labels).float().mean().item()
+    assert engine * 16 == (y_adv == labels).sum().item()
     assert 0 < engine < 1  # some images break, some hold
 
 

@@ -183,6 +183,7 @@ def _sample_card():
             "swa_student": {"best_epoch": 277, "validation": {"clean_acc": 0.8377, "pgd_acc": 0.5288},
                             "test": {"clean_acc": 0.8499, "fgsm_acc": 0.6611, "pgd50_acc": 0.5722, "autoattack_acc": 0.5133}},
         },
+        "warnings": [],
         "evaluation": {"status": "complete", "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
                        "failures": [], "autoattack": AutoAttackSet(30).to_dict()},
         "exports": {"student_onnx": "ok", "student_torchscript": "failed: ExportError: TorchScript logits differ"},
@@ -226,6 +227,16 @@ def test_markdown_card_without_autoattack_says_so_and_writes_odd_epsilons_over_2
     del card["evaluation"]["images"]["autoattack_acc"], card["evaluation"]["autoattack"]
     md = model_card_markdown(card)
     assert "ε = 4.5/255" in md and "AutoAttack was not run" in md and "| AutoAttack |" not in md
+
+
+def test_markdown_card_puts_warnings_first_with_what_to_try():
+    card = _sample_card()
+    assert "## Warnings" not in model_card_markdown(card)
+    card["warnings"] = [{"model": "student", "kind": "chance", "message": "the student is at chance: 10.0% clean accuracy",
+                         "advice": "train for more epochs"}]
+    md = model_card_markdown(card)
+    assert md.index("## Warnings") < md.index("## Intended use")
+    assert "- **Warning**: the student is at chance: 10.0% clean accuracy." in md and "What to try: train for more epochs." in md
 
 
 # --- a real job -------------------------------------------------------------------------------

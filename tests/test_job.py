@@ -195,7 +195,8 @@ def test_command_line_runs_a_job_and_prints_the_report(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    assert "clean" in out.stdout and "pgd20" in out.stdout and "autoattack" in out.stdout
+    assert "Clean" in out.stdout and "PGD-20" in out.stdout and "AutoAttack" in out.stdout
+    assert "test images per attack: Clean 20, FGSM 20, PGD-20 20, AutoAttack 20" in out.stdout
     assert "epoch 2:" in out.stderr
     assert (tmp_path / "artifacts" / "student.safetensors").exists()
 

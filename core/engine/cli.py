@@ -15,8 +15,32 @@ from .evaluation import metric_label
 from .job import JobResult, run_job
 from .models import list_models
 from .sources import BUILTIN_DATASETS, load_splits
-from .spec import PRESETS, build_spec
-from .callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
+from .spec import PRESETS, build_spec, merge_overrides
+from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
+
+
+def read_spec(value: str) -> dict[str, Any]:
+    """--spec: a JSON object inline (it starts with "{"), or the path of a file holding one."""
+    if value.lstrip().startswith("{"):
+        text, source = value, "--spec"
+    else:
+        try:
+            text, source = Path(value).read_text(), value
+        except OSError as err:
+            raise SpecError([{"field": "--spec", "message": f"cannot read {value}: {err.strerror}"}]) from None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError([{"field": "--spec", "message": f"{source} is not valid JSON: {err}"}]) from None
+    if not isinstance(spec, dict):
+        raise SpecError([{"field": "--spec", "message": f"{source} must hold a JSON object of job-spec fields"}])
+    return spec
+
+
+def job_overrides(spec: str | None, assignments: list[str], dataset: str | None) -> dict[str, Any]:
+    """--spec, then each --set, then --dataset, merged deeply over one another as the API merges a spec over its preset."""
+    overrides = merge_overrides(read_spec(spec) if spec else {}, parse_overrides(assignments))
+    return merge_overrides(overrides, {"dataset": dataset}) if dataset else overrides
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
@@ -60,6 +84,16 @@ class ProgressBar(TrainingCallbacks):
             line += f"  swa clean {r.swa_student['clean_acc']:.1%} pgd {r.swa_student['pgd_acc']:.1%}"
         print(f"{line}  ({r.images_per_sec:.0f} img/s)", file=self.file)
 
+    def on_evaluation(self, p: EvaluationProgress) -> None:
+        desc = f"{p.model}: {p.attack}"
+        if self.bar is None or self.bar.desc != desc:
+            self._close()
+            self.bar = tqdm(total=p.batches, desc=desc, file=self.file, leave=False,
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} batches [{elapsed}<{remaining}{postfix}]")
+        self.bar.update(p.batch - self.bar.n)
+        if p.accuracy_so_far is not None:
+            self.bar.set_postfix({"accuracy so far": f"{p.accuracy_so_far:.1%}"})
+
     def on_stage(self, stage: Stage, detail: str = "") -> None:
         self._close()
         print(detail or stage.value, file=self.file)
@@ -77,18 +111,17 @@ def format_report(result: JobResult) -> str:
     for model, m in result.report.items():
         cells = "".join(f"{m['test'][k]:>12.2%}" if k in m["test"] else f"{'—':>12}" for k in keys)
         lines.append(f"{model:<14}{m['best_epoch']:>6}{cells}")
+    lines.append("test images per attack: " + ", ".join(f"{metric_label(k)} {n}" for k, n in result.evaluation["images"].items()))
     if "autoattack" in result.evaluation:
         lines.append(f"AutoAttack: {result.evaluation['autoattack']['description']}")
     lines += [f"not evaluated: {f['attack']} on {f['model']}: {f['error']}" for f in result.evaluation["failures"]]
+    lines += [f"warning: {w['message']}" for w in result.warnings]
+    lines += [f"what to try: {advice}" for advice in dict.fromkeys(w["advice"] for w in result.warnings)]
     return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = json.loads(Path(args.spec).read_text()) if args.spec else {}
-    overrides = {**overrides, **parse_overrides(args.set or [])}
-    if args.dataset:
-        overrides["dataset"] = args.dataset
-    spec = build_spec(args.preset, overrides)
+    spec = build_spec(args.preset, job_overrides(args.spec, args.set or [], args.dataset))
     splits = load_splits(spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed, selection=spec.selection)
     print(
         f"{spec.method}: {spec.student} student"
@@ -121,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and export a robust student")
     train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
-    train.add_argument("--spec", help="a JSON file of job-spec fields (applied over the preset)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. epochs=5 or peeraid.tau=3")
+    train.add_argument("--spec", help='job-spec fields over the preset: inline JSON (\'{"peeraid": {"gamma2": 0.7}}\') or a JSON file')
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="a field over --spec, e.g. epochs=5 or peeraid.tau=3")
     train.add_argument("--dataset", help="built-in name or a dataset file (.zip, .tar.gz, .npz)")
     train.add_argument("--workdir", default="runs/local", help="checkpoints and artifacts; an existing checkpoint is resumed")
     train.add_argument("--data-root", default="data", help="where CIFAR/TinyImageNet live or are downloaded to")

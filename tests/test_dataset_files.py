@@ -5,16 +5,24 @@ from __future__ import annotations
 import io
 import re
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
+from core.engine.dataset_files import (
+    FileLimits,
+    inspect_dataset_file,
+    load_dataset_file,
+    parse_resize,
+)
+from core.engine.datasets import fingerprint
 from core.engine.errors import DatasetError
-from core.engine.dataset_files import FileLimits, inspect_dataset_file, load_dataset_file
 
 RNG = np.random.default_rng(0)
 
@@ -77,12 +85,12 @@ def save_npz(path, **arrays):
 
 
 def npz_arrays(n_train=12, n_test=6, shape=(8, 8, 3), classes=3):
-    return dict(
-        x_train=RNG.integers(0, 256, (n_train, *shape), dtype=np.uint8),
-        y_train=np.arange(n_train) % classes,
-        x_test=RNG.integers(0, 256, (n_test, *shape), dtype=np.uint8),
-        y_test=np.arange(n_test) % classes,
-    )
+    return {
+        "x_train": RNG.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": RNG.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+        "y_test": np.arange(n_test) % classes,
+    }
 
 
 def raises(match: str):
@@ -456,8 +464,11 @@ def test_corrupt_image(tmp_path):
 
 def test_mixed_image_sizes(tmp_path):
     path = write_zip(tmp_path / "d.zip", {**class_tree(), "eel/big.png": png(rgb(16))})
-    with raises(r"mixed image sizes: entry 'eel/big\.png' is 16×16 pixels but 'cat/00\.png' is 8×8"):
+    with raises(r"mixed image sizes: entry 'eel/big\.png' is 16×16 pixels but 'cat/00\.png' is 8×8; .* or upload again with resize=8x8"):
         load_dataset_file(path)
+    wide = {"a/0.png": png(RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)), **class_tree(("a", "b"), 2)}
+    with raises(r"'a/0\.png' is 10×6; .* upload again with resize=10x6 to have every image resized to 10×6"):
+        load_dataset_file(write_zip(tmp_path / "wide.zip", wide))
 
 
 def test_single_class(tmp_path):
@@ -500,3 +511,216 @@ def test_empty_archives(tmp_path):
     write_tar(tmp_path / "empty.tar.gz", {})
     with raises(r"empty\.tar\.gz: no images found"):
         load_dataset_file(tmp_path / "empty.tar.gz")
+
+
+# --- decoded-size budget before decoding, resize -----------------------------------------
+
+
+@pytest.fixture
+def pixel_loads(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image whose pixels Pillow decodes (ImageFile.load), in order."""
+    loads, original = [], ImageFile.ImageFile.load
+
+    def load(self):
+        if self.tile:  # pixels still to decode
+            loads.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return loads
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds no pixel data (IHDR, an empty IDAT, IEND)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def solid_png(side: int, colour=(10, 200, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, write", [("d.zip", write_zip), ("d.tar.gz", write_tar)])
+def test_decoded_size_limit_before_any_pixel_is_decoded(tmp_path, pixel_loads, name, write):
+    path = write(tmp_path / name, class_tree())  # 9 images of 3×8×8 = 192 bytes
+    with raises(
+        re.escape(name) + r": entry 'dog/02\.png': the images decode to 1\.1 KiB \(6 images of 3×8×8 pixels so far\), "
+        r"more than the limit of 1000 bytes for decoded images; upload fewer or smaller images"
+    ):
+        load_dataset_file(path, FileLimits(max_decoded_bytes=1000))
+    assert pixel_loads == []
+    load_dataset_file(path, FileLimits(max_decoded_bytes=9 * 192))
+    assert pixel_loads == [(8, 8)] * 9  # each image decoded once
+
+
+def test_npz_decoded_size_limit(tmp_path):
+    path = save_npz(tmp_path / "d.npz", **npz_arrays())
+    with raises(r"d\.npz: the images decode to 3\.4 KiB \(18 images of 3×8×8 pixels\), more than the limit of 1000 bytes"):
+        load_dataset_file(path, FileLimits(max_decoded_bytes=1000))
+    with raises(r"d\.npz: the images decode to 13\.5 KiB \(18 images of 3×16×16 pixels\), more than the limit"):
+        load_dataset_file(path, FileLimits(max_decoded_bytes=10_000), resize=(16, 16))
+
+
+def test_decompression_bomb_of_small_pngs_is_refused_before_decoding(tmp_path, pixel_loads):
+    # 40 single-colour 256×256 PNGs: their files are tiny, their pixels 7.5 MiB
+    entries = {f"{c}/{i:02d}.png": solid_png(256, (i, 0, 0)) for c in "ab" for i in range(20)}
+    path = write_zip(tmp_path / "d.zip", entries)
+    with raises(r"d\.zip: entry '.*': the images decode to .* from a file of .* KiB, a ratio of \d+:1 over the limit "
+                r"of 200:1 \(this looks like a decompression bomb\)"):
+        load_dataset_file(path)
+    assert pixel_loads == []
+
+
+def test_resize_cannot_blow_small_images_up(tmp_path, pixel_loads):
+    path = write_zip(tmp_path / "d.zip", class_tree(per_class=6))  # 18 tiny PNGs → 18×3×512×512 = 13.5 MiB
+    with raises(r"d\.zip: entry '.*': the images decode to .* a ratio of \d+:1 over the limit of 200:1"):
+        load_dataset_file(path, resize=(512, 512))
+    assert pixel_loads == []
+
+
+def test_huge_image_headers_are_refused_without_decoding(tmp_path, pixel_loads):
+    path = write_zip(tmp_path / "d.zip", {**class_tree(), "cat/huge.png": png_header(5000, 5000)})
+    with raises(r"d\.zip: entry 'cat/huge\.png': the image is 5000×5000 pixels; the limit is 512 a side"):
+        load_dataset_file(path)
+    path = write_zip(tmp_path / "d.zip", {**class_tree(), "cat/bomb.png": png_header(20_000, 20_000)})
+    with raises(r"d\.zip: entry 'cat/bomb\.png': the image is far too large \(Image size \(400000000 pixels\) exceeds"):
+        load_dataset_file(path)  # Pillow's decompression-bomb guard
+    assert pixel_loads == []
+
+
+def test_layout_problems_are_found_before_decoding(tmp_path, pixel_loads):
+    with raises(r"d\.zip: only a single class"):
+        load_dataset_file(write_zip(tmp_path / "d.zip", class_tree(("cat",), 5)))
+    with raises(r"d\.zip: entry 'loose\.png' is not at <class>/<image>"):
+        load_dataset_file(write_zip(tmp_path / "d.zip", {**class_tree(), "loose.png": png(rgb())}))
+    assert pixel_loads == []
+
+
+def resized(data: bytes, height: int, width: int) -> np.ndarray:
+    """What resize should give: Pillow's bilinear resize of the image as RGB, C×H×W."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("name, write", [("d.zip", write_zip), ("d.tgz", write_tar)])
+def test_resize_makes_mixed_sizes_one_size(tmp_path, name, write):
+    images = {"a/0.png": rgb(8), "a/1.png": rgb(16), "a/2.png": grey(12), "b/0.png": rgb(5), "b/1.png": rgb(6)[:, :4]}
+    images["b/2.png"] = RNG.integers(0, 256, (6, 10, 3), dtype=np.uint8)  # already 6 high, 10 wide: kept as it is
+    entries = {f"{subset}/{path}": png(pixels) for subset in ("train", "test") for path, pixels in images.items()}
+    path = write(tmp_path / name, entries)
+    with raises(r"mixed image sizes"):
+        load_dataset_file(path)
+
+    train, test = load_dataset_file(path, resize=(6, 10))
+    assert train.input_shape == test.input_shape == (3, 6, 10)
+    for dataset, subset in ((train, "train"), (test, "test")):
+        expected = [resized(entries[f"{subset}/{p}"], 6, 10) for p in sorted(images)]
+        assert np.array_equal(dataset.images.numpy(), np.stack(expected))
+    assert np.array_equal(train.images[5].numpy(), images["b/2.png"].transpose(2, 0, 1))
+
+
+def test_resize_of_greyscale_archives_and_npz(tmp_path):
+    entries = class_tree(("a", "b"), 2, make=grey)
+    train, test = load_dataset_file(write_zip(tmp_path / "d.zip", entries), resize=(4, 4))
+    assert train.input_shape == (1, 4, 4)
+    all_images = {bytes(img.numpy()) for img in torch.cat([train.images, test.images])}
+    assert all_images == {bytes(resized(data, 4, 4)[:1]) for data in entries.values()}
+
+    arrays = npz_arrays(shape=(8, 8))
+    arrays["x_test"] = RNG.integers(0, 256, (6, 12, 12), dtype=np.uint8)  # another size: fine with resize
+    train, test = load_dataset_file(save_npz(tmp_path / "d.npz", **arrays), resize=(8, 8))
+    assert np.array_equal(train.images.numpy(), arrays["x_train"][:, None])  # the right size already: untouched
+    expected = [np.asarray(Image.fromarray(x).resize((8, 8), Image.Resampling.BILINEAR)) for x in arrays["x_test"]]
+    assert np.array_equal(test.images.numpy(), np.stack(expected)[:, None])
+
+
+def test_npz_resize_of_float_nchw_images(tmp_path):
+    arrays = npz_arrays(shape=(3, 8, 8))
+    as_uint8 = arrays["x_train"].transpose(0, 2, 3, 1)
+    arrays["x_train"] = arrays["x_train"].astype(np.float32) / 255
+    train, _ = load_dataset_file(save_npz(tmp_path / "d.npz", **arrays), resize=(5, 7))
+    expected = [np.asarray(Image.fromarray(x).resize((7, 5), Image.Resampling.BILINEAR)).transpose(2, 0, 1) for x in as_uint8]
+    assert np.array_equal(train.images.numpy(), np.stack(expected))
+
+
+def test_npz_shape_mismatch_messages(tmp_path):
+    arrays = npz_arrays()
+    arrays["x_test"] = np.zeros((6, 4, 4, 3), np.uint8)
+    with raises(r"train and test images differ in shape: .*; save them at one size, or upload again with resize=8x8"):
+        load_dataset_file(save_npz(tmp_path / "d.npz", **arrays))
+    arrays["x_test"] = np.zeros((6, 8, 8, 1), np.uint8)
+    with raises(r"x_train is \(3, 8, 8\) and x_test is \(1, 8, 8\) \(C, H, W\); save them with one channel count"):
+        load_dataset_file(save_npz(tmp_path / "d.npz", **arrays), resize=(8, 8))
+
+
+@pytest.mark.parametrize("resize", [(0, 8), (8, 513), (8,), (8, 8, 3), (8.0, 8), (True, 8), "32x32", 32])
+def test_invalid_resize(tmp_path, resize):
+    path = write_zip(tmp_path / "d.zip", class_tree())
+    with raises(r"resize=.*: give \(height, width\) in pixels, each from 1 to 512"):
+        load_dataset_file(path, resize=resize)
+
+
+def test_parse_resize():
+    assert parse_resize("32x24") == (24, 32)  # WIDTHxHEIGHT, as the messages suggest it → (height, width)
+    assert parse_resize(" 10 X 6 ") == parse_resize("10×6") == (6, 10)
+    for text in ("32", "0x5", "ax4", "-3x4", "32x24x3", ""):
+        with raises(r"resize '.*': give the size as WIDTHxHEIGHT in pixels, e.g\. 32x32"):
+            parse_resize(text)
+
+
+def test_inspect_fingerprint_is_the_loaded_datasets_and_depends_on_resize(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {**class_tree(), "eel/big.png": png(rgb(16))})
+    npz = save_npz(tmp_path / "d.npz", **npz_arrays())
+    seen = set()
+    for path, resize in ((archive, (8, 8)), (archive, (4, 6)), (npz, None), (npz, (5, 5))):
+        summary = inspect_dataset_file(path, resize=resize)
+        assert summary["fingerprint"] == fingerprint(*load_dataset_file(path, resize=resize))
+        assert summary["resize"] == resize
+        assert summary["input_shape"] == (3, *(resize or (8, 8)))
+        seen.add(summary["fingerprint"])
+    assert len(seen) == 4
+
+
+# --- .npz read as a stream ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.dtype(">f8")])
+def test_npz_fortran_order_and_byte_order(tmp_path, dtype):
+    arrays = npz_arrays(n_train=40)
+    expected = arrays["x_train"].transpose(0, 3, 1, 2)
+    scale = 1 if np.dtype(dtype) == np.uint8 else 255
+    arrays["x_train"] = np.asfortranarray((arrays["x_train"] / scale).astype(dtype))
+    np.savez_compressed(tmp_path / "d.npz", **arrays)
+    train, _ = load_dataset_file(tmp_path / "d.npz")
+    assert np.array_equal(train.images.numpy(), expected)
+
+
+def npz_with_x_train(path, images: np.ndarray, declared_shape: tuple[int, ...]):
+    """An .npz whose x_train header declares `declared_shape` over the data of `images`."""
+    arrays = npz_arrays()
+    arrays["y_train"] = np.arange(declared_shape[0]) % 3
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key, array in arrays.items():
+            with zf.open(f"{key}.npy", "w") as f:
+                if key == "x_train":
+                    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": declared_shape})
+                    f.write(images.tobytes())
+                else:
+                    np.lib.format.write_array(f, array)
+    return path
+
+
+def test_npz_member_shorter_or_longer_than_its_header(tmp_path):
+    images = RNG.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    with raises(r"d\.npz: the \.npz file is truncated or corrupt \(array x_train ends before the data its header declares\)"):
+        load_dataset_file(npz_with_x_train(tmp_path / "d.npz", images, (13, 8, 8, 3)))
+    with raises(r"d\.npz: the \.npz file is truncated or corrupt \(array x_train has more data than its header declares\)"):
+        load_dataset_file(npz_with_x_train(tmp_path / "d.npz", images, (11, 8, 8, 3)))
+    train, _ = load_dataset_file(npz_with_x_train(tmp_path / "d.npz", images, (12, 8, 8, 3)))
+    assert np.array_equal(train.images.numpy(), images.transpose(0, 3, 1, 2))

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.engine.errors import DatasetError  # noqa: E402
+from core.engine.errors import DatasetError
 
 
 def status_kib(field: str) -> int:
     text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
 
 
 def load_module(file: str | None):
@@ -35,8 +35,6 @@ def load_module(file: str | None):
         import core.engine.dataset_files as module
 
         return module
-    import core.engine  # the parent package, for the copy's relative imports
-
     spec = importlib.util.spec_from_file_location("core.engine._dataset_files_under_test", file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

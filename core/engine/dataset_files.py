@@ -316,7 +316,7 @@ def _load_npz(path: Path, limits: FileLimits, resize: tuple[int, int] | None) ->
         file_bytes = path.stat().st_size
         with zipfile.ZipFile(path) as zf:
             _check_zip_directory(zf.infolist(), source, limits, file_bytes)
-            found = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+            found = [n.removesuffix(".npy") for n in zf.namelist()]
             missing = [key for key in NPZ_KEYS if key not in found]
             if missing:
                 raise DatasetError(
@@ -561,19 +561,22 @@ def _load_zip(path: Path, limits: FileLimits, resize) -> tuple[ImageDataset, Ima
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             _check_zip_directory(infos, source, limits, archive_bytes)
-
-            def entries():
-                budget = _Budget(source, limits, lambda: archive_bytes)
-                for info in infos:
-                    parts = _safe_parts(info.filename, source)
-                    if parts and not _ignored(parts):
-                        yield info.filename, parts, None if info.is_dir() else _read_zip_entry(zf, info, budget)
-
+            entries = lambda: _zip_entries(zf, infos, source, limits, archive_bytes)
             return _load_images(source, entries, limits, resize, archive_bytes)
     except DatasetError:
         raise
     except _CORRUPT as err:
         raise DatasetError(f"{source}: the zip archive is truncated or corrupt ({err}); re-create it and upload again") from err
+
+
+def _zip_entries(
+    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], source: str, limits: FileLimits, archive_bytes: int
+) -> Iterator[tuple[str, tuple[str, ...], bytes | None]]:
+    budget = _Budget(source, limits, lambda: archive_bytes)
+    for info in infos:
+        parts = _safe_parts(info.filename, source)
+        if parts and not _ignored(parts):
+            yield info.filename, parts, None if info.is_dir() else _read_zip_entry(zf, info, budget)
 
 
 def _read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> bytes:
@@ -772,31 +775,40 @@ def _load_images(source: str, entries: _Entries, limits: FileLimits, resize, fil
 
     train = np.empty((len(train_index), *scan.chw), np.uint8)
     test = np.empty((len(test_index), *scan.chw), np.uint8)
-    row = np.empty(len(scan.names), np.int64)  # archive order → row of train, or len(train) + row of test
-    row[train_index] = np.arange(len(train_index))
-    row[test_index] = len(train_index) + np.arange(len(test_index))
-    decoded = 0
-    with contextlib.closing(entries()) as second_pass:
-        for name, _parts, data in second_pass:
-            if data is None:
-                continue
-            if decoded == len(row) or name != scan.names[decoded]:
-                raise DatasetError(f"{source}: the file changed while it was being read; upload it again")
-            where = f"{source}: entry {name!r}"
-            pixels = _decode_image(data, where, limits.max_image_side)
-            colour_into_grey = pixels.ndim == 3 and scan.channels == 1
-            if colour_into_grey or (resize is None and pixels.shape[:2] != scan.size):
-                raise DatasetError(f"{where}: the image's pixels do not match its header; re-save the image")
-            r = int(row[decoded])
-            _store(train[r] if r < len(train) else test[r - len(train)], pixels, resize)
-            decoded += 1
-    if decoded != len(row):
-        raise DatasetError(f"{source}: the file changed while it was being read; upload it again")
+    rows = np.empty(len(scan.names), np.int64)  # archive order → row of train, or len(train) + row of test
+    rows[train_index] = np.arange(len(train_index))
+    rows[test_index] = len(train_index) + np.arange(len(test_index))
+
+    def row(i: int) -> np.ndarray:
+        r = int(rows[i])
+        return train[r] if r < len(train) else test[r - len(train)]
+
+    _decode_all(entries, scan, row)
 
     def dataset(array: np.ndarray, index: list[int]) -> ImageDataset:
         return ImageDataset(torch.from_numpy(array), torch.from_numpy(labels[np.asarray(index, dtype=np.int64)]), classes)
 
     return dataset(train, train_index), dataset(test, test_index)
+
+
+def _decode_all(entries: _Entries, scan: _Scan, row: Callable[[int], np.ndarray]) -> None:
+    """The second pass: the i-th image of the archive decoded into row(i)."""
+    source, decoded = scan.source, 0
+    with contextlib.closing(entries()) as second_pass:
+        for name, _parts, data in second_pass:
+            if data is None:
+                continue
+            if decoded == len(scan.names) or name != scan.names[decoded]:
+                raise DatasetError(f"{source}: the file changed while it was being read; upload it again")
+            where = f"{source}: entry {name!r}"
+            pixels = _decode_image(data, where, scan.limits.max_image_side)
+            colour_into_grey = pixels.ndim == 3 and scan.channels == 1
+            if colour_into_grey or (scan.resize is None and pixels.shape[:2] != scan.size):
+                raise DatasetError(f"{where}: the image's pixels do not match its header; re-save the image")
+            _store(row(decoded), pixels, scan.resize)
+            decoded += 1
+    if decoded != len(scan.names):
+        raise DatasetError(f"{source}: the file changed while it was being read; upload it again")
 
 
 # --- the class layout --------------------------------------------------------------------

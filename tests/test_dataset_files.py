@@ -662,7 +662,7 @@ def test_npz_shape_mismatch_messages(tmp_path):
 @pytest.mark.parametrize("resize", [(0, 8), (8, 513), (8,), (8, 8, 3), (8.0, 8), (True, 8), "32x32", 32])
 def test_invalid_resize(tmp_path, resize):
     path = write_zip(tmp_path / "d.zip", class_tree())
-    with raises(r"resize=.*: give \(height, width\) in pixels, each from 1 to 512"):
+    with raises(r"d\.zip: resize=.* is not a size; give \(height, width\) in pixels, each from 1 to 512"):
         load_dataset_file(path, resize=resize)
 
 

@@ -45,9 +45,10 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
-_RESIZE_TEXT = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+_RESIZE_TEXT = re.compile(r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$")
 # What a broken archive raises while being read (gzip.BadGzipFile and bz2 errors are OSErrors;
 # zipfile raises NotImplementedError for a garbled "version needed to extract").
 _CORRUPT = (
@@ -101,14 +102,14 @@ def load_dataset_file(
     path: Path, limits: FileLimits = FileLimits(), *, resize: tuple[int, int] | None = None
 ) -> tuple[ImageDataset, ImageDataset]:
     """Returns (train, test). `resize`: (height, width) every image is resized to, or None."""
-    _fmt, train, test = _load(Path(path), limits, _resize_size(resize, limits))
+    _fmt, train, test = _load(Path(path), limits, _resize_size(resize, limits, Path(path).name))
     return train, test
 
 
 def inspect_dataset_file(path: Path, limits: FileLimits = FileLimits(), *, resize: tuple[int, int] | None = None) -> dict:
     """Validate a dataset file fully and summarise it (fingerprint: sha256 of the decoded content,
     the same as `datasets.fingerprint(train, test)` of what `load_dataset_file` returns)."""
-    resize = _resize_size(resize, limits)
+    resize = _resize_size(resize, limits, Path(path).name)
     fmt, train, test = _load(Path(path), limits, resize)
     return {
         "format": fmt,
@@ -135,8 +136,8 @@ def _fingerprint(*datasets: ImageDataset) -> str:
     digest = hashlib.sha256()
     for dataset in datasets:
         digest.update(repr((tuple(dataset.images.shape), dataset.classes)).encode())
-        digest.update(dataset.images.contiguous().numpy())
-        digest.update(dataset.labels.contiguous().numpy())
+        digest.update(dataset.images.contiguous().numpy().data)
+        digest.update(dataset.labels.contiguous().numpy().data)
     return digest.hexdigest()
 
 
@@ -151,7 +152,7 @@ def _load(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tup
     return fmt, train, test
 
 
-def _resize_size(resize, limits: FileLimits) -> tuple[int, int] | None:
+def _resize_size(resize, limits: FileLimits, source: str) -> tuple[int, int] | None:
     """`resize` checked and as (height, width) ints."""
     if resize is None:
         return None
@@ -160,7 +161,7 @@ def _resize_size(resize, limits: FileLimits) -> tuple[int, int] | None:
         not isinstance(resize, (tuple, list)) or len(resize) != 2
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= side for v in resize)
     ):
-        raise DatasetError(f"resize={resize!r}: give (height, width) in pixels, each from 1 to {side}")
+        raise DatasetError(f"{source}: resize={resize!r} is not a size; give (height, width) in pixels, each from 1 to {side}")
     return int(resize[0]), int(resize[1])
 
 
@@ -351,7 +352,7 @@ def _load_npz(path: Path, limits: FileLimits, resize: tuple[int, int] | None) ->
     )
 
 
-def _open_npy(zf: zipfile.ZipFile, member: str, key: str, source: str) -> tuple[io.BufferedIOBase, _NpyHeader]:
+def _open_npy(zf: zipfile.ZipFile, member: str, key: str, source: str) -> tuple[IO[bytes], _NpyHeader]:
     """The member opened and positioned at its array data, and its header."""
     f = zf.open(member)
     try:
@@ -390,7 +391,7 @@ def _npz_chw(key: str, shape: tuple[int, ...], source: str) -> tuple[int, int, i
     if len(shape) == 4 and shape[3] in (1, 3):
         return (shape[3], shape[1], shape[2])
     if len(shape) == 4 and shape[1] in (1, 3):
-        return tuple(shape[1:])
+        return (shape[1], shape[2], shape[3])
     raise DatasetError(
         f"{source}: {key} has shape {shape}; expected N×H×W×C or N×C×H×W with 1 or 3 channels, or N×H×W greyscale"
     )
@@ -466,7 +467,7 @@ def _npy_chunks(zf: zipfile.ZipFile, header: _NpyHeader, key: str, source: str) 
     with f:
         for start in range(0, n, step):
             block = buffer[: min(step, n - start)]
-            _read_exactly(f, memoryview(block.reshape(-1).view(np.uint8)), key)
+            _read_exactly(f, block.reshape(-1).view(np.uint8).data, key)
             yield start, block
         if f.read(1):
             raise ValueError(f"array {key} has more data than its header declares")
@@ -529,8 +530,9 @@ def _read_npz_labels(zf: zipfile.ZipFile, header: _NpyHeader, key: str, source: 
 # --- archives ----------------------------------------------------------------------------
 
 # An archive's entries that count, in archive order, after every safety check: (name, path parts,
-# the file's bytes, or None for a folder). Called once per pass; each call reads the archive afresh.
-_Entries = Callable[[], Iterator[tuple[str, tuple[str, ...], bytes | None]]]
+# the file's bytes, or None for a folder). Read once per pass; each pass reads the archive afresh.
+_EntryStream = Generator[tuple[str, tuple[str, ...], bytes | None], None, None]
+_Entries = Callable[[], _EntryStream]
 
 
 def _check_zip_directory(infos: list[zipfile.ZipInfo], source: str, limits: FileLimits, archive_bytes: int) -> None:
@@ -571,7 +573,7 @@ def _load_zip(path: Path, limits: FileLimits, resize) -> tuple[ImageDataset, Ima
 
 def _zip_entries(
     zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], source: str, limits: FileLimits, archive_bytes: int
-) -> Iterator[tuple[str, tuple[str, ...], bytes | None]]:
+) -> _EntryStream:
     budget = _Budget(source, limits, lambda: archive_bytes)
     for info in infos:
         parts = _safe_parts(info.filename, source)
@@ -631,7 +633,7 @@ def _load_tar(path: Path, gz: bool, limits: FileLimits, resize) -> tuple[ImageDa
         ) from err
 
 
-def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> Iterator[tuple[str, tuple[str, ...], bytes | None]]:
+def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> _EntryStream:
     source = path.name
     with open(path, "rb") as raw_file:
         raw = _CountingReader(raw_file)
@@ -735,7 +737,7 @@ class _Scan:
         self.names: list[str] = []
         self.parts: list[tuple[str, ...]] = []
         self.folders: set[tuple[str, ...]] = set()
-        self.size = tuple(resize) if resize is not None else None  # (H, W) every image decodes to
+        self.size: tuple[int, int] | None = resize  # (H, W) every image decodes to
         self.channels = 1  # 3 once any image is in colour: grey images are then repeated over 3 channels
 
     def add(self, name: str, parts: tuple[str, ...], data: bytes) -> None:
@@ -759,6 +761,7 @@ class _Scan:
 
     @property
     def chw(self) -> tuple[int, int, int]:
+        assert self.size is not None, "no image yet"
         return (self.channels, *self.size)
 
 
@@ -904,7 +907,7 @@ def _stratified_split(order: list[int], labels: np.ndarray, num_classes: int) ->
     for i in order:
         by_class[labels[i]].append(i)
     generator = torch.Generator().manual_seed(SPLIT_SEED)
-    test = set()
+    test: set[int] = set()
     for members in by_class:
         n_test = min(len(members) - 1, max(1, round(TEST_FRACTION * len(members)))) if len(members) > 1 else 0
         permutation = torch.randperm(len(members), generator=generator)[:n_test]

@@ -37,9 +37,10 @@ MIB = 1024**2
 ALLOWANCE = 16 * MIB
 RNG = np.random.default_rng(0)
 
-pytestmark = pytest.mark.skipif(
-    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset and read the peak RSS"
-)
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset and read the peak RSS"),
+    pytest.mark.slow,  # each test starts a Python that imports torch: 5-15 s apiece on a busy 2-core machine
+]
 
 
 def measure(dataset: Path, warm_up: Path, resize: str | None = None) -> dict:

@@ -25,9 +25,29 @@ class ErrorOut(BaseModel):
     detail: str | list[FieldError]
 
 
-def field_errors(errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT) -> HTTPException:
+ERROR_DESCRIPTIONS = {
+    401: "Missing, malformed or revoked API key (send `Authorization: Bearer <key>`)",
+    404: "No such job, dataset or artifact of yours (another tenant's things do not exist for you)",
+    405: "Not allowed on this resource (built-in datasets cannot be deleted)",
+    408: "The upload sent nothing for too long",
+    409: "Conflicts with the current state (the detail says which)",
+    410: "The file is no longer on disk",
+    413: "Over a size limit or quota (the detail names it)",
+    422: "Invalid input; `detail` names each field at fault",
+    429: "A per-tenant limit is reached; retry after `Retry-After` seconds",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI declarations of the error answers a route can give, all with the one error body."""
+    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def field_errors(errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT, *, within: tuple[str, ...] = ()) -> HTTPException:
+    """Errors about body fields; `within=("spec",)` for job-spec fields, whose messages name them as `--set` does."""
     detail = [
-        {"loc": ["body", *(field.split(".") if field else [])], "msg": f"{field}: {message}" if field else message, "type": "value_error"}
+        {"loc": ["body", *within, *(field.split(".") if field else [])], "msg": f"{field}: {message}" if field else message,
+         "type": "value_error"}
         for field, message in errors
     ]
     return HTTPException(code, detail)
@@ -40,8 +60,11 @@ def _body(code: int, detail: object, headers: dict[str, str] | None = None) -> J
 def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecError)
     async def bad_spec(_request: Request, err: SpecError) -> JSONResponse:
-        failure = field_errors([(e["field"], e["message"]) for e in err.errors])
-        return _body(failure.status_code, failure.detail)
+        detail = []
+        for e in err.errors:  # the preset is a body field; everything else a field of the spec
+            within = () if e["field"] in ("preset", "") else ("spec",)
+            detail += field_errors([(e["field"], e["message"])], within=within).detail
+        return _body(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
 
     @app.exception_handler(ActiveJobLimit)
     async def too_many_jobs(_request: Request, err: ActiveJobLimit) -> JSONResponse:

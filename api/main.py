@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.concurrency import run_in_threadpool
 
 from core.db.session import database
@@ -45,8 +46,9 @@ async def _sweep_periodically(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    app = FastAPIOffline(  # Swagger UI and ReDoc from the package's own files: the docs work offline
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operation ids: jobs_create, datasets_upload, ...
         title="PeerAiD robustification service",
         version="1.0.0",
         description=(

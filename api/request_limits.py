@@ -100,8 +100,9 @@ def register_validation_handler(app: FastAPI) -> None:
 
 
 def _message(error: dict) -> str:
-    field = ".".join(str(p) for p in error.get("loc", ())[1:])  # without "body" / "query" / "path"
-    text = str(error.get("msg", "invalid"))
+    parts = [str(p) for p in error.get("loc", ())[1:]]  # without "body" / "query" / "path"
+    field = ".".join(parts[1:] if parts[:1] == ["spec"] else parts)  # job-spec fields by their own names, as in --set
+    text = "unknown field" if error.get("type") == "extra_forbidden" else str(error.get("msg", "invalid"))
     if error.get("type") == "json_invalid":
         text = f"not valid JSON: {json.dumps(error.get('ctx', {}).get('error', ''))[:80]}"
     message = f"{field}: {text}" if field else text

@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic_core import PydanticUndefined
 
 from core.db.models import JobStatus
+from core.engine.spec import JobSpec
 
 # Names and references users send: printable text only (no NUL or other control characters).
 PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
@@ -55,14 +57,49 @@ class PresetOut(BaseModel):
     spec: dict[str, Any]
 
 
+def overrides_of(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional (None: keep the preset's or the default value), nested models
+    likewise, and each field's constraints and description kept, its default stated: the job spec as
+    users send it, documented in OpenAPI from the engine's own JobSpec, so the two never drift."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = overrides_of(annotation, f"{annotation.__name__}Overrides")
+        elif info.metadata:
+            annotation = Annotated[annotation, *info.metadata]
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        described = (info.description or field_name.replace("_", " ")).rstrip(".")
+        if default is not PydanticUndefined:
+            described += f". Default: {default!r}" if not isinstance(default, dict) else ""
+        fields[field_name] = (annotation | None, Field(None, description=described))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=model.__doc__, **fields)
+
+
+JobSpecOverrides = overrides_of(JobSpec, "JobSpecOverrides")
+
+
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"preset": "digits-demo", "spec": {"epochs": 4}},
+            {"preset": "cifar10-resnet18", "dataset": "ds_0123456789abcdef0123", "spec": {"epochs": 100, "peeraid": {"tau": 3}}},
+        ]},
+    )
 
     dataset: Reference | None = Field(
-        None, description="a built-in dataset name (digits, cifar10, cifar100, tinyimagenet) or an uploaded dataset id; default: the preset's"
+        None, description="a built-in dataset (digits, cifar10, cifar100, tinyimagenet), or one of your uploads by id or by name; "
+        "default: the preset's"
     )
     preset: Name | None = Field(None, description="start from a named preset (see /v1/presets)")
-    spec: dict[str, Any] = Field(default_factory=dict, description="job-spec fields, merged over the preset")
+    spec: JobSpecOverrides = Field(  # type: ignore[valid-type]
+        default_factory=JobSpecOverrides,
+        description="job-spec fields to change, merged over the preset (nested objects field by field); omitted fields keep "
+        "the preset's value, or the default stated on each field",
+    )
 
 
 class Progress(BaseModel):

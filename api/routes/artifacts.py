@@ -7,26 +7,27 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.db.models import Artifact, Job
+from core.db.models import TERMINAL_STATUSES, Artifact, Job
 from core.settings import Settings
 from core.storage import Storage
 
 from ..deps import ArtifactName, OwnedJob, SessionDep, SettingsDep, StorageDep
+from ..errors import responses
 from ..schemas import ArtifactOut
 
-router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"], responses=responses(401))
 
 
 def _out(artifact: Artifact, request: Request, settings: Settings) -> ArtifactOut:
     """With the download's absolute URL on the configured public URL (never the request's Host header)."""
     out = ArtifactOut.model_validate(artifact)
-    path = request.app.url_path_for("download_artifact", job_id=artifact.job_id, name=artifact.name)
+    path = request.app.url_path_for("artifacts_download", job_id=artifact.job_id, name=artifact.name)
     out.url = settings.resolved_public_url.rstrip("/") + str(path)
     return out
 
 
-@router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256")
-def list_artifacts(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep) -> list[ArtifactOut]:
+@router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256", responses=responses(404, 422))
+def artifacts_list(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep) -> list[ArtifactOut]:
     return [_out(a, request, settings) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
 
 
@@ -34,15 +35,19 @@ def list_artifacts(job: OwnedJob, request: Request, session: SessionDep, setting
     "/{name}",
     summary="Download an artifact (streamed; Content-Length and an X-Content-SHA256 header)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}},
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "The file's bytes; its SHA-256 in X-Content-SHA256"},
+               **responses(404, 409, 410, 422)},
 )
-def download_artifact(job: OwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
+def artifacts_download(job: OwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
     return artifact_file(session, storage, job, name)
 
 
 def artifact_file(session: Session, storage: Storage, job: Job, name: str) -> FileResponse:
     """Streams one artifact of a job the caller already owns (the /v1 and the /ui downloads)."""
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if artifact is None and job.status not in TERMINAL_STATUSES:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is {job.status}: its artifacts are written when it finishes")
     if artifact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no artifact {name!r}")
     path = storage.path(artifact.storage_key)  # from the database row, never from the request

@@ -10,9 +10,10 @@ from core.engine.models import list_models
 from core.engine.spec import PRESETS
 
 from ..deps import TenantDep
+from ..errors import responses
 from ..schemas import ArchitectureOut, PresetOut
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401))
 
 
 @cache
@@ -25,10 +26,10 @@ def _architectures() -> list[ArchitectureOut]:
 
 
 @router.get("/architectures", response_model=list[ArchitectureOut], summary="Student and peer architectures")
-def architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
+def catalog_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
     return _architectures()
 
 
 @router.get("/presets", response_model=list[PresetOut], summary="Named job specs (the paper's settings and a CPU demo)")
-def presets(_tenant: TenantDep) -> list[PresetOut]:
+def catalog_presets(_tenant: TenantDep) -> list[PresetOut]:
     return [PresetOut(name=name, description=description, spec=spec) for name, (description, spec) in PRESETS.items()]

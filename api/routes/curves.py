@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 from core.db.models import EpochMetric, Job
 
 from ..deps import OwnedJob, SessionDep
+from ..errors import responses
 from ..plots import training_curves_png
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
 
 
 def curves_png(request: Request, session: Session, job: Job, title: str = "") -> Response:
@@ -32,7 +33,7 @@ def curves_png(request: Request, session: Session, job: Job, title: str = "") ->
     "/{job_id}/curves.png",
     summary="Training curves: validation clean/PGD accuracy (student, SWA student), losses and learning rate per epoch",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}, **responses(404, 422)},
 )
-def job_curves(job: OwnedJob, request: Request, session: SessionDep) -> Response:
+def jobs_curves(job: OwnedJob, request: Request, session: SessionDep) -> Response:
     return curves_png(request, session, job, title=job.id)

@@ -12,10 +12,12 @@ from core.db.models import Dataset
 from core.engine.sources import BUILTIN_DATASETS
 
 from ..deps import DatabaseDep, DatasetId, SessionDep, SettingsDep, StorageDep, TenantDep, UploadSlotsDep, find_owned
+from ..errors import responses
 from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
+from ..uploads import IncomingFile
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401))
 
 
 def builtin_datasets() -> list[DatasetOut]:
@@ -26,49 +28,58 @@ def builtin_datasets() -> list[DatasetOut]:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetOut,
-    summary="Upload a dataset file as the raw request body",
+    summary="Upload a dataset file (the raw body, or a multipart form's file field)",
     description=(
-        "Send the file itself as the body (Content-Type: application/octet-stream), e.g. "
-        "`curl -H 'Authorization: Bearer …' --data-binary @cats.zip '…/v1/datasets?name=cats&filename=cats.zip'`. "
+        "Send the file as the body (`curl -H 'Authorization: Bearer …' --data-binary @cats.zip '…/v1/datasets?name=cats&filename=cats.zip'`) "
+        "or as a form's file field (`curl -H 'Authorization: Bearer …' -F file=@cats.zip '…/v1/datasets?name=cats'`). "
         "Accepted: .npz with x_train, y_train, x_test, y_test; or a .zip / .tar / .tar.gz of image folders "
-        "(train/<class>/…, test/<class>/…, or <class>/…). The file is streamed to disk, checked in full and fingerprinted."
+        "(train/<class>/…, test/<class>/…, or <class>/…). The file is streamed to disk, checked in full and fingerprinted; "
+        "images of mixed sizes need `resize`."
     ),
-    openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-    responses={413: {"description": "larger than the upload limit"}, 422: {"description": "not a valid dataset file"}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
+    }}},
+    responses=responses(408, 413, 422, 429),
 )
-async def upload_dataset(
+async def datasets_upload(
     request: Request,
     db: DatabaseDep,
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
     slots: UploadSlotsDep,
-    name: Annotated[str, Query(min_length=1, max_length=128, pattern=PRINTABLE, description="your name for the dataset")],
-    filename: Annotated[str, Query(min_length=1, max_length=200, description="original file name, for reference")] = "upload",
+    name: Annotated[str | None, Query(min_length=1, max_length=128, pattern=PRINTABLE,
+                                      description="your name for the dataset (default: the file's name without extension)")] = None,
+    filename: Annotated[str | None, Query(min_length=1, max_length=200,
+                                          description="the file's name, for reference (default: the form field's file name, or 'upload')")] = None,
 ) -> Dataset:
+    incoming = IncomingFile(request.stream(), request.headers.get("content-type", ""), filename)
     with slots.slot(tenant.id):
         return await dataset_service.upload(
-            db, storage, settings, tenant, name=name, filename=filename, declared_size=request.headers.get("content-length"),
-            body=request.stream(), validations=request.app.state.validations,
+            db, storage, settings, tenant, incoming, name=name, declared_size=request.headers.get("content-length"),
+            validations=request.app.state.validations,
         )
 
 
 @router.get("", response_model=DatasetList, summary="Built-in datasets and your uploads")
-def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetList:
+def datasets_list(session: SessionDep, tenant: TenantDep) -> DatasetList:
     uploads = session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())).all()
     return DatasetList(items=builtin_datasets() + [DatasetOut.model_validate(d) for d in uploads])
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
-def read_dataset(dataset_id: DatasetId, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset", responses=responses(404, 422))
+def datasets_get(dataset_id: DatasetId, session: SessionDep, tenant: TenantDep) -> DatasetOut:
     builtin = {d.id: d for d in builtin_datasets()}
     if dataset_id in builtin:
         return builtin[dataset_id]
     return DatasetOut.model_validate(find_owned(session, Dataset, dataset_id, tenant))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset")
-def delete_dataset(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset",
+               responses=responses(404, 405, 409, 422))
+def datasets_delete(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, f"{dataset_id} is built in and cannot be deleted")
     key = db.run(lambda session: datasets.delete_unused(session, find_owned(session, Dataset, dataset_id, tenant)))

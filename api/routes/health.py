@@ -12,13 +12,14 @@ from sqlalchemy import text
 from core.db.session import database
 
 from ..deps import OperatorDep, SettingsDep
+from ..errors import responses
 from ..metrics import REGISTRY
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="The API process is alive")
-def healthz() -> dict:
+def health_live() -> dict:
     return {"status": "ok"}
 
 
@@ -43,7 +44,7 @@ def _check_broker(url: str) -> str | None:
 
 
 @router.get("/readyz", summary="Ready to serve: the database and the broker answer (details for the operator only)")
-async def readyz(settings: SettingsDep, operator: OperatorDep, response: Response) -> dict:
+async def health_ready(settings: SettingsDep, operator: OperatorDep, response: Response) -> dict:
     started = time.perf_counter()
     problems = {
         "database": await run_in_threadpool(_check_database, settings.resolved_database_url),
@@ -61,8 +62,8 @@ async def readyz(settings: SettingsDep, operator: OperatorDep, response: Respons
 
 
 @router.get("/metrics", summary="Prometheus metrics (the operator's token: Authorization: Bearer $PEERAID_OPERATOR_TOKEN)",
-            response_class=Response)
-def metrics(settings: SettingsDep, operator: OperatorDep) -> Response:
+            response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **responses(401)})
+def health_metrics(settings: SettingsDep, operator: OperatorDep) -> Response:
     if not operator:
         hint = "send the operator token" if settings.operator_token else "set PEERAID_OPERATOR_TOKEN to enable them"
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"metrics are for the operator: {hint}", headers={"WWW-Authenticate": "Bearer"})

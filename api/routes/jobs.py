@@ -16,16 +16,18 @@ from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext
 
 from ..deps import DatabaseDep, JobQueueDep, JobWatcherDep, OwnedJob, SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
+from ..errors import responses
 from ..schemas import EpochMetricOut, JobCreate, JobList, JobOut
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
 KEEP_ALIVE_SECONDS = 15
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job")
-def create_job(
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job",
+             responses={200: {"model": JobOut, "description": "A retry with the same Idempotency-Key: the job it made"}, **responses(409, 413, 422, 429)})
+def jobs_create(
     body: JobCreate,
     db: DatabaseDep,
     queue: JobQueueDep,
@@ -40,8 +42,8 @@ def create_job(
     return job
 
 
-@router.get("", response_model=JobList, summary="List your jobs, newest first")
-def list_jobs(
+@router.get("", response_model=JobList, summary="List your jobs, newest first", responses=responses(422))
+def jobs_list(
     session: SessionDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
@@ -56,23 +58,24 @@ def list_jobs(
     return JobList(items=[JobOut.model_validate(j) for j in items], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Status, progress, metrics and error of a job")
-def read_job(job: OwnedJob) -> Job:
+@router.get("/{job_id}", response_model=JobOut, summary="Status, progress, metrics and error of a job", responses=responses(404, 422))
+def jobs_get(job: OwnedJob) -> Job:
     return job
 
 
-@router.get("/{job_id}/metrics", response_model=list[EpochMetricOut], summary="Per-epoch metrics")
-def job_metrics(job: OwnedJob, session: SessionDep) -> list[EpochMetric]:
+@router.get("/{job_id}/metrics", response_model=list[EpochMetricOut], summary="Per-epoch metrics", responses=responses(404, 422))
+def jobs_metrics(job: OwnedJob, session: SessionDep) -> list[EpochMetric]:
     return list(session.scalars(select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch)))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
-def cancel_job(job: OwnedJob, session: SessionDep) -> Job:
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job", responses=responses(404, 409, 422))
+def jobs_cancel(job: OwnedJob, session: SessionDep) -> Job:
     return jobs.request_cancel(session, job)
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files")
-def delete_job(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files",
+               responses=responses(404, 409, 422))
+def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
     db.run(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
     storage.delete_job(job.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -82,9 +85,11 @@ def delete_job(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
     "/{job_id}/events",
     summary="Server-sent events: the job's state whenever it changes, until it finishes",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "`event: job` with the job (as GET /v1/jobs/{id}) on every change, then `event: end`"},
+               **responses(404, 422, 429)},
 )
-async def job_events(job: OwnedJob, tenant: TenantDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
+async def jobs_events(job: OwnedJob, tenant: TenantDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
     slots.acquire(tenant.id)
     first = JobOut.model_validate(job).model_dump(mode="json")
     return StreamingResponse(_events(first, tenant, watcher, slots), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

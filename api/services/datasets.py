@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, status
 from fastapi.concurrency import run_in_threadpool
@@ -20,7 +19,16 @@ from core.engine.errors import DatasetError
 from core.settings import Settings
 from core.storage import Storage, UploadStalled, UploadTooLarge
 
+from ..uploads import IncomingFile
+
 FILE_NAME = re.compile(r"^[\w.\- ]{1,200}$")
+
+
+def _stem(filename: str) -> str:
+    for suffix in (".tar.gz", ".tgz", ".zip", ".tar", ".npz"):
+        if filename.lower().endswith(suffix):
+            return filename[: -len(suffix)] or filename
+    return filename
 
 
 def upload_limit(settings: Settings, tenant: TenantContext) -> int:
@@ -39,14 +47,16 @@ def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTT
 
 
 async def upload(
-    db: Database, storage: Storage, settings: Settings, tenant: TenantContext, *, name: str, filename: str,
-    declared_size: str | None, body: AsyncIterator[bytes], validations: asyncio.Semaphore,
+    db: Database, storage: Storage, settings: Settings, tenant: TenantContext, incoming: IncomingFile, *, name: str | None,
+    declared_size: str | None, validations: asyncio.Semaphore,
 ) -> Dataset:
-    if not FILE_NAME.match(filename):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"filename {filename!r}: use letters, digits, '.', '-', '_' and spaces")
+    if incoming.filename is not None and not FILE_NAME.match(incoming.filename):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces")
+    filename = incoming.filename or "upload"
     limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
     used = await run_in_threadpool(db.run, lambda session: datasets.storage_used(session, tenant.id))
-    if declared_size is not None and declared_size.isdigit():
+    if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
         if int(declared_size) > limit:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
         if int(declared_size) > quota - used:
@@ -55,13 +65,16 @@ async def upload(
     dataset_id = new_id("ds")
     key = storage.dataset_key(tenant.id, dataset_id, "upload")
     try:
-        size, sha256 = await storage.receive(key, body, min(limit, max(0, quota - used)), settings.upload_idle_timeout)
+        size, sha256 = await storage.receive(key, incoming.chunks(), min(limit, max(0, quota - used)), settings.upload_idle_timeout)
     except UploadTooLarge:
+        filename = incoming.filename or filename  # a form's file name arrives with its first bytes
         if limit <= quota - used:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
         raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
     except UploadStalled as err:
+        filename = incoming.filename or filename
         raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
+    filename = incoming.filename or filename
     try:
         if size == 0:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
@@ -72,7 +85,7 @@ async def upload(
             message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
         dataset = Dataset(
-            id=dataset_id, tenant_id=tenant.id, name=name, file_name=filename, format=summary["format"], size_bytes=size,
+            id=dataset_id, tenant_id=tenant.id, name=name or _stem(filename), file_name=filename, format=summary["format"], size_bytes=size,
             sha256=sha256, fingerprint=summary["fingerprint"], num_train=summary["num_train"], num_test=summary["num_test"],
             classes=summary["classes"], input_shape=list(summary["input_shape"]), storage_key=key,
         )

@@ -29,10 +29,10 @@ def submit(
     db: Database, queue: JobQueue, settings: Settings, tenant: TenantContext, body: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
     """The job (new, or the one this Idempotency-Key already made) and whether it was created now."""
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True).encode()).hexdigest()
     if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
         return _replay(replay, request_hash), False
-    overrides = dict(body.spec)
+    overrides = body.spec.model_dump(mode="json", exclude_unset=True)
     if body.dataset is not None:
         overrides["dataset"] = body.dataset
     spec = build_spec(body.preset, overrides)
@@ -68,18 +68,24 @@ def _replay(existing: Job, request_hash: str) -> Job:
     return existing
 
 
-def _resolve_dataset(session: Session, tenant: TenantContext, name: str) -> Dataset | None:
-    """None for a built-in; an upload of this tenant's, locked against deletion until the job is stored."""
-    if name in BUILTIN_DATASETS:
+def _resolve_dataset(session: Session, tenant: TenantContext, reference: str) -> Dataset | None:
+    """None for a built-in; else this tenant's upload with that id, or else with that name (which must be
+    unambiguous), locked against deletion until the job is stored."""
+    if reference in BUILTIN_DATASETS:
         return None
-    if not re.fullmatch(PRINTABLE, name):
+    if not re.fullmatch(PRINTABLE, reference):
         raise field_errors([("dataset", "must be printable text: no NUL or other control characters")])
-    dataset = datasets.lock(session, name)
-    if dataset is None or dataset.tenant_id != tenant.id:
-        raise field_errors(
-            [("dataset", f"unknown dataset '{name}': use a built-in ({', '.join(BUILTIN_DATASETS)}) or the id of one of your uploads")]
-        )
-    return dataset
+    dataset = datasets.lock(session, reference)
+    if dataset is not None and dataset.tenant_id == tenant.id:
+        return dataset
+    named = datasets.named(session, tenant.id, reference)
+    if len(named) > 1:
+        raise field_errors([("dataset", f"{len(named)} of your datasets are named '{reference}' ({', '.join(d.id for d in named)}): "
+                                        "use the id of the one you mean")])
+    if not named:
+        raise field_errors([("dataset", f"unknown dataset '{reference}': use a built-in ({', '.join(BUILTIN_DATASETS)}), "
+                                        "or the id or name of one of your uploads")])
+    return datasets.lock(session, named[0].id)
 
 
 def _check_architectures_fit(spec: JobSpec, dataset: Dataset | None) -> None:

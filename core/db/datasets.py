@@ -26,6 +26,10 @@ def lock(session: Session, dataset_id: str) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
 
+def named(session: Session, tenant_id: str, name: str) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name).order_by(Dataset.created_at)))
+
+
 def delete_unused(session: Session, dataset: Dataset) -> str:
     """Delete the dataset's row unless a queued or running job uses it; returns its storage key."""
     lock(session, dataset.id)

@@ -3,6 +3,8 @@ a queued job, deleting jobs and datasets; the catalog, health, readiness and met
 
 from __future__ import annotations
 
+import re
+
 from core.db import tenants
 from core.db.session import database
 from tests.stack import FAST_JOB
@@ -86,3 +88,35 @@ def test_catalog_health_readiness_and_metrics(client):
     assert 'peeraid_http_requests_total{method="GET",route="/v1/architectures",status="200"}' in metrics
     assert 'peeraid_jobs{status="queued"}' in metrics
     assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_datasets_are_named_by_id_or_by_unambiguous_name(new_client, digits_npz_bytes):
+    client = new_client()
+    first = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
+    by_name = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
+    assert by_name.status_code == 201 and by_name.json()["dataset_id"] == first["id"]
+    client.post(f"/v1/jobs/{by_name.json()['id']}/cancel")
+    second = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
+    ambiguous = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
+    assert ambiguous.status_code == 422 and first["id"] in ambiguous.text and second["id"] in ambiguous.text
+    by_id = client.post("/v1/jobs", json={**SHORT, "dataset": second["id"]})
+    assert by_id.status_code == 201 and by_id.json()["dataset_id"] == second["id"]
+    client.post(f"/v1/jobs/{by_id.json()['id']}/cancel")
+
+
+def test_artifacts_of_an_unfinished_job_are_a_conflict_not_missing(client):
+    job = client.post("/v1/jobs", json=SHORT).json()
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    response = client.get(f"/v1/jobs/{job['id']}/artifacts/student")
+    assert response.status_code == 409 and "queued" in response.json()["detail"]
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts/student").status_code == 404
+
+
+def test_the_docs_work_offline(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset

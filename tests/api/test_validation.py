@@ -24,7 +24,7 @@ from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz,
         ({"preset": "digits-demo", "spec": {"warp": 9}}, "warp", "unknown field"),
         ({"preset": "no-such-preset"}, "preset", "unknown preset"),
         ({"preset": "digits-demo", "dataset": "ds_missing"}, "dataset", "unknown dataset"),
-        ({"preset": "digits-demo", "specs": {}}, "specs", "Extra inputs"),
+        ({"preset": "digits-demo", "specs": {}}, "specs", "unknown field"),
     ],
 )
 def test_invalid_job_specs_are_422_naming_the_field(client, body, field, fragment):
@@ -136,3 +136,25 @@ def test_an_architecture_too_large_for_the_input_is_refused(client):
     response = client.post("/v1/jobs", json={"preset": "cifar10-resnet18", "dataset": dataset["id"]})
     assert response.status_code == 422
     assert "resnet18 needs inputs of at least" in str(response.json()["detail"])
+
+
+def test_a_multipart_upload_is_streamed_like_a_raw_one(new_client, settings, digits_npz_bytes):
+    client = new_client()
+    raw = client.post("/v1/datasets", params={"name": "raw", "filename": "digits.npz"}, content=digits_npz_bytes).json()
+    form = client.post("/v1/datasets", files={"file": ("my digits (v2).npz", digits_npz_bytes, "application/octet-stream")})
+    assert form.status_code == 201, form.text
+    dataset = form.json()
+    assert dataset["file_name"] == "my digits _v2_.npz" and dataset["name"] == "my digits _v2_"  # name from the file's name
+    assert dataset["sha256"] == raw["sha256"] and dataset["fingerprint"] == raw["fingerprint"]
+    stored = settings.data_dir / "datasets"
+    assert any(p.read_bytes() == digits_npz_bytes for p in stored.rglob("data.upload"))
+
+
+def test_a_multipart_body_without_a_file_or_over_the_limit_is_refused_and_leaves_nothing(client, settings):
+    before = stored_files(settings)
+    no_file = client.post("/v1/datasets", params={"name": "x"}, data={"note": "no file here"},
+                          files={"other": (None, b"just a field")})
+    assert no_file.status_code == 422 and "no file" in no_file.json()["detail"]
+    too_big = client.post("/v1/datasets", files={"file": ("big.zip", os.urandom(UPLOAD_LIMIT + 1))})
+    assert too_big.status_code == 413 and "big.zip" in too_big.json()["detail"]
+    assert stored_files(settings) == before

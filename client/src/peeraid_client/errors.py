@@ -93,6 +93,8 @@ def _field(loc: Any) -> str:
     parts = [str(p) for p in loc] if isinstance(loc, list | tuple) else []
     if parts and parts[0] in _LOCATIONS:
         parts = parts[1:]
+    if parts[:1] == ["spec"]:  # job-spec fields by their own names, as `--set` and `spec=` take them
+        parts = parts[1:]
     return ".".join(parts)
 
 

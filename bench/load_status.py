@@ -71,66 +71,84 @@ def row(endpoint: str, server: str, mode: str, sample: Sample, cpu: dict, **extr
     return {"endpoint": endpoint, "server": server, "mode": mode, **sample.summary(), **cpu, **extra}
 
 
-async def measure(args, target: Target) -> list[dict]:
-    headers = {"Authorization": f"Bearer {target.key}"}
+class Phases:
+    """The phases of one run, each adding its rows (printed as they come)."""
 
-    def service() -> Connection:
-        return Connection.to(target.url, headers)
+    def __init__(self, args, target: Target):
+        self.args, self.target = args, target
+        headers = {"Authorization": f"Bearer {target.key}"}
+        self.service = lambda: Connection.to(target.url, headers)
+        self.servers = [("service", self.service, target.service_pid)]
+        if target.naive_url:
+            self.servers.append(("naive", lambda: Connection.to(target.naive_url, headers), target.naive_pid))
+        self.job_path = f"/v1/jobs/{target.job}"
+        self.closed = f"closed loop, {args.clients} connections"
+        self.warm_up = min(1.0, args.seconds)
+        self.rows: list[dict] = []
 
-    def naive() -> Connection:
-        return Connection.to(target.naive_url, headers)
+    def add(self, *fields, **extra) -> None:
+        self.rows.append(row(*fields, **extra))
+        report(self.rows[-1])
 
-    servers = [("service", service, target.service_pid)]
-    if target.naive_url:
-        servers.append(("naive", naive, target.naive_pid))
-    job_path, seconds, clients = f"/v1/jobs/{target.job}", args.seconds, args.clients
-    closed = f"closed loop, {clients} connections"
-    warm_up = min(1.0, seconds)
-    rows = []
-
-    async def closed_phase(endpoint: str, path: str, name: str, connect, pid, mode: str = closed) -> None:
-        await closed_loop(connect, path, clients, warm_up)  # connections, pools, caches
+    async def closed_loop(self, endpoint: str, path: str, server: str, connect, pid: int | None, mode: str) -> None:
+        await closed_loop(connect, path, self.args.clients, self.warm_up)  # connections, pools, caches
         meter = CpuMeter(pid)
-        sample = await closed_loop(connect, path, clients, seconds)
-        rows.append(row(endpoint, name, mode, sample, meter.shares()))
-        report(rows[-1])
+        sample = await closed_loop(connect, path, self.args.clients, self.args.seconds)
+        self.add(endpoint, server, mode, sample, meter.shares())
 
-    if args.compare_clients:
+    async def compare_clients(self) -> None:
         for name, run in (("raw asyncio", closed_loop), ("httpx.AsyncClient", httpx_closed_loop)):
-            await run(service, "/healthz", clients, warm_up)
-            meter = CpuMeter(target.service_pid)
-            sample = await run(service, "/healthz", clients, seconds)
+            await run(self.service, "/healthz", self.args.clients, self.warm_up)
+            meter = CpuMeter(self.target.service_pid)
+            sample = await run(self.service, "/healthz", self.args.clients, self.args.seconds)
             cpu = meter.shares()
             cpu_per_request = cpu["generator_cores"] * sample.seconds / max(1, len(sample.latencies))
-            rows.append(row("GET /healthz", "service", f"client {name}", sample, cpu, client=name, generator_us_per_request=1e6 * cpu_per_request))
-            report(rows[-1])
-    if "get" in args.phases:
-        for run in range(1, args.repeat + 1):
-            for name, connect, pid in servers:
-                mode = closed if args.repeat == 1 else f"{closed}, run {run}/{args.repeat}"
-                await closed_phase("GET /v1/jobs/{id}", job_path, name, connect, pid, mode)
-    if "list" in args.phases:
-        await closed_phase("GET /v1/jobs", "/v1/jobs", "service", service, target.service_pid)
-    if "sse" in args.phases:
-        meter = CpuMeter(target.service_pid)
-        sample = await stream_openings(service, f"{job_path}/events", clients, seconds)
-        rows.append(row("GET /v1/jobs/{id}/events", "service", f"first event, {closed}", sample, meter.shares()))
-        report(rows[-1])
-    if "open" in args.phases:
-        for name, connect, pid in servers:
+            self.add("GET /healthz", "service", f"client {name}", sample, cpu, client=name, generator_us_per_request=1e6 * cpu_per_request)
+
+    async def get(self) -> None:
+        repeat = self.args.repeat
+        for run in range(1, repeat + 1):
+            for server, connect, pid in self.servers:
+                mode = self.closed if repeat == 1 else f"{self.closed}, run {run}/{repeat}"
+                await self.closed_loop("GET /v1/jobs/{id}", self.job_path, server, connect, pid, mode)
+
+    async def list(self) -> None:
+        await self.closed_loop("GET /v1/jobs", "/v1/jobs", "service", self.service, self.target.service_pid, self.closed)
+
+    async def sse(self) -> None:
+        meter = CpuMeter(self.target.service_pid)
+        sample = await stream_openings(self.service, f"{self.job_path}/events", self.args.clients, self.args.seconds)
+        self.add("GET /v1/jobs/{id}/events", "service", f"first event, {self.closed}", sample, meter.shares())
+
+    async def open(self) -> None:
+        for server, connect, pid in self.servers:
             meter = CpuMeter(pid)
-            sample = await open_loop(connect, job_path, args.rate, seconds, max_connections=args.max_connections)
-            rows.append(row("GET /v1/jobs/{id}", name, f"open loop, {args.rate:g}/s", sample, meter.shares()))
-            report(rows[-1])
-    if args.profile:
-        await profile(args, service, job_path, target.service_pid)
-    if "streams" in args.phases:
-        meter = CpuMeter(target.service_pid)
-        reached, outcomes, opened = await ramp_streams(service, f"{job_path}/events", args.sse_streams, args.sse_step, seconds)
-        rows.append(row("GET /v1/jobs/{id}/events", "service", f"streams, +{args.sse_step} a step up to {args.sse_streams}", opened,
-                        meter.shares(), reached=reached, held=outcomes.get("held", 0), outcomes=dict(outcomes)))
-        report(rows[-1])
-    return rows
+            sample = await open_loop(connect, self.job_path, self.args.rate, self.args.seconds, max_connections=self.args.max_connections)
+            self.add("GET /v1/jobs/{id}", server, f"open loop, {self.args.rate:g}/s", sample, meter.shares())
+
+    async def profile(self) -> None:
+        if self.target.service_pid is None:
+            raise SystemExit("--profile needs the service started here (no --url): py-spy samples its process")
+        await profile(self.args, self.service, self.job_path, self.target.service_pid)
+
+    async def streams(self) -> None:
+        args = self.args
+        meter = CpuMeter(self.target.service_pid)
+        reached, outcomes, opened = await ramp_streams(self.service, f"{self.job_path}/events", args.sse_streams, args.sse_step, args.seconds)
+        self.add("GET /v1/jobs/{id}/events", "service", f"streams, +{args.sse_step} a step up to {args.sse_streams}", opened,
+                 meter.shares(), reached=reached, held=outcomes.get("held", 0), outcomes=dict(outcomes))
+
+
+async def measure(args, target: Target) -> list[dict]:
+    phases = Phases(args, target)
+    if args.compare_clients:
+        await phases.compare_clients()
+    for name in PHASES:
+        if name == "streams" and args.profile:
+            await phases.profile()  # before the streams, which the server may not recover from
+        if name in args.phases:
+            await getattr(phases, name)()
+    return phases.rows
 
 
 async def httpx_closed_loop(new_connection, path: str, clients: int, seconds: float) -> Sample:
@@ -158,11 +176,9 @@ async def httpx_closed_loop(new_connection, path: str, clients: int, seconds: fl
     return sample
 
 
-async def profile(args, service, job_path: str, pid: int | None) -> None:
+async def profile(args, service, job_path: str, pid: int) -> None:
     from ._profile import start_py_spy, summarise
 
-    if pid is None:
-        raise SystemExit("--profile needs the service started here (no --url): py-spy samples its process")
     raw = Path(args.profile).with_suffix(".collapsed")
     await closed_loop(service, job_path, args.clients, min(1.0, args.seconds))
     seconds = max(1, round(args.seconds))

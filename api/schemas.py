@@ -36,6 +36,7 @@ class DatasetOut(Out):
     num_test: int | None = None
     classes: list[str] | None = None
     input_shape: list[int] | None = None
+    resize: list[int] | None = Field(None, description="(height, width) every image was resized to at upload")
     created_at: dt.datetime | None = None
 
 

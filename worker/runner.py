@@ -69,8 +69,9 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
     try:
         spec = JobSpec.model_validate(job.spec)
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
+        source, resize = _dataset_source(db, storage, spec.dataset)
         splits = load_splits(
-            _dataset_source(db, storage, spec.dataset), data_root=settings.builtin_data_root,
+            source, resize=resize, data_root=settings.builtin_data_root,
             val_fraction=spec.val_fraction, seed=spec.seed, download=settings.allow_downloads, selection=spec.selection,
         )
         result = run_job(
@@ -95,14 +96,15 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
     return "succeeded"
 
 
-def _dataset_source(db: Database, storage: Storage, name: str) -> str:
-    """A built-in name as is; an uploaded dataset's id as the path of its stored file."""
+def _dataset_source(db: Database, storage: Storage, name: str) -> tuple[str, tuple[int, int] | None]:
+    """A built-in name as is; an uploaded dataset's id as the path of its stored file and the size its
+    images were resized to when it was validated."""
     if not name.startswith("ds_"):
-        return name
+        return name, None
     dataset = db.run(lambda session: session.get(Dataset, name), retry=True)
     if dataset is None:
         raise DatasetError(f"dataset {name} was deleted before the job ran")
-    return str(storage.path(dataset.storage_key))
+    return str(storage.path(dataset.storage_key)), tuple(dataset.resize) if dataset.resize else None
 
 
 def _best(result: JobResult) -> dict:

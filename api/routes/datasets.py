@@ -54,11 +54,13 @@ async def datasets_upload(
                                       description="your name for the dataset (default: the file's name without extension)")] = None,
     filename: Annotated[str | None, Query(min_length=1, max_length=200,
                                           description="the file's name, for reference (default: the form field's file name, or 'upload')")] = None,
+    resize: Annotated[str | None, Query(pattern=r"^\d{1,4}[x×]\d{1,4}$", examples=["32x32"],
+                                        description="WIDTHxHEIGHT: resize every image to this size (needed when sizes differ)")] = None,
 ) -> Dataset:
     incoming = IncomingFile(request.stream(), request.headers.get("content-type", ""), filename)
     with slots.slot(tenant.id):
         return await dataset_service.upload(
-            db, storage, settings, tenant, incoming, name=name, declared_size=request.headers.get("content-length"),
+            db, storage, settings, tenant, incoming, name=name, resize=resize, declared_size=request.headers.get("content-length"),
             validations=request.app.state.validations,
         )
 

@@ -14,7 +14,7 @@ from core.db import datasets, jobs
 from core.db.models import Dataset, new_id
 from core.db.session import Database
 from core.db.tenants import TenantContext
-from core.engine.dataset_files import inspect_dataset_file
+from core.engine.dataset_files import inspect_dataset_file, parse_resize
 from core.engine.errors import DatasetError
 from core.settings import Settings
 from core.storage import Storage, UploadStalled, UploadTooLarge
@@ -48,12 +48,16 @@ def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTT
 
 async def upload(
     db: Database, storage: Storage, settings: Settings, tenant: TenantContext, incoming: IncomingFile, *, name: str | None,
-    declared_size: str | None, validations: asyncio.Semaphore,
+    resize: str | None, declared_size: str | None, validations: asyncio.Semaphore,
 ) -> Dataset:
     if incoming.filename is not None and not FILE_NAME.match(incoming.filename):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces")
     filename = incoming.filename or "upload"
+    try:
+        size_to = parse_resize(resize) if resize else None
+    except DatasetError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
     limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
     used = await run_in_threadpool(db.run, lambda session: datasets.storage_used(session, tenant.id))
     if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
@@ -80,14 +84,15 @@ async def upload(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
         try:
             async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
-                summary = await run_in_threadpool(inspect_dataset_file, storage.path(key))
+                summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
         except DatasetError as err:
             message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
         dataset = Dataset(
             id=dataset_id, tenant_id=tenant.id, name=name or _stem(filename), file_name=filename, format=summary["format"], size_bytes=size,
             sha256=sha256, fingerprint=summary["fingerprint"], num_train=summary["num_train"], num_test=summary["num_test"],
-            classes=summary["classes"], input_shape=list(summary["input_shape"]), storage_key=key,
+            classes=summary["classes"], input_shape=list(summary["input_shape"]), resize=list(size_to) if size_to else None,
+            storage_key=key,
         )
 
         def record(session: Session) -> None:

@@ -99,6 +99,7 @@ class Dataset(Base):
     num_test: Mapped[int]
     classes: Mapped[list[Any]]
     input_shape: Mapped[list[Any]]
+    resize: Mapped[list[Any] | None]  # (height, width) every image was resized to at upload, or None
     storage_key: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 

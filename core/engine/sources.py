@@ -106,6 +106,7 @@ def load_splits(
     seed: int = 0,
     download: bool = True,
     selection: str = "validation",
+    resize: tuple[int, int] | None = None,
 ) -> DatasetSplits:
     """Resolve a built-in name or a dataset file path into train/val/test splits.
 
@@ -125,7 +126,7 @@ def load_splits(
             raise DatasetError(
                 f"dataset '{dataset}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing file"
             )
-        train, test = load_dataset_file(path)
+        train, test = load_dataset_file(path, resize=resize)  # (height, width), as the upload was validated
     train, val = split_validation(train, val_fraction, seed) if selection == "validation" else (train, test)
     name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).name
     return DatasetSplits(name, train, val, test, fingerprint(train, val, test), selection)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from tests.stack import UPLOAD_LIMIT
+
+from .conftest import run_job_here
 from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz, tar_with, write_tar, write_zip
 
 
@@ -158,3 +160,19 @@ def test_a_multipart_body_without_a_file_or_over_the_limit_is_refused_and_leaves
     too_big = client.post("/v1/datasets", files={"file": ("big.zip", os.urandom(UPLOAD_LIMIT + 1))})
     assert too_big.status_code == 413 and "big.zip" in too_big.json()["detail"]
     assert stored_files(settings) == before
+
+
+def test_mixed_image_sizes_need_resize_and_a_job_trains_on_the_resized_images(new_client, settings, tmp_path):
+    client = new_client()
+    mixed = write_zip(tmp_path / "mixed.zip", {**class_tree(("cat", "dog"), 12), "dog/big.png": png(rgb(12))}).read_bytes()
+    refused = client.post("/v1/datasets", params={"name": "mixed", "filename": "mixed.zip"}, content=mixed)
+    assert refused.status_code == 422 and "resize=" in refused.json()["detail"]
+    assert client.post("/v1/datasets", params={"name": "mixed", "resize": "0x8"}, content=mixed).status_code == 422
+    response = client.post("/v1/datasets", params={"name": "mixed", "filename": "mixed.zip", "resize": "10x10"}, content=mixed)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["input_shape"] == [3, 10, 10] and dataset["resize"] == [10, 10]
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset["id"], "spec": {
+        "epochs": 1, "lr_decay_epochs": [], "swa": False, "attack_steps": 1, "eval_pgd_steps": 1, "batch_size": 8,
+        "evaluation": {"n_examples": 4, "autoattack": False}}}).json()
+    assert run_job_here(settings, job["id"])["status"] == "succeeded", client.get(f"/v1/jobs/{job['id']}").json()["error"]

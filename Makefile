@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run demo demo-cli test clean
+.PHONY: install run demo demo-cli test clean gpu-wheels gpu-check
 
 $(INSTALLED): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,27 @@ test: install
 
 clean:
 	rm -rf runs var .pytest_cache
+
+# --- GPU acceptance run (bench/gpu_check.py: torch and the engine only) ---------------------------
+# The GPU machine has Python 3.12 with torch but neither pydantic nor pyautoattack, and no network.
+# Here: `make gpu-wheels` downloads them (this venv's versions) as wheels into .whl/ (git-ignored).
+# Carry .whl to the GPU machine and run `make gpu-check` there: it installs the wheels into
+# $(GPU_SITE) if pydantic is missing, then prints the summary and writes every figure to $(GPU_CHECK_JSON).
+WHEELS ?= .whl
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_SITE ?= /tmp/peeraid-site
+GPU_CHECK_JSON ?= runs/gpu_check.json
+GPU_WHEELS := pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions|pyautoattack
+
+gpu-wheels: install
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(WHEELS) \
+		$$($(PY) -m pip freeze --disable-pip-version-check | grep -iE '^($(GPU_WHEELS))==')
+	ls $(WHEELS)
+
+gpu-check:
+	$(GPU_PY) -c 'import pydantic, pyautoattack' 2>/dev/null || \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
+	mkdir -p $(dir $(GPU_CHECK_JSON))
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --json $(GPU_CHECK_JSON)

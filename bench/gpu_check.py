@@ -1,0 +1,307 @@
+"""One GPU acceptance run of the training engine: prints a summary, writes every figure as JSON.
+
+    python -m bench.gpu_check --json gpu_check.json         # on a GPU: the full run, about 5 minutes on an H100
+    python -m bench.gpu_check --device cpu                  # on a CPU: the checks that need no GPU, at tiny sizes
+
+Checks (each passes, fails, or is skipped with the reason; the exit status is 1 if any failed):
+  graph_vs_eager_fp32   the same PeerAiD steps eagerly and through a CUDA graph, fp32: after N steps every
+                        parameter tensor must differ by at most 5% of its own update (‖θ_graph − θ_eager‖ ≤
+                        0.05·‖θ_eager − θ_0‖). The two paths draw the attack's start noise from different RNG
+                        streams, so they cannot agree bit for bit; the bound says they follow the same course.
+  graph_vs_eager_tf32   the same with TF32 on both sides (bound 10%), and TF32-graph against fp32-eager (shown)
+  training              a short real PeerAiD training per precision on the built-in digits upscaled to 3×32×32,
+                        clean and PGD-20 test accuracy side by side: each precision must learn (clean ≥ 50%)
+                        and stay within 5 points of fp32 on both
+  step_benchmark        bench/train_step.py's step timings: images/s of the reference-equivalent eager step (the
+                        authors' loop) and of each fast variant, ratios and peak memory, for ResNet-18 and
+                        WRN-34-10; targets (ResNet-18): TF32 graph ≥ 2×, bf16 graph ≥ 3× the reference
+  epoch_overhead        one end-to-end epoch through the Trainer against the step alone: data loading plus
+                        per-epoch validation must add ≤ 15%
+Uses torch and the engine only (no service packages; pydantic for the job spec)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench.train_step import VARIANTS, measure_epoch, measure_step, sync
+from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint, split_validation
+from core.engine.evaluation import accuracies, pgd_attack
+from core.engine.execution import Execution, StepRunner
+from core.engine.losses import PAPER_WEIGHTS
+from core.engine.methods import AttackSettings, Networks, PeerAiD
+from core.engine.models import create_model
+from core.engine.sources import load_digits
+from core.engine.spec import build_spec
+from core.engine.trainer import Trainer
+
+GRAPH_TOLERANCE = {"fp32": 0.05, "tf32": 0.10}
+ACCURACY_AGREEMENT = 0.05
+OVERHEAD_TARGET = 0.15
+SPEED_TARGETS = {"tf32-graph": 2.0, "bf16-graph": 3.0}
+
+
+def sizes(gpu: bool) -> dict[str, Any]:
+    """Full sizes on a GPU; tiny ones on a CPU, so that the whole run stays well under a minute there."""
+    if gpu:
+        return dict(arch="resnet18", bench_archs=["resnet18", "wrn34_10"], batch=128, classes=100, size=32, steps=20,
+                    warmup=5, compare_steps=12, train_images=None, image_size=32, epochs=15, attack_steps=10,
+                    eval_steps=10, report_steps=20, epoch_images=10_000, epoch_val_images=2_000)
+    return dict(arch="small_cnn", bench_archs=["small_cnn"], batch=16, classes=10, size=32, steps=2, warmup=1,
+                compare_steps=3, train_images=160, image_size=16, epochs=2, attack_steps=2, eval_steps=2,
+                report_steps=2, epoch_images=64, epoch_val_images=16)
+
+
+# ---- graph against eager ----
+
+def run_steps(execution: Execution, arch: str, device: torch.device, s: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """N PeerAiD steps from a fixed start on fixed batches; the student's start and end, and the runner's report."""
+    execution.configure_backends()
+    torch.manual_seed(0)
+    student = create_model(arch, num_classes=s["classes"]).to(device)
+    peer = create_model(arch, num_classes=s["classes"]).to(device)
+    start = {k: v.detach().clone() for k, v in student.named_parameters()}
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    method = PeerAiD(AttackSettings(8 / 255, 2 / 255, s["attack_steps"]), PAPER_WEIGHTS["cifar100"])
+    runner = StepRunner(method, Networks(student, sgd(student), peer, sgd(peer)), execution, device)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(s["compare_steps"]):
+        x = torch.rand(s["batch"], 3, s["size"], s["size"], generator=g).to(device)
+        y = torch.randint(0, s["classes"], (s["batch"],), generator=g).to(device)
+        runner(x, y)
+    sync(device)
+    end = {k: v.detach().clone() for k, v in student.named_parameters()}
+    return start, end, runner.report()
+
+
+def relative_differences(start, reference, other) -> dict[str, float]:
+    return {k: ((other[k] - reference[k]).norm() / (reference[k] - start[k]).norm().clamp_min(1e-12)).item() for k in start}
+
+
+def check_graph_vs_eager(precision: str, device: torch.device, s: dict) -> dict:
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "CUDA graphs need a GPU"}
+    start, eager, _ = run_steps(Execution(precision, False, False), s["arch"], device, s)
+    _, graph, report = run_steps(Execution(precision, True, False), s["arch"], device, s)
+    diffs = relative_differences(start, eager, graph)
+    worst = max(diffs, key=diffs.get)
+    tolerance = GRAPH_TOLERANCE[precision]
+    result = {
+        "steps": s["compare_steps"], "architecture": s["arch"], "tolerance": tolerance,
+        "max_relative_difference": diffs[worst], "worst_tensor": worst, "graph_runner": report,
+        "criterion": f"every parameter tensor within {tolerance:.0%} of its own update after {s['compare_steps']} steps; graph used",
+    }
+    if precision == "tf32":
+        execution = Execution("fp32", False, False)
+        _, fp32_eager, _ = run_steps(execution, s["arch"], device, s)
+        result["tf32_graph_vs_fp32_eager_max_relative_difference"] = max(relative_differences(start, fp32_eager, graph).values())
+    result["status"] = "passed" if diffs[worst] <= tolerance and report["cuda_graph"] else "failed"
+    return result
+
+
+# ---- a short real training per precision ----
+
+def digits_rgb(image_size: int, train_images: int | None) -> DatasetSplits:
+    """The built-in digits upscaled to image_size and repeated to 3 channels; 10% of train held out."""
+    train, test = load_digits(size=image_size)
+    rgb = lambda d: ImageDataset(d.images.repeat(1, 3, 1, 1), d.labels, d.classes)  # noqa: E731
+    train, test = rgb(train), rgb(test)
+    if train_images is not None:
+        train, test = train.subset(torch.arange(train_images)), test.subset(torch.arange(train_images // 4))
+    train, val = split_validation(train, 0.1, seed=0)
+    return DatasetSplits("digits-rgb", train, val, test, fingerprint(train, val, test))
+
+
+def train_one(precision: str, device: torch.device, splits: DatasetSplits, s: dict) -> dict:
+    spec = build_spec(None, {
+        "dataset": "digits", "method": "peeraid", "student": s["arch"], "epochs": s["epochs"],
+        "lr_decay_epochs": [s["epochs"] * 2 // 3], "batch_size": s["batch"] if device.type == "cuda" else 64, "lr": 0.1,
+        "attack_steps": s["attack_steps"], "eval_pgd_steps": s["eval_steps"], "crop_padding": 4,
+        "peeraid": {"lambda1": 0.5}, "precision": precision, "cuda_graph": "auto", "swa": False,
+    })
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(spec, splits, workdir=workdir, device=device, progress_interval=1e9)
+        trainer.fit()
+    seconds = time.perf_counter() - started
+    model = create_model(s["arch"], **trainer.model_kwargs).to(device)
+    model.load_state_dict(trainer.best_student.state)
+    report_pgd = f"pgd{s['report_steps']}_acc"
+    test = accuracies(model, splits.test, {"clean_acc": None, report_pgd: pgd_attack(8 / 255, 2 / 255, s["report_steps"])},
+                      batch_size=500, device=device)
+    return {
+        "precision": trainer.execution.precision, "epochs": spec.epochs, "best_epoch": trainer.best_student.epoch,
+        "test_clean_acc": test["clean_acc"], "test_pgd_acc": test[report_pgd], "pgd_steps": s["report_steps"],
+        "seconds": seconds, "images_per_sec_last_epoch": trainer.history[-1].images_per_sec,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "execution": trainer.execution_report(),
+    }
+
+
+def check_training(device: torch.device, s: dict) -> dict:
+    precisions = ["fp32", "tf32", "bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    splits = digits_rgb(s["image_size"], s["train_images"])
+    runs = {p: train_one(p, device, splits, s) for p in precisions}
+    fp32 = runs["fp32"]
+    agree = {
+        p: abs(r["test_clean_acc"] - fp32["test_clean_acc"]) <= ACCURACY_AGREEMENT and abs(r["test_pgd_acc"] - fp32["test_pgd_acc"]) <= ACCURACY_AGREEMENT
+        for p, r in runs.items()
+    }
+    result = {
+        "dataset": f"built-in digits, 3×{s['image_size']}×{s['image_size']}, {len(splits.train)} train / "
+                   f"{len(splits.val)} validation / {len(splits.test)} test",
+        "runs": runs, "within_5_points_of_fp32": agree,
+        "criterion": f"clean ≥ 50% and clean and PGD within {ACCURACY_AGREEMENT:.0%} of fp32, for each precision",
+    }
+    if device.type != "cuda":
+        result.update(status="info", reason="tiny sizes on CPU: accuracy criteria need the full run on a GPU")
+        return result
+    learned = all(r["test_clean_acc"] >= 0.5 for r in runs.values())
+    result["status"] = "passed" if learned and all(agree.values()) else "failed"
+    return result
+
+
+# ---- speed ----
+
+def check_step_benchmark(device: torch.device, s: dict) -> dict:
+    per_arch = {}
+    for arch in s["bench_archs"]:
+        results = {v: measure_step(arch, v, device, s["batch"], s["classes"], s["size"], s["steps"], s["warmup"]) for v in VARIANTS}
+        reference = results["reference"]["images_per_sec"]
+        per_arch[arch] = {v: {**r, "ratio_to_reference": r["images_per_sec"] / reference} for v, r in results.items()}
+    result = {"batch": s["batch"], "classes": s["classes"], "size": s["size"], "architectures": per_arch}
+    if device.type != "cuda":
+        result.update(status="info", reason="speed targets are for the GPU; CPU variants run eagerly")
+        return result
+    r18 = per_arch["resnet18"]
+    met = {v: r18[v]["ratio_to_reference"] >= target for v, target in SPEED_TARGETS.items()}
+    result.update(targets=SPEED_TARGETS, targets_met=met, criterion="ResNet-18: TF32 graph ≥ 2×, bf16 graph ≥ 3× the reference",
+                  status="passed" if all(met.values()) else "failed")
+    return result
+
+
+def check_epoch_overhead(device: torch.device, s: dict, steps: dict) -> dict:
+    gpu = device.type == "cuda"
+    modes = (("tf32", "on", "tf32-graph"), ("bf16", "on", "bf16-graph")) if gpu else (("fp32", "off", "eager"),)
+    arch = s["bench_archs"][0]
+    per_mode = {}
+    for precision, graph, variant in modes:
+        e = measure_epoch(arch, device, s["batch"], s["classes"], s["epoch_images"], s["epoch_val_images"], precision, graph)
+        step_rate = steps["architectures"][arch][variant]["images_per_sec"]
+        steps_only = s["epoch_images"] / step_rate
+        per_mode[variant] = {**e, "steps_only_s": steps_only, "overhead": (e["total_s"] - steps_only) / steps_only}
+    result = {"architecture": arch, "train_images": s["epoch_images"], "validation_images": s["epoch_val_images"],
+              "modes": per_mode, "criterion": f"data loading + validation ≤ {OVERHEAD_TARGET:.0%} of the step time"}
+    if not gpu:
+        result.update(status="info", reason="the overhead target is for the GPU")
+        return result
+    result["status"] = "passed" if all(m["overhead"] <= OVERHEAD_TARGET for m in per_mode.values()) else "failed"
+    return result
+
+
+# ---- the run ----
+
+def run_check(name: str, fn: Callable[[], dict], checks: dict) -> dict:
+    started = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - one broken check must not hide the others' figures
+        result = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    result["seconds"] = time.perf_counter() - started
+    checks[name] = result
+    print(summary_line(name, result), flush=True)
+    return result
+
+
+def summary_line(name: str, r: dict) -> str:
+    head = f"{r['status'].upper():<8}{name:<22}"
+    if "error" in r:
+        return head + r["error"]
+    if r["status"] == "skipped":
+        return head + r["reason"]
+    if name.startswith("graph_vs_eager"):
+        return head + f"max ‖Δθ‖/‖update‖ = {r['max_relative_difference']:.4f} (≤ {r['tolerance']}) over {r['steps']} steps"
+    if name == "training":
+        return head + "  ".join(f"{p}: clean {x['test_clean_acc']:.1%} PGD-{x['pgd_steps']} {x['test_pgd_acc']:.1%}"
+                                for p, x in r["runs"].items())
+    if name == "step_benchmark":
+        return head + "  ".join(f"{arch}: " + ", ".join(f"{v} {x['images_per_sec']:.0f}/s ({x['ratio_to_reference']:.2f}×)"
+                                                        for v, x in per.items()) for arch, per in r["architectures"].items())
+    if name == "epoch_overhead":
+        return head + "  ".join(f"{v}: +{m['overhead']:.1%} over the step" for v, m in r["modes"].items())
+    return head
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    threads = torch.get_num_threads()
+    if not gpu:
+        torch.set_num_threads(1)  # on a shared CPU, a second thread mostly waits at barriers: far slower, not faster
+    try:
+        return run_all(device, args.json)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_all(device: torch.device, json_path: Path | None) -> int:
+    gpu = device.type == "cuda"
+    s = sizes(gpu)
+    started = time.perf_counter()
+    out: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if gpu else (platform.processor() or "CPU"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.version.cuda if gpu else None, "sizes": s, "checks": {},
+    }
+    print(f"# gpu_check {out['date']}  {out['device']}  torch {out['torch']}" + ("" if gpu else "  (CPU: tiny sizes)"), flush=True)
+    checks = out["checks"]
+    run_check("graph_vs_eager_fp32", lambda: check_graph_vs_eager("fp32", device, s), checks)
+    run_check("graph_vs_eager_tf32", lambda: check_graph_vs_eager("tf32", device, s), checks)
+    run_check("training", lambda: check_training(device, s), checks)
+    steps = run_check("step_benchmark", lambda: check_step_benchmark(device, s), checks)
+    if "architectures" in steps:
+        run_check("epoch_overhead", lambda: check_epoch_overhead(device, s, steps), checks)
+    else:
+        checks["epoch_overhead"] = {"status": "skipped", "reason": "needs the step benchmark's figures"}
+    out["seconds"] = time.perf_counter() - started
+    out["skipped"] = [name for name, r in checks.items() if r["status"] == "skipped"]
+    out["failed"] = [name for name, r in checks.items() if r["status"] == "failed"]
+    print(f"# {len(checks)} checks in {out['seconds']:.0f}s: {len(out['failed'])} failed"
+          + (f" ({', '.join(out['failed'])})" if out["failed"] else "")
+          + (f"; skipped: {', '.join(out['skipped'])}" if out["skipped"] else ""))
+    if json_path:
+        json_path.write_text(json.dumps(_finite(out), indent=1, default=str) + "\n")
+        print(f"# all figures in {json_path}")
+    return 1 if out["failed"] else 0
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null, so that the file is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

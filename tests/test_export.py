@@ -1,5 +1,6 @@
-"""ONNX and TorchScript exports reproduce the PyTorch logits at any batch size, broken exports are
-caught, the Markdown model card renders the JSON card, and a job ships all of them."""
+"""ONNX files and torch.export programs reproduce the PyTorch logits at any batch size, for every
+architecture; broken exports are caught; the Markdown model card renders the JSON card; and a job
+ships all of them for both student models."""
 
 import json
 
@@ -14,23 +15,24 @@ from core.engine.attacks import AutoAttackSet
 from core.engine.export import (
     ExportError,
     export_onnx,
-    export_torchscript,
+    export_program,
     library_versions,
     load_model,
     verify_onnx,
-    verify_torchscript,
+    verify_program,
 )
-from core.engine.job import run_job
+from core.engine.job import ARTIFACTS, run_job
 from core.engine.model_card import model_card_markdown
-from core.engine.models import create_model
+from core.engine.models import create_model, list_models
 from core.engine.spec import build_spec
 
 from .conftest import tiny_spec
 
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
-
 # (architecture, in_channels, input size, classes)
-ARCHITECTURES = [("small_cnn", 1, 16, 10), ("resnet18", 3, 16, 5), ("preactresnet18", 3, 16, 5), ("mobilenetv2", 3, 16, 5)]
+ARCHITECTURES = [
+    pytest.param(("small_cnn", 1, 16, 10), id="small_cnn"),
+    *(pytest.param((name, 3, 16, 5), marks=pytest.mark.slow, id=name) for name in ("resnet18", "preactresnet18", "mobilenetv2")),
+]
 ATOL = 1e-4
 
 
@@ -60,14 +62,14 @@ def _onnx_logits(path, x):
     return torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def exported(request, tmp_path_factory):
     name, channels, size, classes = request.param
     model, shape = _model(name, channels, size, classes), (channels, size, size)
     with torch.no_grad():
         assert model(_images(8, shape)).std(0).min() > 0.01  # logits depend on the input
     out = tmp_path_factory.mktemp(name)
-    return model, shape, export_onnx(model, out / "m.onnx", shape), export_torchscript(model, out / "m.pt", shape)
+    return model, shape, export_onnx(model, out / "m.onnx", shape), export_program(model, out / "m.pt2", shape)
 
 
 def test_onnx_reproduces_pytorch_logits_at_any_batch_size(exported):
@@ -83,10 +85,10 @@ def test_onnx_reproduces_pytorch_logits_at_any_batch_size(exported):
         assert got.shape == want.shape and torch.allclose(got, want, atol=ATOL, rtol=0), batch
 
 
-def test_torchscript_reproduces_pytorch_logits_at_any_batch_size(exported):
-    model, shape, _, ts_path = exported
-    loaded = torch.jit.load(str(ts_path))
-    for batch in (1, 3, 8):
+def test_program_reproduces_pytorch_logits_at_any_batch_size(exported):
+    model, shape, _, pt2_path = exported
+    loaded = torch.export.load(str(pt2_path)).module()
+    for batch in (1, 3, 8, 33):
         x = _images(batch, shape)
         with torch.no_grad():
             assert torch.allclose(loaded(x), model(x), atol=ATOL, rtol=0), batch
@@ -105,7 +107,7 @@ def test_export_uses_eval_mode_and_leaves_the_callers_model_alone(tmp_path):
 def exported_small(tmp_path_factory):
     model, shape = _model("small_cnn", 1, 16, 10), (1, 16, 16)
     out = tmp_path_factory.mktemp("small")
-    return model, shape, export_onnx(model, out / "m.onnx", shape), export_torchscript(model, out / "m.pt", shape)
+    return model, shape, export_onnx(model, out / "m.onnx", shape), export_program(model, out / "m.pt2", shape)
 
 
 def test_tampered_onnx_file_is_detected(exported_small, tmp_path):
@@ -124,19 +126,19 @@ def test_tampered_onnx_file_is_detected(exported_small, tmp_path):
         verify_onnx(tmp_path / "truncated.onnx", model, shape)
 
 
-def test_tampered_torchscript_file_is_detected(exported_small, tmp_path):
-    model, shape, _, ts_path = exported_small
-    verify_torchscript(ts_path, model, shape)
-    loaded = torch.jit.load(str(ts_path))
+def test_tampered_program_is_detected(exported_small, tmp_path):
+    model, shape, _, pt2_path = exported_small
+    verify_program(pt2_path, model, shape)
+    program = torch.export.load(str(pt2_path))
     with torch.no_grad():
-        next(loaded.parameters()).mul_(1.5)
-    loaded.save(str(tmp_path / "tampered.pt"))
+        next(iter(program.state_dict.values())).mul_(1.5)
+    torch.export.save(program, str(tmp_path / "tampered.pt2"))
     with pytest.raises(ExportError, match="differ"):
-        verify_torchscript(tmp_path / "tampered.pt", model, shape)
+        verify_program(tmp_path / "tampered.pt2", model, shape)
 
-    (tmp_path / "truncated.pt").write_bytes(ts_path.read_bytes()[:1000])
+    (tmp_path / "truncated.pt2").write_bytes(pt2_path.read_bytes()[:1000])
     with pytest.raises(ExportError, match="cannot load"):
-        verify_torchscript(tmp_path / "truncated.pt", model, shape)
+        verify_program(tmp_path / "truncated.pt2", model, shape)
 
 
 class Drifting(nn.Module):
@@ -152,7 +154,7 @@ class Drifting(nn.Module):
         return self.linear(x.flatten(1)) + self.calls
 
 
-@pytest.mark.parametrize("export", [export_onnx, export_torchscript])
+@pytest.mark.parametrize("export", [export_onnx, export_program])
 def test_an_export_that_disagrees_with_the_model_raises_and_leaves_no_file(export, tmp_path):
     with pytest.raises(ExportError, match="differ"):
         export(Drifting().eval(), tmp_path / "model", (1, 4, 4))
@@ -186,8 +188,10 @@ def _sample_card():
         "warnings": [],
         "evaluation": {"status": "complete", "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
                        "failures": [], "autoattack": AutoAttackSet(30).to_dict()},
-        "exports": {"student_onnx": "ok", "student_torchscript": "failed: ExportError: TorchScript logits differ"},
-        "artifacts": {"student": "student.safetensors", "swa_student": "swa_student.safetensors", "student_onnx": "student.onnx"},
+        "exports": {"student_onnx": "ok", "student_pt2": "failed: ExportError: torch.export logits differ",
+                    "swa_student_onnx": "ok", "swa_student_pt2": "ok"},
+        "artifacts": {"student": "student.safetensors", "swa_student": "swa_student.safetensors", "student_onnx": "student.onnx",
+                      "swa_student_onnx": "swa_student.onnx", "swa_student_pt2": "swa_student.pt2"},
         "history": [],
         "device": "cuda:0",
         "library_versions": {"python": "3.11.7", "torch": "2.14.1", "onnxruntime": "1.32.0"},
@@ -214,7 +218,8 @@ def test_markdown_card_renders_every_metric_and_the_threat_model():
     assert "f00dfeed1234" in md and "45000 training, 5000 validation, 10000 test" in md and "2000" in md
     assert "onnxruntime 1.32.0" in md and "2026-03-04T05:06:07+00:00" in md
     assert '"input"' in md and "student.onnx" in md and "load_model" in md
-    assert "torch.jit.load" not in md and "student's TorchScript export is not available (failed: ExportError" in md
+    assert "torch.export.load" not in md and "student's torch.export export is not available (failed: ExportError" in md
+    assert "The SWA student's exports load the same way: `swa_student.onnx`, `swa_student.pt2`." in md
     assert "## Limitations" in md and "AutoAttack was not run" not in md
     assert "AutoAttack: standard version, L∞: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries)." in md
 
@@ -246,31 +251,32 @@ def _tiny_job_spec():
     return tiny_spec(epochs=2, lr_decay_epochs=[1], evaluation=dict(n_examples=32, autoattack=False, batch_size=64, pgd_steps=2))
 
 
-def test_job_ships_verified_onnx_torchscript_and_a_markdown_card(tiny_splits, tmp_path):
+def test_job_ships_verified_onnx_and_programs_of_both_students_and_a_markdown_card(tiny_splits, tmp_path):
     result = run_job(_tiny_job_spec(), tiny_splits, tmp_path)
     artifacts = result.artifacts
-    assert set(artifacts) == {"student", "swa_student", "peer", "student_onnx", "student_torchscript",
-                              "model_card_markdown", "model_card"}
-    assert all(p.exists() for p in artifacts.values())
-    assert artifacts["student_onnx"].name == "student.onnx"
-    assert artifacts["student_torchscript"].name == "student.torchscript.pt"
-    assert artifacts["model_card_markdown"].name == "model_card.md"
+    exported = {f"{model}_{fmt}" for model in ("student", "swa_student") for fmt in ("onnx", "pt2")}
+    assert set(artifacts) == {"student", "swa_student", "peer", "model_card_markdown", "model_card", *exported}
+    assert all(p.exists() and p.name == ARTIFACTS[name].file_name for name, p in artifacts.items())
+    assert [artifacts[n].name for n in ("student_onnx", "student_pt2", "swa_student_pt2")] == ["student.onnx", "student.pt2", "swa_student.pt2"]
 
     card = json.loads(artifacts["model_card"].read_text())
-    assert card["exports"] == {"student_onnx": "ok", "student_torchscript": "ok"} == result.model_card["exports"]
+    assert card["exports"] == dict.fromkeys(sorted(exported), "ok") == result.model_card["exports"]
+    assert card["artifacts"] == {name: ARTIFACTS[name].file_name for name in artifacts}
 
-    student, _ = load_model(artifacts["student"])
     x = tiny_splits.test.images[:8].float() / 255
-    with torch.no_grad():
-        want = student(x)
-        assert torch.allclose(torch.jit.load(str(artifacts["student_torchscript"]))(x), want, atol=ATOL, rtol=0)
-    assert torch.allclose(_onnx_logits(artifacts["student_onnx"], x), want, atol=ATOL, rtol=0)
+    for model in ("student", "swa_student"):
+        weights, _ = load_model(artifacts[model])
+        with torch.no_grad():
+            want = weights(x)
+            assert torch.allclose(torch.export.load(str(artifacts[f"{model}_pt2"])).module()(x), want, atol=ATOL, rtol=0)
+        assert torch.allclose(_onnx_logits(artifacts[f"{model}_onnx"], x), want, atol=ATOL, rtol=0)
 
     md = artifacts["model_card_markdown"].read_text()
     assert md == model_card_markdown(card)
     assert "8/255" in md and f"{card['metrics']['student']['test']['clean_acc']:.2%}" in md
+    assert 'torch.export.load("student.pt2").module()' in md and 'InferenceSession("student.onnx"' in md
     for path in artifacts.values():
-        if path.suffix in (".onnx", ".pt", ".safetensors"):
+        if path.suffix in (".onnx", ".pt2", ".safetensors"):
             assert path.name in md or path.name == "peer.safetensors"
 
 
@@ -281,12 +287,28 @@ def test_a_failed_export_is_recorded_and_the_training_result_kept(tiny_splits, t
     monkeypatch.setitem(job_module.EXPORT_FORMATS, "onnx", broken)
     result = run_job(_tiny_job_spec(), tiny_splits, tmp_path)
     card = json.loads(result.artifacts["model_card"].read_text())
-    assert card["exports"]["student_onnx"] == "failed: ExportError: ONNX logits differ from PyTorch by 1 at batch 8"
-    assert card["exports"]["student_torchscript"] == "ok"
-    assert "student_onnx" not in result.artifacts and not (tmp_path / "artifacts" / "student.onnx").exists()
-    assert {"student", "swa_student", "student_torchscript", "model_card"} <= set(result.artifacts)
+    for model in ("student", "swa_student"):
+        assert card["exports"][f"{model}_onnx"] == "failed: ExportError: ONNX logits differ from PyTorch by 1 at batch 8"
+        assert card["exports"][f"{model}_pt2"] == "ok"
+        assert f"{model}_onnx" not in result.artifacts and not (tmp_path / "artifacts" / f"{model}.onnx").exists()
+    assert {"student", "swa_student", "student_pt2", "swa_student_pt2", "model_card"} <= set(result.artifacts)
     assert all(p.exists() for p in result.artifacts.values())
-    assert "student's ONNX export is not available" in result.artifacts["model_card_markdown"].read_text()
+    md = result.artifacts["model_card_markdown"].read_text()
+    assert "student's ONNX export is not available" in md and "swa student's ONNX export is not available" in md
+
+
+# The wide ResNets share one module: wrn28_10 exercises it; wrn34_10 and wrn70_16 (267M parameters) are that module deeper and wider.
+EVERY_ARCHITECTURE = [info.name for info in list_models() if info.name not in ("wrn34_10", "wrn70_16")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EVERY_ARCHITECTURE)
+def test_every_architecture_exports_to_onnx_and_torch_export(name, tmp_path):
+    info = next(i for i in list_models() if i.name == name)
+    size = info.min_input_size
+    model = _model(name, 3, size, 7)
+    export_onnx(model, tmp_path / "m.onnx", (3, size, size))  # each verifies its logits against PyTorch's
+    export_program(model, tmp_path / "m.pt2", (3, size, size))
 
 
 def test_library_versions_name_the_export_runtimes():

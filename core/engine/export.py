@@ -1,8 +1,9 @@
-"""Portable weights (safetensors, never pickle) and ONNX and TorchScript exports.
+"""Portable weights (safetensors, never pickle), ONNX files and torch.export programs.
 
 A weights file carries its architecture in the safetensors header, so `load_model(path)`
-rebuilds the network without any other file (timm-style portable checkpoints). ONNX and
-TorchScript files are checked against the PyTorch model's logits before they are kept."""
+rebuilds the network without any other file (timm-style portable checkpoints). ONNX files and
+torch.export programs load without this package (onnxruntime; PyTorch alone) and are checked against
+the PyTorch model's logits before they are kept."""
 
 from __future__ import annotations
 
@@ -71,19 +72,21 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
-# --- ONNX and TorchScript -----------------------------------------------------------------
+# --- ONNX and torch.export programs -------------------------------------------------------
 
 
-def export_torchscript(model: nn.Module, path: Path, input_shape) -> Path:
-    """Trace the eval-mode model into a TorchScript file (any batch size), verified before it is kept."""
+def export_program(model: nn.Module, path: Path, input_shape) -> Path:
+    """A torch.export program of the eval-mode model (`torch.export.save`, .pt2), any batch size; verified
+    before it is kept. It loads with PyTorch alone: `torch.export.load(path).module()`."""
     model = _cpu_eval(model)
 
     def write(tmp: Path) -> None:
-        with _quiet_deprecations(), torch.no_grad():
-            # check_trace re-runs the model for nothing: verify_torchscript compares more inputs
-            traced = torch.jit.trace(model, _probe(1, seed=1, input_shape=input_shape), check_trace=False)
-            traced.save(str(tmp))
-        verify_torchscript(tmp, model, input_shape)
+        # an example batch of 2: a batch of 1 would let the exporter specialise the batch dimension to 1
+        program = torch.export.export(
+            model, (_probe(2, seed=1, input_shape=input_shape),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+        torch.export.save(program, str(tmp))
+        verify_program(tmp, model, input_shape)
 
     atomic_write(path, write)
     return Path(path)
@@ -110,14 +113,13 @@ def export_onnx(model: nn.Module, path: Path, input_shape) -> Path:
     return Path(path)
 
 
-def verify_torchscript(path: Path, model: nn.Module, input_shape) -> None:
-    """Raise ExportError unless the TorchScript file reproduces the model's logits at batch 1 and 8."""
+def verify_program(path: Path, model: nn.Module, input_shape) -> None:
+    """Raise ExportError unless the torch.export program reproduces the model's logits at batch 1 and 8."""
     try:
-        with _quiet_deprecations():
-            loaded = torch.jit.load(str(path), map_location="cpu")
+        loaded = torch.export.load(str(path)).module()
     except Exception as err:
-        raise ExportError(f"cannot load TorchScript file {path}: {err}") from err
-    _compare_logits("TorchScript", loaded, _cpu_eval(model), input_shape)
+        raise ExportError(f"cannot load torch.export program {path}: {err}") from err
+    _compare_logits("torch.export", loaded, _cpu_eval(model), input_shape)
 
 
 def verify_onnx(path: Path, model: nn.Module, input_shape) -> None:
@@ -167,9 +169,8 @@ def _cpu_eval(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def _quiet_deprecations():
-    # torch.jit and the legacy ONNX exporter warn on every call that they are deprecated; we chose them knowingly
+    # the legacy ONNX exporter warns on every call that it is deprecated; we chose it knowingly
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         yield

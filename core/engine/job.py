@@ -1,5 +1,5 @@
 """One robustification job end to end: train (resuming if a checkpoint exists); write the models
-(safetensors weights, portable exports) and a model card; then evaluate them on the test set and
+(safetensors weights, ONNX files and torch.export programs) and a model card; then evaluate them on the test set and
 rewrite the card with the results. The models are on disk before the final evaluation starts, so a
 failing attack costs only its own figures, never the trained model.
 
@@ -20,7 +20,7 @@ from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError
 from .evaluation import final_report, report_keys
-from .export import export_onnx, export_torchscript, save_weights, write_json
+from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
 from .models import create_model
 from .spec import JobSpec, build_spec
@@ -43,13 +43,14 @@ ARTIFACTS: dict[str, ArtifactFile] = {
     "swa_student": ArtifactFile("swa_student.safetensors", "the best SWA student, safetensors weights"),
     "peer": ArtifactFile("peer.safetensors", "the peer tutor at the last epoch, safetensors weights"),
     "last_student": ArtifactFile("last_student.safetensors", "the student of the last finished epoch of a stopped job"),
-    "student_onnx": ArtifactFile("student.onnx", "the student as ONNX (opset 17, any batch size)"),
-    "student_torchscript": ArtifactFile("student.torchscript.pt", "the student as TorchScript"),
+    "student_onnx": ArtifactFile("student.onnx", "the student as ONNX (opset 17, any batch size), for onnxruntime"),
+    "student_pt2": ArtifactFile("student.pt2", "the student as a torch.export program, for PyTorch alone"),
+    "swa_student_onnx": ArtifactFile("swa_student.onnx", "the SWA student as ONNX"),
+    "swa_student_pt2": ArtifactFile("swa_student.pt2", "the SWA student as a torch.export program"),
     "model_card": ArtifactFile("model_card.json", "the model card: setup, metrics, evaluation and export status"),
     "model_card_markdown": ArtifactFile("model_card.md", "the model card, for people"),
 }
-STUDENT_MODELS = ("student", "swa_student")  # the products; the peer is a training aid
-EXPORT_FORMATS = {"onnx": export_onnx, "torchscript": export_torchscript}
+EXPORT_FORMATS = {"onnx": export_onnx, "pt2": export_program}  # artifact "<model>_<format>" for each student model
 
 
 @dataclass
@@ -87,7 +88,7 @@ def run_job(
     trainer.fit()
 
     out_dir = Path(workdir) / ARTIFACTS_DIR
-    callbacks.on_stage(Stage.EXPORTING, "saving the weights and exporting the students")
+    callbacks.on_stage(Stage.EXPORTING, "saving the weights; exporting the students to ONNX and torch.export")
     best = {"student": trainer.best_student, "swa_student": trainer.best_swa}
     models = {key: _build(spec.student, trainer.model_kwargs, b.state) for key, b in best.items() if b.state is not None}
     metrics = {key: {"best_epoch": best[key].epoch, "validation": best[key].metrics, "test": {}} for key in models}
@@ -171,21 +172,21 @@ def _save(model: nn.Module, out_dir: Path, key: str, architecture: str, splits: 
 
 
 def _export_portable(models: dict[str, nn.Module], out_dir: Path, input_shape, artifacts: dict[str, Path]) -> dict[str, str]:
-    """Export the student in each portable format; a failed export is reported, not raised, and leaves no file."""
+    """Export each student model in each portable format: {artifact name: "ok" or "failed: ..."}. A failed
+    export is reported, not raised, and leaves no file."""
     status = {}
-    for fmt, export in EXPORT_FORMATS.items():
-        name = f"student_{fmt}"
-        if "student" not in models:
-            continue
-        path = out_dir / ARTIFACTS[name].file_name
-        try:
-            export(models["student"], path, input_shape)
-        except Exception as err:
-            path.unlink(missing_ok=True)  # a resumed job may have left one from an earlier run
-            status[name] = "failed: " + _sentence(err)
-        else:
-            artifacts[name] = path
-            status[name] = "ok"
+    for key, model in models.items():
+        for fmt, export in EXPORT_FORMATS.items():
+            name = f"{key}_{fmt}"
+            path = out_dir / ARTIFACTS[name].file_name
+            try:
+                export(model, path, input_shape)
+            except Exception as err:
+                path.unlink(missing_ok=True)  # a resumed job may have left one from an earlier run
+                status[name] = "failed: " + _sentence(err)
+            else:
+                artifacts[name] = path
+                status[name] = "ok"
     return status
 
 

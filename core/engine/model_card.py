@@ -79,7 +79,7 @@ def build_model_card(
 
 METHOD_NAMES = {"peeraid": "PeerAiD", "pgd_at": "PGD-AT", "trades": "TRADES", "natural": "natural (non-adversarial) training"}
 MODEL_LABELS = {"student": "Student", "swa_student": "SWA student", "last_student": "Student of the last epoch"}
-EXPORT_NAMES = {"onnx": "ONNX", "torchscript": "TorchScript", "markdown": "Markdown model card"}
+EXPORT_NAMES = {"onnx": "ONNX", "pt2": "torch.export", "markdown": "Markdown model card"}
 MAX_LISTED_CLASSES = 20
 
 
@@ -138,9 +138,9 @@ _LOADING_SNIPPETS = {
         'session = onnxruntime.InferenceSession("{file}", providers=["CPUExecutionProvider"])\n'
         'logits = session.run(["logits"], {{"input": x}})[0]  # x: numpy float32 N×C×H×W in [0, 1]',
     ),
-    "torchscript": (
-        "TorchScript (`{file}`, any batch size), with PyTorch alone:",
-        'import torch\nmodel = torch.jit.load("{file}")\nlogits = model(x)',
+    "pt2": (
+        "torch.export program (`{file}`, any batch size), with PyTorch alone:",
+        'import torch\nmodel = torch.export.load("{file}").module()\nlogits = model(x)  # x: torch float32 N×C×H×W in [0, 1]',
     ),
 }
 

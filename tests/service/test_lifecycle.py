@@ -63,7 +63,7 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
 
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
     assert set(artifacts) == {"student", "swa_student", "peer", "model_card", "model_card_markdown", "student_onnx",
-                              "student_torchscript"}
+                              "student_pt2", "swa_student_onnx", "swa_student_pt2"}
     assert artifacts["model_card_markdown"]["media_type"].startswith("text/markdown")
     download = client.get(artifacts["student"]["url"])
     assert download.status_code == 200
@@ -113,6 +113,10 @@ def test_cancel_a_running_job_stops_within_an_epoch(stack):
     assert done["status"] == "cancelled", done
     assert len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) <= epochs_at_cancel + 1
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    kept = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert {"last_student", "student", "model_card"} <= set(kept), kept  # a cancelled job keeps its students
+    weights = client.get(kept["last_student"]["url"])
+    assert hashlib.sha256(weights.content).hexdigest() == kept["last_student"]["sha256"]
 
 
 def test_cancel_a_queued_job(stack):

@@ -125,7 +125,7 @@ def digits_rgb(image_size: int, train_images: int | None) -> DatasetSplits:
 def train_one(precision: str, device: torch.device, splits: DatasetSplits, s: dict) -> dict:
     spec = build_spec(None, {
         "dataset": "digits", "method": "peeraid", "student": s["arch"], "epochs": s["epochs"],
-        "lr_decay_epochs": [s["epochs"] * 2 // 3], "batch_size": s["batch"] if device.type == "cuda" else 64, "lr": 0.1,
+        "lr_decay_epochs": [2 / 3], "batch_size": s["batch"] if device.type == "cuda" else 64, "lr": 0.1,
         "attack_steps": s["attack_steps"], "eval_pgd_steps": s["eval_steps"], "crop_padding": 4,
         "peeraid": {"lambda1": 0.5}, "precision": precision, "cuda_graph": "auto", "swa": False,
     })

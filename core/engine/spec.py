@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,7 +42,13 @@ class JobSpec(_Strict):
     peer_lr: float | None = Field(None, gt=0, le=10, description="initial learning rate of the peer (default: lr)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(2e-4, ge=0, le=1)
-    lr_decay_epochs: list[int] = Field(default_factory=lambda: [214, 259, 284], max_length=32)
+    lr_decay_epochs: list[int] | list[float] = Field(
+        default_factory=lambda: [214, 259, 284], max_length=32,
+        description="where the LR is multiplied by lr_decay_factor, either as epochs (integers ≥ 1, below epochs: "
+        "[214, 259, 284] decays after 214, 259 and 284 completed epochs) or as fractions of training (numbers "
+        "strictly between 0 and 1, rounded to the nearest epoch: [0.7133, 0.8633, 0.9467] is the same schedule for "
+        "300 epochs, and follows when epochs changes); fractions landing on one epoch each apply their factor",
+    )
     lr_decay_factor: float = Field(0.1, gt=0, le=1)
 
     epsilon: float = Field(8 / 255, gt=0, le=0.5, description="L∞ radius, on inputs in [0, 1]")
@@ -57,7 +64,10 @@ class JobSpec(_Strict):
     trades_beta: float = Field(6.0, ge=0, le=100)
 
     swa: bool = Field(True, description="keep an SWA student from swa_start on")
-    swa_start: int | None = Field(None, ge=0, description="first SWA epoch (default: the first LR decay epoch)")
+    swa_start: int | float | None = Field(
+        None, ge=0, description="first SWA epoch, as an epoch (integer ≥ 0) or a fraction of training (strictly "
+        "below 1); default: the first LR decay epoch, so it follows a fractional schedule",
+    )
 
     augment: bool = Field(True, description="random crop with zero padding + horizontal flip")
     crop_padding: int = Field(4, ge=0, le=32)
@@ -89,18 +99,41 @@ class JobSpec(_Strict):
             raise ValueError(f"unknown architecture '{name}'; known: {', '.join(known)}")
         return name
 
+    @field_validator("lr_decay_epochs", mode="before")
+    @classmethod
+    def _epochs_or_fractions(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not all(_is_number(v) for v in value):
+            return value  # pydantic names the offending item
+        if all(0 < v < 1 for v in value):
+            return [float(v) for v in value]
+        if all(float(v).is_integer() for v in value):
+            if any(v < 1 for v in value):
+                raise ValueError("decay epochs must be ≥ 1")
+            return [int(v) for v in value]
+        raise ValueError(
+            f"each must be an epoch (an integer ≥ 1) or a fraction of training (strictly between 0 and 1), "
+            f"all of one kind; got {value}"
+        )
+
     @field_validator("lr_decay_epochs")
     @classmethod
-    def _increasing(cls, epochs: list[int]) -> list[int]:
-        if any(e < 1 for e in epochs):
-            raise ValueError("decay epochs must be ≥ 1")
+    def _increasing(cls, epochs: list[int] | list[float]) -> list[int] | list[float]:
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
             raise ValueError(f"must be strictly increasing, got {epochs}")
         return epochs
 
+    @field_validator("swa_start", mode="before")
+    @classmethod
+    def _epoch_or_fraction(cls, value: Any) -> Any:
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"give an epoch (integer) or a fraction of training (below 1), got {value}")
+            return int(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        late = [e for e in self.lr_decay_epochs if e >= self.epochs]
+        late = [e for e in self.lr_decay_epochs if isinstance(e, int) and e >= self.epochs]
         if late:
             raise ValueError(
                 f"lr_decay_epochs {late} are not below epochs={self.epochs}; shorten the schedule with the epochs"
@@ -120,19 +153,34 @@ class JobSpec(_Strict):
         return self.peer or self.student
 
     @property
+    def decay_epochs(self) -> list[int]:
+        """The LR decay epochs as epochs: fractions rounded to the nearest epoch and kept within 1 … epochs − 1
+        (a one-epoch run has no epoch to decay at)."""
+        if not self.lr_decay_epochs or isinstance(self.lr_decay_epochs[0], int):
+            return list(self.lr_decay_epochs)
+        return [self._epoch_of(f, lowest=1) for f in self.lr_decay_epochs] if self.epochs > 1 else []
+
+    @property
     def resolved_swa_start(self) -> int:
+        if isinstance(self.swa_start, float):
+            return self._epoch_of(self.swa_start, lowest=0)
         if self.swa_start is not None:
             return self.swa_start
-        return self.lr_decay_epochs[0] if self.lr_decay_epochs else self.epochs // 2
+        return self.decay_epochs[0] if self.decay_epochs else self.epochs // 2
+
+    def _epoch_of(self, fraction: float, lowest: int) -> int:
+        return max(lowest, min(math.floor(fraction * self.epochs + 0.5), self.epochs - 1))
 
     def lr_at(self, epoch: int, base_lr: float | None = None) -> float:
         """The step schedule: base × factor^(number of decay epochs ≤ epoch)."""
-        decays = sum(1 for e in self.lr_decay_epochs if e <= epoch)
+        decays = sum(1 for e in self.decay_epochs if e <= epoch)
         return (self.lr if base_lr is None else base_lr) * self.lr_decay_factor**decays
 
 
-_CIFAR = dict(epochs=300, lr_decay_epochs=[214, 259, 284], batch_size=128, lr=0.1, weight_decay=2e-4)
-_TINY = dict(dataset="tinyimagenet", epochs=200, lr_decay_epochs=[99, 149], batch_size=128, lr=0.1, weight_decay=2e-4)
+# Schedules as fractions of training, so that overriding `epochs` alone keeps them in proportion;
+# at the preset's own epochs they round to the authors' decay epochs exactly.
+_CIFAR = dict(epochs=300, lr_decay_epochs=[214 / 300, 259 / 300, 284 / 300], batch_size=128, lr=0.1, weight_decay=2e-4)
+_TINY = dict(dataset="tinyimagenet", epochs=200, lr_decay_epochs=[99 / 200, 149 / 200], batch_size=128, lr=0.1, weight_decay=2e-4)
 
 
 def _paper_preset(dataset: str, arch: str, schedule: dict[str, Any]) -> dict[str, Any]:
@@ -147,10 +195,21 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "Built-in offline digits (16×16 grey), small CNN student and peer, 12 epochs: a CPU demo in about two minutes.",
         dict(
             dataset="digits", method="peeraid", student="small_cnn", peer="small_cnn", epochs=12, batch_size=64,
-            lr=0.1, lr_decay_epochs=[8, 10], crop_padding=2, val_fraction=0.1,
+            lr=0.1, lr_decay_epochs=[8 / 12, 10 / 12], crop_padding=2, val_fraction=0.1,
             # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
             peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
             evaluation=dict(n_examples=100, batch_size=100),
+        ),
+    ),
+    "small-data": (
+        "Your own small dataset (a few hundred to a few thousand images, 2 or more classes): small CNN student "
+        "and peer, 30 epochs of batch 64, a 5-step training attack; minutes on a CPU. Set dataset.",
+        dict(
+            method="peeraid", student="small_cnn", peer="small_cnn", epochs=30, batch_size=64, lr=0.1,
+            lr_decay_epochs=[2 / 3, 5 / 6], attack_steps=5, val_fraction=0.2,
+            # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
+            peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
+            evaluation=dict(batch_size=250),
         ),
     ),
     "cifar10-resnet18": ("Paper: CIFAR-10, ResNet-18 student and peer, 300 epochs.", _paper_preset("cifar10", "resnet18", _CIFAR)),
@@ -160,9 +219,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tinyimagenet-resnet18": ("Paper: TinyImageNet, ResNet-18 student and peer, 200 epochs.", _paper_preset("tinyimagenet", "resnet18", _TINY)),
     "tinyimagenet-wrn34-10": (
         "Paper: TinyImageNet, WideResNet-34-10 student and peer; 100 epochs decayed at 49 and 79, as the authors' config.",
-        _paper_preset("tinyimagenet", "wrn34_10", {**_TINY, "epochs": 100, "lr_decay_epochs": [49, 79]}),
+        _paper_preset("tinyimagenet", "wrn34_10", {**_TINY, "epochs": 100, "lr_decay_epochs": [49 / 100, 79 / 100]}),
     ),
 }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

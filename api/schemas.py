@@ -125,7 +125,14 @@ class JobOut(Out):
     progress: Progress
     latest_metrics: dict[str, Any] | None
     best_metrics: dict[str, Any] | None
-    result: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(description="the test-set report: {model: {best_epoch, validation, test}}")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="what the report covers: status (complete / incomplete / pending), images per attack, failed attacks, "
+        "the AutoAttack set used")
+    warnings: list[dict[str, str]] | None = Field(
+        None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]")
+    execution: dict[str, Any] | None = Field(None, description="how the training steps ran: precision, CUDA graph or eager (and why)")
+    estimate: dict[str, Any] | None = Field(None, description="the pre-flight estimate made at submission")
     error: str | None
     attempts: int
     cancel_requested: bool

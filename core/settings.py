@@ -45,7 +45,14 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(15.0, description="seconds between reconciler passes in each worker")
     max_attempts: int = Field(3, description="deliveries of a job before it fails for good")
     progress_interval: float = Field(2.0, description="seconds between progress writes of a running job")
-    max_job_seconds: float = Field(7 * 24 * 3600, description="longest a job may run; also sets the broker's visibility timeout")
+    max_job_seconds: float = Field(
+        7 * 24 * 3600, description="longest a job may run (from its first start; it then fails, keeping its last checkpoint's "
+        "student); also sets the broker's visibility timeout"
+    )
+    worker_max_memory_bytes: int | None = Field(
+        None, description="memory a job's process may use (it then fails, keeping its last checkpoint's student); "
+        "default: 80% of the host's memory"
+    )
 
     operator_token: str | None = Field(None, description="bearer token for /metrics and /readyz's details (cross-tenant counts, hosts)")
 

@@ -8,7 +8,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -19,7 +21,7 @@ from core.db.session import Database
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-StopReason = Literal["cancel", "lease-lost"]
+StopReason = Literal["cancel", "lease-lost", "time-limit", "memory-limit"]
 
 
 def worker_name() -> str:
@@ -49,16 +51,44 @@ def is_stale(job: Job, settings: Settings, now: dt.datetime | None = None) -> bo
     return beat is None or (now - beat).total_seconds() > settings.heartbeat_timeout or owner_is_dead(job.worker)
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one job may take: a deadline (monotonic seconds) and a ceiling on its process's resident memory."""
+
+    deadline: float
+    max_memory_bytes: int
+
+    def exceeded(self) -> StopReason | None:
+        if time.monotonic() > self.deadline:
+            return "time-limit"
+        if resident_bytes() > self.max_memory_bytes:
+            return "memory-limit"
+        return None
+
+
 class JobLease:
     """Held while a worker runs a job: `write` applies a transition of core.db.jobs under the lease
-    (retrying through database outages); a heartbeat thread proves liveness every interval and
-    learns of a cancel request or a lost lease, which `stop_reason` then reports."""
+    (retrying through database outages); a heartbeat thread proves liveness every interval, learns of a
+    cancel request or a lost lease, and watches the job's limits; `stop_reason` then reports which."""
 
-    def __init__(self, db: Database, lease: jobs.Lease, attempt: int, heartbeat_interval: float):
+    WATCH_INTERVAL = 0.5
+
+    def __init__(self, db: Database, lease: jobs.Lease, attempt: int, heartbeat_interval: float, limits: JobLimits):
         self.db = db
         self.lease = lease
         self.attempt = attempt
         self.heartbeat_interval = heartbeat_interval
+        self.limits = limits
         self.stop_reason: StopReason | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,17 +117,25 @@ class JobLease:
             self._thread.join(timeout=5)
 
     def _beat(self) -> None:
+        next_beat = 0.0
         while not self._stopped.is_set():
-            try:
-                state = self.db.run(lambda session: jobs.heartbeat(session, self.lease), retry=True)
-            except Exception:  # the database is gone for longer than the retries: keep training, try again
-                log.exception("heartbeat for job %s failed", self.job_id)
-            else:
-                if not state.owned:
-                    self.stop_reason = "lease-lost"
-                elif state.cancel_requested:
-                    self.stop_reason = "cancel"
-            self._stopped.wait(self.heartbeat_interval)
+            if self.stop_reason is None and (exceeded := self.limits.exceeded()):
+                self.stop_reason = exceeded
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat_interval
+                self._heartbeat()
+            self._stopped.wait(min(self.WATCH_INTERVAL, self.heartbeat_interval))
+
+    def _heartbeat(self) -> None:
+        try:
+            state = self.db.run(lambda session: jobs.heartbeat(session, self.lease), retry=True)
+        except Exception:  # the database is gone for longer than the retries: keep training, try again
+            log.exception("heartbeat for job %s failed", self.job_id)
+            return
+        if not state.owned:
+            self.stop_reason = "lease-lost"
+        elif state.cancel_requested and self.stop_reason is None:
+            self.stop_reason = "cancel"
 
     def should_stop(self) -> bool:
         return self.stop_reason is not None

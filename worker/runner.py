@@ -5,10 +5,11 @@ however many copies of its message arrive, one worker at a time owns the job."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from core.db import jobs
-from core.db.models import Dataset, Job, JobStatus
+from core.db.models import Dataset, Job, JobStatus, utcnow
 from core.db.session import Database, database
 from core.engine.errors import (
     CheckpointError,
@@ -19,14 +20,15 @@ from core.engine.errors import (
     TrainingCancelled,
     TrainingDiverged,
 )
-from core.engine.job import JobResult, run_job
+from core.engine.job import JobResult, export_checkpoint_student, run_job
+from core.engine.datasets import DatasetSplits
 from core.engine.sources import load_splits
 from core.engine.spec import JobSpec
 from core.settings import Settings
 from core.storage import Storage, sha256_file
 
 from .callbacks import DatabaseCallbacks
-from .lease import JobLease, is_stale, worker_name
+from .lease import JobLease, JobLimits, host_memory_bytes, is_stale, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,31 @@ FAILURE_MESSAGES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
 def failure_message(err: BaseException) -> str:
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OUT_OF_MEMORY)):
+        return f"out of memory: {err}; use a smaller batch_size, evaluation.batch_size or input size"
     for kind, template in FAILURE_MESSAGES:
         if isinstance(err, kind):
             return template.format(err=err)
     return f"internal error: {type(err).__name__}: {err}"
+
+
+def limits_for(settings: Settings, job: Job) -> JobLimits:
+    """The job's deadline counts from its first start, across attempts."""
+    elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
+    return JobLimits(
+        deadline=time.monotonic() + settings.max_job_seconds - elapsed,
+        max_memory_bytes=settings.worker_max_memory_bytes or int(0.8 * host_memory_bytes()),
+    )
+
+
+STOPPED_BY_LIMIT = {
+    "time-limit": "the job ran past its time limit of {duration} (PEERAID_MAX_JOB_SECONDS)",
+    "memory-limit": "the job's process passed its memory ceiling of {gib:.1f} GiB (PEERAID_WORKER_MAX_MEMORY_BYTES)",
+}
 
 
 def run(settings: Settings, job_id: str) -> str:
@@ -60,12 +82,13 @@ def run(settings: Settings, job_id: str) -> str:
         log.info("job %s not claimable here (already owned, finished or cancelled); message dropped", job_id)
         return "skipped"
     log.info("job %s claimed by %s (attempt %d)", job_id, me, job.attempts)
-    with JobLease(db, jobs.Lease(job_id, me), job.attempts, settings.heartbeat_interval) as lease:
+    with JobLease(db, jobs.Lease(job_id, me), job.attempts, settings.heartbeat_interval, limits_for(settings, job)) as lease:
         return _train(settings, db, job, lease)
 
 
 def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
     storage = Storage(settings.data_dir)
+    splits = None
     try:
         spec = JobSpec.model_validate(job.spec)
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
@@ -79,21 +102,40 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             callbacks=DatabaseCallbacks(lease, spec.batch_size), progress_interval=settings.progress_interval,
         )
     except TrainingCancelled:
-        if lease.stop_reason == "lease-lost":
+        reason = lease.stop_reason
+        if reason == "lease-lost":
             log.warning("job %s: another worker took over; stopping here", job.id)
             return "lease-lost"
-        lease.write(jobs.finish, JobStatus.CANCELLED)
+        if reason in STOPPED_BY_LIMIT:
+            limits = lease.limits
+            error = STOPPED_BY_LIMIT[reason].format(duration=_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
+            kept = _kept(storage, job.id, splits, f"stopped: {error}")
+            lease.write(jobs.finish, JobStatus.FAILED, error=f"{error}; the last checkpoint's student is kept", artifacts=kept)
+            return "failed"
+        kept = _kept(storage, job.id, splits, "cancelled")
+        lease.write(jobs.finish, JobStatus.CANCELLED, artifacts=kept)
         return "cancelled"
     except Exception as err:
         if not isinstance(err, EngineError | OSError):
             log.exception("job %s crashed", job.id)
-        lease.write(jobs.finish, JobStatus.FAILED, error=failure_message(err))
+        error = failure_message(err)
+        kept = _kept(storage, job.id, splits, f"failed: {error}")
+        lease.write(jobs.finish, JobStatus.FAILED, error=error, artifacts=kept)
         return "failed"
-    if not lease.write(jobs.succeed, result=result.report, best=_best(result), artifacts=_artifact_files(storage, job.id, result)):
+    artifacts = _artifact_files(storage, job.id, result.artifacts)
+    if not lease.write(jobs.succeed, result=result.report, best=_best(result), evaluation=result.evaluation, warnings=result.warnings,
+                       execution=result.model_card.get("execution") or {}, artifacts=artifacts):
         log.warning("job %s was taken over by another worker; its result is theirs to publish", job.id)
         return "lease-lost"
     log.info("job %s succeeded", job.id)
     return "succeeded"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
 
 
 def _dataset_source(db: Database, storage: Storage, name: str) -> tuple[str, tuple[int, int] | None]:
@@ -111,11 +153,22 @@ def _best(result: JobResult) -> dict:
     return {key: {"epoch": m["best_epoch"], **m["validation"]} for key, m in result.report.items()}
 
 
-def _artifact_files(storage: Storage, job_id: str, result: JobResult) -> list[jobs.ArtifactFile]:
+def _kept(storage: Storage, job_id: str, splits: DatasetSplits | None, stopped: str) -> list[jobs.ArtifactFile]:
+    """A job that stopped early keeps its last checkpoint's students, as weights with a model card."""
+    if splits is None:
+        return []
+    try:
+        return _artifact_files(storage, job_id, export_checkpoint_student(storage.job_dir(job_id), splits, stopped=stopped))
+    except (CheckpointError, OSError) as err:  # no epoch finished, or the disk is full: nothing to keep
+        log.info("job %s keeps no student: %s", job_id, err)
+        return []
+
+
+def _artifact_files(storage: Storage, job_id: str, paths: dict[str, Path]) -> list[jobs.ArtifactFile]:
     return [
         jobs.ArtifactFile(
             name=name, file_name=Path(path).name, media_type=MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream"),
             size_bytes=Path(path).stat().st_size, sha256=sha256_file(Path(path)), storage_key=storage.job_key(job_id, Path(path)),
         )
-        for name, path in result.artifacts.items()
+        for name, path in paths.items()
     ]

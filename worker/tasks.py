@@ -3,15 +3,32 @@
 
 from __future__ import annotations
 
+import resource
+
 from core.logs import job_context
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 from .celery_app import RUN_JOB_TASK, app
+from .lease import host_memory_bytes
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     from .runner import run  # the engine (torch) loads in the pool's child process, not in the worker's main process
 
+    settings = get_settings()
+    limit_memory(settings)
     with job_context(job_id):
-        return run(get_settings(), job_id)
+        return run(settings, job_id)
+
+
+def limit_memory(settings: Settings) -> None:
+    """On a CPU worker, a hard ceiling on this pool process's memory: an allocation past it fails the job
+    cleanly instead of waking the host's OOM killer (which would kill and re-deliver it, attempt after
+    attempt). GPU workers reserve vast address ranges, so there the lease's watchdog enforces it instead."""
+    from core.engine.trainer import resolve_device
+
+    if resolve_device(settings.worker_device).type != "cpu":
+        return
+    limit = settings.worker_max_memory_bytes or int(0.8 * host_memory_bytes())
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

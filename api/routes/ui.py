@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db.models import ACTIVE_STATUSES, Job
 from core.db import tenants
+from core.engine.evaluation import metric_label
 from core.db.tenants import TenantContext
 from core.settings import Settings
 
@@ -67,7 +68,7 @@ def _size(n: float) -> str:
 
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"), autoescape=True)
-env.filters.update(percent=_percent, duration=_duration, when=_when, size=_size)
+env.filters.update(percent=_percent, duration=_duration, when=_when, size=_size, metric_label=metric_label)
 templates = Jinja2Templates(env=env)
 
 
@@ -191,6 +192,7 @@ def jobs_page(
 def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep) -> Response:
     return page(request, "job.html", {
         "tenant": tenant, "job": job, "artifacts": job.artifacts, "spec": json.dumps(job.spec, indent=2),
+        "metric_keys": list(dict.fromkeys(k for m in (job.result or {}).values() for k in m.get("test") or {})),
         "refresh": job.status in ACTIVE_STATUSES, "version": int(job.updated_at.timestamp()),
     })
 

@@ -209,9 +209,13 @@ def _replace_artifacts(session: Session, job_id: str, artifacts: Iterable[Artifa
     session.add_all(Artifact(job_id=job_id, **vars(a)) for a in artifacts)
 
 
-def succeed(session: Session, lease: Lease, *, result: dict[str, Any], best: dict[str, Any], artifacts: Iterable[ArtifactFile]) -> bool:
-    if not _write(session, lease, status=JobStatus.SUCCEEDED, phase="succeeded", finished_at=utcnow(), result=result,
-                  best_metrics=best, error=None):
+def succeed(
+    session: Session, lease: Lease, *, result: dict[str, Any], best: dict[str, Any], evaluation: dict[str, Any],
+    warnings: list[dict[str, str]], execution: dict[str, Any], artifacts: Iterable[ArtifactFile],
+) -> bool:
+    phase = "succeeded" if evaluation.get("status") == "complete" else "succeeded; the evaluation is incomplete"
+    if not _write(session, lease, status=JobStatus.SUCCEEDED, phase=phase, finished_at=utcnow(), result=result, best_metrics=best,
+                  evaluation=evaluation, warnings=warnings, execution=execution, error=None):
         return False
     _replace_artifacts(session, lease.job_id, artifacts)
     return True

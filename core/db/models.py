@@ -50,6 +50,7 @@ class Tenant(Base):
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
     max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_job_hours: Mapped[float | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
@@ -144,7 +145,11 @@ class Job(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     latest_metrics: Mapped[dict[str, Any] | None]
     best_metrics: Mapped[dict[str, Any] | None]
-    result: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]  # the test-set report: {model: {best_epoch, validation, test}}
+    evaluation: Mapped[dict[str, Any] | None]  # what the report covers: status, images per attack, failures, AutoAttack set
+    warnings: Mapped[list[Any] | None]  # outcomes to distrust: [{model, kind, message, advice}]
+    execution: Mapped[dict[str, Any] | None]  # how the steps ran: precision, CUDA graph or eager (and why), channels_last
+    estimate: Mapped[dict[str, Any] | None]  # the pre-flight estimate at submission: memory, work, hours per device class
     error: Mapped[str | None] = mapped_column(Text)
 
     attempts: Mapped[int] = mapped_column(default=0)

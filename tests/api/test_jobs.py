@@ -3,13 +3,14 @@ a queued job, deleting jobs and datasets; the catalog, health, readiness and met
 
 from __future__ import annotations
 
+import json
 import re
 
 from core.db import tenants
 from core.db.session import database
 from tests.stack import FAST_JOB
 
-from .conftest import OPERATOR_TOKEN, create_key
+from .conftest import OPERATOR_TOKEN, create_key, run_job_here
 
 SHORT = {"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}}
 
@@ -120,3 +121,22 @@ def test_the_docs_work_offline(client):
         assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN
         for asset in assets:
             assert client.get(asset).status_code == 200, asset
+
+
+def test_a_job_past_its_time_limit_fails_keeping_its_last_students(new_client, settings):
+    client = new_client()
+    job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 200, "lr_decay_epochs": [150]}}).json()
+    assert run_job_here(settings.model_copy(update={"max_job_seconds": 8}), job["id"])["status"] == "failed"
+    done = client.get(f"/v1/jobs/{job['id']}").json()
+    assert "time limit of 8 s" in done["error"] and "student is kept" in done["error"]
+    artifacts = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert {"last_student", "student", "model_card"} <= artifacts
+    card = client.get(f"/v1/jobs/{job['id']}/artifacts/model_card").json()
+    assert "time limit" in json.dumps(card)
+
+
+def test_a_job_past_its_memory_ceiling_fails_cleanly(new_client, settings):
+    client = new_client()
+    job = client.post("/v1/jobs", json=SHORT).json()
+    assert run_job_here(settings.model_copy(update={"worker_max_memory_bytes": 1 << 20}), job["id"])["status"] == "failed"
+    assert "memory ceiling of 0.0 GiB" in client.get(f"/v1/jobs/{job['id']}").json()["error"]

@@ -151,3 +151,30 @@ def test_ui_escapes_user_supplied_names(new_client, digits_npz_bytes):
         assert "script-src" not in page.headers["content-security-policy"]  # and no script may run anyway
         assert 'http-equiv="refresh"' in page.text  # a queued job: the page refreshes itself
     client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_job_page_shows_warnings_evaluation_gaps_and_never_calls_a_failed_job_done(new_client, settings, digits_npz_bytes):
+    from sqlalchemy import update
+
+    from core.db.models import Job
+
+    client = new_client()
+    ok, failed = (client.post("/v1/jobs", json={"preset": "digits-demo", "spec": FAST_JOB}).json() for _ in range(2))
+    result = {"student": {"best_epoch": 3, "validation": {}, "test": {"clean_acc": 0.34, "pgd7_acc": 0.30}}}
+    with database(settings.resolved_database_url).transaction() as session:
+        session.execute(update(Job).where(Job.id == ok["id"]).values(
+            status="succeeded", phase="succeeded", result=result,
+            evaluation={"status": "incomplete", "images": {"clean_acc": 50, "pgd7_acc": 50},
+                        "failures": [{"model": "student", "attack": "AutoAttack", "error": "IndexError: boom"}]},
+            warnings=[{"model": "student", "kind": "chance", "message": "clean accuracy 34% is at chance for 3 classes",
+                       "advice": "train longer or check the labels"}]))
+        session.execute(update(Job).where(Job.id == failed["id"]).values(
+            status="failed", phase="failed", error="diverged", progress={"fraction": 1.0, "epoch": 4, "epochs": 4}))
+    browser = signed_in(new_client, client.headers["authorization"].split()[1])
+    page = browser.get(f"/ui/jobs/{ok['id']}").text
+    for text in ("PGD-7", "34.0%", "at chance for 3 classes", "train longer or check the labels", "Not evaluated: AutoAttack",
+                 "IndexError: boom", "Test images per attack: Clean 50"):
+        assert text in page, text
+    assert "pgd20" not in page.lower()
+    failed_page = browser.get(f"/ui/jobs/{failed['id']}").text
+    assert "failed at 100.0%" in failed_page and ">done<" not in failed_page

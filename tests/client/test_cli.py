@@ -83,12 +83,15 @@ def test_watch_exits_1_when_the_job_does_not_succeed(env):
     assert cancelled.returncode == 0 and job_id in cancelled.stdout
     watched = run_cli("jobs", "watch", job_id, env=env, timeout=120)
     assert watched.returncode == 1, watched.stderr
-    assert "status    cancelled" in watched.stdout
+    assert "status    cancelled" in watched.stdout and "CANCELLED" in watched.stderr
+    listed = run_cli("jobs", "list", env=env).stdout
+    assert f"cancelled at" in next(line for line in listed.splitlines() if line.startswith(job_id))
 
 
 def test_errors_print_the_service_message_and_exit_1(stack, env):
     bad_key = run_cli("--api-key", "pk_0000_nonsense", "jobs", "list", env=env)
-    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: missing or invalid API key")
+    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: the service refused the API key")
+    assert "Authorization" not in bad_key.stderr  # words for a command-line user, not for an HTTP client
     no_key = run_cli("jobs", "list", env={k: v for k, v in env.items() if k != "PEERAID_API_KEY"})
     assert no_key.returncode == 1 and "no API key configured" in no_key.stderr
 
@@ -122,7 +125,7 @@ def test_the_config_file_and_its_precedence(stack, api_key, tmp_path):
     named.write_text(f'url = "{stack.url}/v1/"\napi_key = "{other_key}"\n')
     env = cli_env(HOME=str(home), PEERAID_CONFIG=str(named))
     mine = run_cli("jobs", "list", env=env)
-    assert mine.returncode == 0 and mine.stdout.strip() == "ID  STATUS  DATASET  PRESET  DONE  CREATED", "a fresh tenant's empty list"
+    assert mine.returncode == 0 and mine.stdout.strip() == "ID  STATUS  DATASET  PRESET  PROGRESS  CREATED", "a fresh tenant's empty list"
 
     # the environment beats the file, the command line beats the environment
     assert run_cli("jobs", "list", env={**env, "PEERAID_API_KEY": "pk_0000_nonsense"}).returncode == 1

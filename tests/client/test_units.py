@@ -81,3 +81,21 @@ def test_set_assignments_nest_and_parse_json():
     for bad in (["epochs"], ["=3"], ["a..b=1"], ["peeraid=1", "peeraid.tau=3"]):
         with pytest.raises(UsageError):
             parse_assignments(bad)
+
+
+def test_the_clients_artifact_and_status_names_are_the_services():
+    from core.db.models import JobStatus
+    from core.engine.job import ARTIFACTS
+    from peeraid_client.cli import JOB_STATUSES
+    from peeraid_client.client import ARTIFACT_NAMES
+
+    assert set(ARTIFACT_NAMES) == set(ARTIFACTS)
+    assert list(JOB_STATUSES) == [s.value for s in JobStatus]
+
+
+def test_a_failed_job_is_never_shown_as_done():
+    from peeraid_client.progress import progress_text
+
+    assert progress_text({"status": "succeeded", "progress": {"fraction": 0.2}}) == "done"
+    assert progress_text({"status": "failed", "progress": {"fraction": 1.0}}) == "failed at 100%"
+    assert progress_text({"status": "running", "progress": {"fraction": 0.25}}) == "25%"

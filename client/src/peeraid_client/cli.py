@@ -19,7 +19,7 @@ from typing import Any
 from .client import ARTIFACT_NAMES, Client
 from .config import config_path
 from .errors import AuthenticationError, PeeraidError, ValidationError
-from .progress import TERMINAL_STATUSES, describe_progress, epoch_text, format_bytes, format_duration, percent
+from .progress import TERMINAL_STATUSES, describe_progress, epoch_text, format_bytes, format_duration, percent, progress_text
 
 JOB_STATUSES = ("queued", "running", "evaluating", "succeeded", "failed", "cancelled")
 
@@ -79,7 +79,7 @@ def job_summary(job: dict[str, Any]) -> str:
         model += f", {spec['peer']} peer" if isinstance(spec["peer"], str) else ", peer"
     model += f", {spec.get('epochs', '?')} epochs"
     dataset = job["dataset"] + (f" ({job['dataset_id']})" if job.get("dataset_id") else "")
-    progress = f"{p.get('fraction', 0):.0%}"
+    progress = progress_text(job)
     if epoch := epoch_text(job):
         progress += f", {epoch}"
     if p.get("images_per_sec"):
@@ -104,9 +104,17 @@ def job_summary(job: dict[str, Any]) -> str:
         lines.append(("cancel", "requested"))
     if job.get("error"):
         lines.append(("error", job["error"]))
+    for warning in job.get("warnings") or []:
+        advice = f" ({warning['advice']})" if warning.get("advice") else ""
+        lines.append(("warning", f"{warning.get('model', '')}: {warning.get('message')}{advice}"))
+    evaluation = job.get("evaluation") or {}
+    for failure in evaluation.get("failures") or []:
+        lines.append(("not run", f"{failure['attack']} on the {failure['model']}: {failure['error']}"))
     text = "\n".join(f"{k:<10}{v}" for k, v in lines)
     if job.get("result"):
-        text += "\n\ntest-set report (best epoch by validation PGD accuracy):\n" + report_table(job["result"])
+        images = ", ".join(f"{n.removesuffix('_acc')} {count}" for n, count in (evaluation.get("images") or {}).items())
+        text += "\n\ntest-set report (best epoch by validation PGD accuracy" + (f"; images per attack: {images}" if images else "") + "):\n"
+        text += report_table(job["result"])
     return text
 
 
@@ -222,9 +230,8 @@ def watch(client: Client, job_id: str) -> int:
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> int:
     page = client.list_jobs(status=args.status, limit=args.limit, offset=args.offset)
-    rows = [[j["id"], j["status"], j["dataset"], j.get("preset"), f"{(j.get('progress') or {}).get('fraction', 0):.0%}",
-             timestamp(j.get("created_at"))] for j in page["items"]]
-    print(table(["ID", "STATUS", "DATASET", "PRESET", "DONE", "CREATED"], rows))
+    rows = [[j["id"], j["status"], j["dataset"], j.get("preset"), progress_text(j), timestamp(j.get("created_at"))] for j in page["items"]]
+    print(table(["ID", "STATUS", "DATASET", "PRESET", "PROGRESS", "CREATED"], rows))
     if page["total"] > len(page["items"]):
         print(f"({len(page['items'])} of {page['total']} jobs; --limit/--offset for more)", file=sys.stderr)
     return 0
@@ -334,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(jobs, "delete", cmd_jobs_delete, "delete a finished job and its files").add_argument("id")
     p = command(jobs, "download", cmd_jobs_download, "download artifacts, checking size and SHA-256")
     p.add_argument("id")
-    p.add_argument("--artifact", default="all", help=f"{'|'.join(ARTIFACT_NAMES)}|all (default all)")
+    p.add_argument("--artifact", default="all", metavar="NAME",
+                   help=f"one artifact by name, e.g. {', '.join(ARTIFACT_NAMES)} (the job's own are listed by `jobs show --json`); "
+                        "default: all of them")
     p.add_argument("-o", "--output", default=".", metavar="DIR", help="directory to write into (default: the current one)")
     p = command(jobs, "curves", cmd_jobs_curves, "download the training curves as a PNG")
     p.add_argument("id")
@@ -357,10 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         for field, message in err.errors or [("", err.message)]:
             print(f"error: {field}: {message}" if field else f"error: {message}", file=sys.stderr)
+    except AuthenticationError:
+        if client is not None and client.api_key is None:
+            print(f"error: no API key configured: pass --api-key, set PEERAID_API_KEY, or put api_key in {config_path()}", file=sys.stderr)
+        else:
+            print("error: the service refused the API key (mistyped, or revoked): check --api-key, PEERAID_API_KEY or "
+                  f"api_key in {config_path()}", file=sys.stderr)
     except PeeraidError as err:
         print(f"error: {err}", file=sys.stderr)
-        if isinstance(err, AuthenticationError) and client is not None and client.api_key is None:
-            print(f"no API key configured: pass --api-key, set PEERAID_API_KEY, or put api_key in {config_path()}", file=sys.stderr)
     except TimeoutError as err:
         print(f"error: {err}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -26,7 +26,11 @@ from .progress import TERMINAL_STATUSES, JobProgressBar
 JSON = dict[str, Any]
 UPLOAD_CHUNK = 1 << 20
 DOWNLOAD_CHUNK = 1 << 20
-ARTIFACT_NAMES = ("student", "swa_student", "peer", "model_card")
+# The artifacts of a finished job (the service's core.engine.job.ARTIFACTS; tests keep the two in step).
+ARTIFACT_NAMES = (
+    "student", "swa_student", "peer", "last_student", "student_onnx", "student_pt2", "swa_student_onnx", "swa_student_pt2",
+    "model_card", "model_card_markdown",
+)
 # Failures after which a request may be sent again: nothing was answered. Bad URLs and the like are not retried.
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _UNSAFE_FILE_NAME = re.compile(r"[^\w.\- ]")

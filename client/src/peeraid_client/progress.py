@@ -44,13 +44,30 @@ def epoch_text(job: dict[str, Any]) -> str | None:
     return f"epoch {p['epoch']}/{p['epochs']}"
 
 
+def progress_text(job: dict[str, Any]) -> str:
+    """"done" only for a job that succeeded; "failed at 60%" for one that did not; the fraction while it runs."""
+    fraction = (job.get("progress") or {}).get("fraction") or 0.0
+    if job["status"] == "succeeded":
+        return "done"
+    if job["status"] in TERMINAL_STATUSES:
+        return f"{job['status']} at {fraction:.0%}"
+    return f"{fraction:.0%}"
+
+
 def describe_progress(job: dict[str, Any]) -> str:
     """`epoch 3/12 · 812 img/s · ETA 1m20s · clean 82.0% · PGD 48.0%`: what is known so far, the
     phase instead of the epoch outside training; clean and PGD are the student's latest validation accuracies."""
     p = job.get("progress") or {}
     parts = []
+    evaluation = p.get("evaluation")
     if job["status"] == "running" and (epoch := epoch_text(job)):
         parts.append(epoch)
+    elif job["status"] == "evaluating" and evaluation:
+        parts.append(f"evaluating {evaluation['model']}: {evaluation['attack']} {evaluation['batch']}/{evaluation['batches']}")
+        if evaluation.get("accuracy_so_far") is not None:
+            parts.append(f"accuracy so far {percent(evaluation['accuracy_so_far'])}")
+        if evaluation.get("eta_seconds") is not None:
+            parts.append(f"ETA {format_duration(evaluation['eta_seconds'])}")
     elif job.get("phase") and job["phase"] != job["status"]:
         parts.append(job["phase"])
     if p.get("images_per_sec"):
@@ -80,7 +97,8 @@ class JobProgressBar:
         fraction = 1.0 if job["status"] == "succeeded" else float((job.get("progress") or {}).get("fraction") or 0.0)
         self._bar.n = round(100 * min(max(fraction, 0.0), 1.0), 1)
         details = describe_progress(job)
-        self._bar.set_description_str(f"{job['id']} {job['status']}" + (f" · {details}" if details else ""))
+        status = job["status"].upper() if job["status"] in ("failed", "cancelled") else job["status"]  # never read as done
+        self._bar.set_description_str(f"{job['id']} {status}" + (f" · {details}" if details else ""))
 
     def close(self) -> None:
         self._bar.close()

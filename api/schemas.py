@@ -103,6 +103,33 @@ class JobCreate(BaseModel):
     )
 
 
+class Refusal(BaseModel):
+    field: str = Field(description="the job-spec field to change")
+    message: str = Field(description="which limit the job breaks, and how to change it")
+
+
+class EstimateOut(BaseModel):
+    student_parameters: int
+    peer_parameters: int
+    flops_per_training_image: float = Field(description="arithmetic of one training image's step, attack included")
+    training_flops: float
+    evaluation_flops: float
+    evaluation_passes: int = Field(description="forward-equivalent passes of the final report, per model")
+    memory_bytes: int = Field(description="at the batch size: weights, gradients and momentum of both networks, activations, the data")
+    hours: dict[str, float] = Field(description="estimated hours per device class (h100, cpu), from measured step rates")
+    warnings: list[str]
+
+
+class PreflightOut(BaseModel):
+    admitted: bool = Field(description="whether POST /v1/jobs would accept it now (the tenant's count of active jobs aside)")
+    spec: dict[str, Any] = Field(description="the resolved job spec: the preset with your changes")
+    dataset: str
+    dataset_id: str | None
+    device: str = Field(description="the device class the limits are checked on")
+    estimate: EstimateOut
+    refusals: list[Refusal]
+
+
 class Progress(BaseModel):
     epoch: int | None = None
     epochs: int | None = None

@@ -153,10 +153,11 @@ def cmd_set_limits(args: argparse.Namespace, settings: Settings) -> int:
     with database(settings.resolved_database_url).transaction() as session:
         tenant = tenants.get_or_create_tenant(session, args.tenant)
         tenants.set_limits(session, tenant, max_concurrent_jobs=args.max_concurrent_jobs, max_upload_bytes=args.max_upload_bytes,
-                           max_storage_bytes=args.max_storage_bytes)
+                           max_storage_bytes=args.max_storage_bytes, max_job_hours=args.max_job_hours)
         print(f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
               f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}, "
-              f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}")
+              f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}, "
+              f"max_job_hours={tenant.max_job_hours or settings.max_job_hours}")
     return 0
 
 
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--max-concurrent-jobs", type=int, help="queued + running jobs at once (429 above)")
     limits.add_argument("--max-upload-bytes", type=int, help="largest dataset upload (413 above)")
     limits.add_argument("--max-storage-bytes", type=int, help="total size of the tenant's uploaded datasets (413 above)")
+    limits.add_argument("--max-job-hours", type=float, help="a job's estimated hours on the estimate device (422 above)")
     limits.set_defaults(func=cmd_set_limits)
     sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
     sweep = sub.add_parser("sweep", help="remove interrupted uploads and other files no database row points at")

@@ -17,7 +17,7 @@ from core.db.tenants import TenantContext
 
 from ..deps import DatabaseDep, JobQueueDep, JobWatcherDep, OwnedJob, SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
 from ..errors import responses
-from ..schemas import EpochMetricOut, JobCreate, JobList, JobOut
+from ..schemas import EpochMetricOut, EstimateOut, JobCreate, JobList, JobOut, PreflightOut, Refusal
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
@@ -40,6 +40,18 @@ def jobs_create(
     if not created:
         response.status_code = status.HTTP_200_OK
     return job
+
+
+@router.post("/preflight", response_model=PreflightOut, summary="Check a job against its data and the limits, and estimate it, without submitting it",
+             responses=responses(413, 422))
+def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> PreflightOut:
+    planned = job_service.plan(db, settings, tenant, body)
+    return PreflightOut(
+        admitted=not planned.refusals, spec=planned.spec.model_dump(mode="json"),
+        dataset=planned.dataset.name if planned.dataset else planned.spec.dataset, dataset_id=planned.dataset.id if planned.dataset else None,
+        device=planned.device, estimate=EstimateOut(**planned.estimate.to_dict()),
+        refusals=[Refusal(field=field, message=message) for field, message in planned.refusals],
+    )
 
 
 @router.get("", response_model=JobList, summary="List your jobs, newest first", responses=responses(422))

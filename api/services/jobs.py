@@ -1,11 +1,15 @@
-"""Submitting a job: idempotency, the spec, the dataset, the tenant's limit and the enqueue, with the
-limit and the dataset reference enforced inside one locked transaction."""
+"""Submitting a job: the spec, the dataset, a pre-flight check of the two together and an estimate of the
+work checked against the deployment's and the tenant's limits, idempotency, and the enqueue — with the
+tenant's job limit and the dataset reference enforced inside one locked transaction."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from dataclasses import dataclass
+
+import torch
 
 from fastapi import HTTPException, status
 from sqlalchemy import select
@@ -15,7 +19,8 @@ from core.db import datasets, jobs
 from core.db.models import Dataset, Job
 from core.db.session import Database
 from core.db.tenants import TenantContext
-from core.engine.models import get_model_info
+from core.engine.errors import DatasetError
+from core.engine.preflight import BUILTIN_SHAPES, DataShape, Estimate, preflight
 from core.engine.sources import BUILTIN_DATASETS
 from core.engine.spec import JobSpec, build_spec
 from core.settings import Settings
@@ -25,6 +30,61 @@ from ..errors import field_errors
 from ..schemas import PRINTABLE, JobCreate
 
 
+@dataclass
+class Plan:
+    """A job as it would run: its resolved spec and data, the estimate, and any limit it breaks."""
+
+    spec: JobSpec
+    dataset: Dataset | None
+    shape: DataShape
+    device: str
+    estimate: Estimate
+    refusals: list[tuple[str, str]]  # (spec field, why and how to change it)
+
+
+def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreate) -> Plan:
+    overrides = body.spec.model_dump(mode="json", exclude_unset=True)
+    if body.dataset is not None:
+        overrides["dataset"] = body.dataset
+    spec = build_spec(body.preset, overrides)
+    dataset = db.run(lambda session: _resolve_dataset(session, tenant, spec.dataset, lock=False))
+    shape = BUILTIN_SHAPES[spec.dataset] if dataset is None else DataShape(
+        *dataset.input_shape, num_classes=len(dataset.classes), num_train=dataset.num_train, num_test=dataset.num_test)
+    try:
+        estimate = preflight(spec, shape)
+    except DatasetError as err:
+        raise field_errors([("student", str(err))], within=("spec",)) from None
+    device = estimate_device(settings)
+    return Plan(spec, dataset, shape, device, estimate, admission_refusals(settings, tenant, shape, estimate, device))
+
+
+def estimate_device(settings: Settings) -> str:
+    if settings.estimate_device != "auto":
+        return settings.estimate_device
+    return "h100" if torch.cuda.is_available() else "cpu"
+
+
+def admission_refusals(settings: Settings, tenant: TenantContext, shape: DataShape, estimate: Estimate, device: str) -> list[tuple[str, str]]:
+    """Which limits the job would break, each naming the limit and how to change it."""
+    refusals = []
+    hours, max_hours = estimate.hours[device], tenant.max_job_hours or settings.max_job_hours
+    if hours > max_hours:
+        refusals.append(("epochs", f"estimated {hours:,.1f} h on {device} is over your limit of {max_hours:g} h per job: fewer epochs, "
+                                   "a smaller model or less data (the operator sets the limit: set-limits --max-job-hours)"))
+    if estimate.memory_bytes > settings.max_job_memory_bytes:
+        refusals.append(("batch_size", f"estimated {estimate.memory_bytes / 2**30:,.1f} GiB at this batch size is over the "
+                                       f"{settings.max_job_memory_bytes / 2**30:g} GiB a job may use: a smaller batch_size or "
+                                       "smaller images (PEERAID_MAX_JOB_MEMORY_BYTES)"))
+    if max(shape.height, shape.width) > settings.max_input_side:
+        refusals.append(("dataset", f"images of {shape.width}×{shape.height} are over the largest side of {settings.max_input_side}: "
+                                    "upload again with resize=WIDTHxHEIGHT (PEERAID_MAX_INPUT_SIDE)"))
+    if estimate.evaluation_passes > settings.max_evaluation_passes:
+        refusals.append(("evaluation", f"the final report would make {estimate.evaluation_passes:,} passes per model, over "
+                                       f"{settings.max_evaluation_passes:,}: fewer evaluation.n_examples or pgd_steps "
+                                       "(PEERAID_MAX_EVALUATION_PASSES)"))
+    return refusals
+
+
 def submit(
     db: Database, queue: JobQueue, settings: Settings, tenant: TenantContext, body: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
@@ -32,22 +92,22 @@ def submit(
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True).encode()).hexdigest()
     if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
         return _replay(replay, request_hash), False
-    overrides = body.spec.model_dump(mode="json", exclude_unset=True)
-    if body.dataset is not None:
-        overrides["dataset"] = body.dataset
-    spec = build_spec(body.preset, overrides)
+    planned = plan(db, settings, tenant, body)
+    if planned.refusals:
+        raise field_errors(planned.refusals, within=("spec",))
+    spec = planned.spec
 
     def create(session: Session) -> tuple[Job, bool]:
         jobs.lock_tenant(session, tenant.id)
         if idempotency_key and (existing := _earlier(session, tenant, idempotency_key)) is not None:
             return _replay(existing, request_hash), False  # a concurrent retry won the race
-        dataset = _resolve_dataset(session, tenant, spec.dataset)
-        _check_architectures_fit(spec, dataset)
+        dataset = _resolve_dataset(session, tenant, spec.dataset, lock=True)
         job = jobs.create(
             session, tenant_id=tenant.id, max_active=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
             dataset_id=dataset.id if dataset else None, dataset_name=dataset.name if dataset else spec.dataset,
             preset=body.preset, spec=spec.model_dump(mode="json"), max_attempts=settings.max_attempts,
             idempotency_key=idempotency_key, request_hash=request_hash,
+            estimate={"device": planned.device, **planned.estimate.to_dict()},
         )
         return job, True
 
@@ -68,14 +128,14 @@ def _replay(existing: Job, request_hash: str) -> Job:
     return existing
 
 
-def _resolve_dataset(session: Session, tenant: TenantContext, reference: str) -> Dataset | None:
+def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *, lock: bool) -> Dataset | None:
     """None for a built-in; else this tenant's upload with that id, or else with that name (which must be
-    unambiguous), locked against deletion until the job is stored."""
+    unambiguous); with `lock`, locked against deletion until the transaction ends."""
     if reference in BUILTIN_DATASETS:
         return None
     if not re.fullmatch(PRINTABLE, reference):
         raise field_errors([("dataset", "must be printable text: no NUL or other control characters")])
-    dataset = datasets.lock(session, reference)
+    dataset = datasets.lock(session, reference) if lock else session.get(Dataset, reference)
     if dataset is not None and dataset.tenant_id == tenant.id:
         return dataset
     named = datasets.named(session, tenant.id, reference)
@@ -85,14 +145,4 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str) ->
     if not named:
         raise field_errors([("dataset", f"unknown dataset '{reference}': use a built-in ({', '.join(BUILTIN_DATASETS)}), "
                                         "or the id or name of one of your uploads")])
-    return datasets.lock(session, named[0].id)
-
-
-def _check_architectures_fit(spec: JobSpec, dataset: Dataset | None) -> None:
-    if dataset is None:
-        return
-    size = min(dataset.input_shape[1:])
-    for field, name in (("student", spec.student), ("peer", spec.peer_architecture)):
-        minimum = get_model_info(name).min_input_size if name else 0
-        if size < minimum:
-            raise field_errors([(field, f"{name} needs inputs of at least {minimum}×{minimum}; dataset {dataset.id} has {size}×{size}")])
+    return datasets.lock(session, named[0].id) if lock else named[0]

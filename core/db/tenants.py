@@ -28,14 +28,17 @@ class TenantContext:
     max_concurrent_jobs: int | None
     max_upload_bytes: int | None
     max_storage_bytes: int | None
+    max_job_hours: float | None
     key_prefix: str
 
 
-TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.max_concurrent_jobs, Tenant.max_upload_bytes, Tenant.max_storage_bytes, ApiKey.prefix)
+TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.max_concurrent_jobs, Tenant.max_upload_bytes, Tenant.max_storage_bytes,
+                  Tenant.max_job_hours, ApiKey.prefix)
 
 
 def _context(row: Any) -> TenantContext:
-    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, row.max_storage_bytes, row.prefix)
+    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, row.max_storage_bytes, row.max_job_hours,
+                         row.prefix)
 
 
 def hash_key(key: str) -> str:

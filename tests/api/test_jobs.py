@@ -10,7 +10,9 @@ from core.db import tenants
 from core.db.session import database
 from tests.stack import FAST_JOB
 
-from .conftest import OPERATOR_TOKEN, create_key, run_job_here
+from api.main import create_app
+
+from .conftest import OPERATOR_TOKEN, TestClient, create_key, run_job_here
 
 SHORT = {"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}}
 
@@ -140,3 +142,36 @@ def test_a_job_past_its_memory_ceiling_fails_cleanly(new_client, settings):
     job = client.post("/v1/jobs", json=SHORT).json()
     assert run_job_here(settings.model_copy(update={"worker_max_memory_bytes": 1 << 20}), job["id"])["status"] == "failed"
     assert "memory ceiling of 0.0 GiB" in client.get(f"/v1/jobs/{job['id']}").json()["error"]
+
+
+def test_preflight_estimates_without_submitting(client):
+    response = client.post("/v1/jobs/preflight", json={"preset": "digits-demo", "spec": {"epochs": 4}})
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    assert plan["admitted"] and plan["refusals"] == [] and plan["spec"]["epochs"] == 4 and plan["dataset"] == "digits"
+    estimate = plan["estimate"]
+    assert estimate["student_parameters"] == estimate["peer_parameters"] > 10_000 and estimate["memory_bytes"] > 0
+    assert set(estimate["hours"]) == {"h100", "cpu"} and 0 < estimate["hours"]["h100"] < estimate["hours"]["cpu"]
+    assert client.get("/v1/jobs").json()["total"] == 0 or all(j["spec"]["epochs"] != 4 for j in client.get("/v1/jobs").json()["items"])
+    bigger = client.post("/v1/jobs/preflight", json={"preset": "digits-demo", "spec": {"epochs": 8}}).json()["estimate"]
+    assert bigger["training_flops"] > 1.9 * estimate["training_flops"]  # the work follows the epochs
+
+
+def test_admission_refuses_what_breaks_a_limit_naming_it(app, new_client, settings, digits_npz_bytes):
+    strict = create_app(settings.model_copy(update={
+        "max_job_memory_bytes": 50 * 2**20, "max_evaluation_passes": 100_000, "max_input_side": 12, "estimate_device": "cpu"}))
+    key = create_key(settings, "strict")
+    with database(settings.resolved_database_url).transaction() as session:
+        tenants.set_limits(session, tenants.get_or_create_tenant(session, "strict"), max_job_hours=0.01)
+    client = TestClient(strict, headers={"Authorization": f"Bearer {key}"})
+    response = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {"epochs": 40, "lr_decay_epochs": [30], "batch_size": 4096,
+                                                                                "evaluation": {"pgd_steps": 500}}})
+    assert response.status_code == 422, response.text
+    detail = {d["loc"][-1]: d["msg"] for d in response.json()["detail"]}
+    assert "limit of 0.01 h per job" in detail["epochs"] and "--max-job-hours" in detail["epochs"]
+    assert "batch_size" in detail["batch_size"] and "PEERAID_MAX_JOB_MEMORY_BYTES" in detail["batch_size"]
+    assert "largest side of 12" in detail["dataset"] and "resize=" in detail["dataset"]
+    assert "PEERAID_MAX_EVALUATION_PASSES" in detail["evaluation"]
+    assert client.get("/v1/jobs").json()["total"] == 0
+    plan = client.post("/v1/jobs/preflight", json={"preset": "digits-demo"}).json()
+    assert not plan["admitted"] and plan["device"] == "cpu"

@@ -1,0 +1,166 @@
+"""Before a job is queued: will it run, and what will it take.
+
+`preflight(spec, shape)` checks the spec against its data (class count, input size against each
+architecture by a dry forward on the meta device, the schedule against the epochs) and estimates
+the work: arithmetic per training step counted by PyTorch's FlopCounterMode on the meta device (no
+memory, no arithmetic), memory at the batch size, and hours per device class from measured rates.
+
+Rates are measured throughputs of the training step, turned into arithmetic per second:
+- h100: the authors' step (ResNet-18 student and peer, CIFAR-100, batch 128, eager, TF32) ran at
+  1,157 images/s on one H100 (../shared/PEERAID_SPEC.md); the fast paths here aim higher, so GPU
+  estimates are upper bounds.
+- cpu: PeerAiD steps on this project's 2-core machine (`python -m bench.preflight`, 2026-11-25):
+  small_cnn at 16×16 and ResNet-18 at 32×32, torch's two threads.
+Small networks use the arithmetic units far less well than large ones, hence rates per architecture
+where measured. Estimates are within a factor of about 3 (dataset loading and the last, smaller batch
+of each epoch are not counted)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import DatasetError
+from .models import create_model, get_model_info
+from .spec import JobSpec
+
+AUTOATTACK_FORWARDS_PER_IMAGE = 3000  # APGD-CE/T, FAB-T and Square on a robust point: ~thousands of passes
+BYTES_PER_VALUE = 4  # fp32 weights, gradients, momentum and activations
+
+
+@dataclass(frozen=True)
+class DataShape:
+    in_channels: int
+    height: int
+    width: int
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+@dataclass(frozen=True)
+class DeviceRate:
+    """Arithmetic per second the training step reaches on a device class, by architecture where measured."""
+
+    default: float
+    by_architecture: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+    def flops_per_second(self, architecture: str) -> float:
+        return self.by_architecture.get(architecture, self.default)
+
+
+DEVICE_RATES: dict[str, DeviceRate] = {
+    "h100": DeviceRate(55.3e12, source="authors' eager TF32 step, ResNet-18, 1,157 images/s on one H100"),
+    "cpu": DeviceRate(20e9, {"small_cnn": 4.5e9, "resnet18": 40e9}, source="PeerAiD steps on a 2-core CPU (bench.preflight)"),
+}
+
+
+# The built-in datasets' shapes (as core.engine.sources loads them; a test keeps them in step).
+BUILTIN_SHAPES = {
+    "digits": DataShape(1, 16, 16, 10, 1438, 359),
+    "cifar10": DataShape(3, 32, 32, 10, 50_000, 10_000),
+    "cifar100": DataShape(3, 32, 32, 100, 50_000, 10_000),
+    "tinyimagenet": DataShape(3, 64, 64, 200, 100_000, 10_000),
+}
+
+
+@dataclass
+class Estimate:
+    student_parameters: int
+    peer_parameters: int
+    flops_per_training_image: float
+    training_flops: float
+    evaluation_flops: float
+    evaluation_passes: int  # forward-equivalent passes of the final report, per model
+    memory_bytes: int  # at the batch size: weights, gradients and momentum of both networks, activations, the data
+    hours: dict[str, float]  # per device class
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def forward_flops(model: nn.Module, shape: DataShape) -> tuple[float, int]:
+    """Arithmetic of one image's forward pass, and the values its layers output (the activations kept for backward)."""
+    activations = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal activations
+        if isinstance(output, torch.Tensor):
+            activations += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(torch.empty(1, shape.in_channels, shape.height, shape.width, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return float(counter.get_total_flops()), activations
+
+
+def step_flops(spec: JobSpec, student: float, peer: float) -> float:
+    """Per training image; a backward pass costs about two forwards."""
+    k = spec.attack_steps
+    if spec.method == "peeraid":  # peer's clean pass, K attack steps, then peer and student passes with backward
+        return peer + 3 * k * student + 3 * peer + 3 * (spec.student_adv_forwards + 1) * student
+    if spec.method == "trades":
+        return student + 3 * k * student + 6 * student
+    if spec.method == "pgd_at":
+        return 3 * k * student + 3 * student
+    return 3 * student
+
+
+def check_fits(spec: JobSpec, shape: DataShape) -> None:
+    """Raise DatasetError when the data cannot train this spec: classes, input size (a dry forward)."""
+    if shape.num_classes < 2:
+        raise DatasetError(f"the dataset has {shape.num_classes} class; a classifier needs at least 2")
+    for architecture in filter(None, (spec.student, spec.peer_architecture)):
+        get_model_info(architecture).check_input_size(shape.height, shape.width)
+
+
+def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
+    check_fits(spec, shape)
+    with torch.device("meta"):
+        student = create_model(spec.student, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
+        peer = (create_model(spec.peer_architecture, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
+                if spec.peer_architecture else None)
+    student_flops, student_activations = forward_flops(student, shape)
+    peer_flops, peer_activations = forward_flops(peer, shape) if peer is not None else (0.0, 0)
+    per_image = step_flops(spec, student_flops, peer_flops)
+
+    held_out = 0 if spec.selection == "test" else round(spec.val_fraction * shape.num_train)
+    train = shape.num_train - held_out
+    selection_images = shape.num_test if spec.selection == "test" else held_out
+    swa_epochs = max(0, spec.epochs - spec.resolved_swa_start) if spec.swa else 0
+    validation = selection_images * (1 + 3 * spec.eval_pgd_steps) * student_flops * (spec.epochs + swa_epochs)
+    swa_batchnorm = train * student_flops * swa_epochs
+    training = per_image * train * spec.epochs + validation + swa_batchnorm
+
+    ev = spec.evaluation
+    n_eval = min(ev.n_examples or shape.num_test, shape.num_test)
+    passes = n_eval * (1 + 3 + 3 * ev.pgd_steps + (AUTOATTACK_FORWARDS_PER_IMAGE if ev.autoattack else 0))
+    models = 2 if spec.swa else 1
+    evaluation = passes * student_flops * models
+
+    parameters = [sum(p.numel() for p in m.parameters()) for m in (student, peer) if m is not None]
+    kept = spec.batch_size * (student_activations * (spec.student_adv_forwards + 1) + peer_activations)
+    memory = (3 * sum(parameters) + kept) * BYTES_PER_VALUE + shape.num_train * shape.in_channels * shape.height * shape.width
+    hours = {device: (training + evaluation) / rate.flops_per_second(spec.student) / 3600 for device, rate in DEVICE_RATES.items()}
+    warnings = []
+    if train < 20 * shape.num_classes:
+        warnings.append(f"{train} training images for {shape.num_classes} classes is very little: expect a weak model")
+    if spec.batch_size > train:
+        warnings.append(f"batch_size {spec.batch_size} is larger than the {train} training images: every step sees them all")
+    return Estimate(
+        student_parameters=parameters[0], peer_parameters=parameters[1] if len(parameters) > 1 else 0,
+        flops_per_training_image=per_image, training_flops=training, evaluation_flops=evaluation, evaluation_passes=passes,
+        memory_bytes=int(memory), hours=hours, warnings=warnings,
+    )

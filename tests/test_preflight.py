@@ -1,0 +1,46 @@
+"""The pre-flight check and estimate: the data's fit, the arithmetic counted on the meta device, the
+built-in shapes as the sources load them."""
+
+import pytest
+
+from core.engine.errors import DatasetError
+from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, preflight, step_flops
+from core.engine.sources import load_digits
+from core.engine.spec import build_spec
+from core.engine.models import create_model
+
+import torch
+
+
+def test_the_digits_shape_is_the_loaded_one():
+    train, test = load_digits()
+    shape = BUILTIN_SHAPES["digits"]
+    assert (shape.in_channels, shape.height, shape.width) == tuple(train.images.shape[1:])
+    assert (shape.num_classes, shape.num_train, shape.num_test) == (10, len(train), len(test))
+
+
+def test_forward_arithmetic_of_a_known_network():
+    with torch.device("meta"):
+        model = create_model("small_cnn", num_classes=10, in_channels=1)
+    flops, activations = forward_flops(model, BUILTIN_SHAPES["digits"])
+    # conv1 16×1×3×3 at 16×16, conv2 32×16×3×3 at 8×8, conv3 64×32×3×3 at 4×4, linear 64→10; two FLOPs per multiply-add
+    macs = 16 * 9 * 256 + 32 * 16 * 9 * 64 + 64 * 32 * 9 * 16 + 64 * 10
+    assert flops == pytest.approx(2 * macs)
+    assert activations > 16 * 256
+
+
+def test_the_step_counts_the_attack_and_both_networks():
+    spec = build_spec("digits-demo")
+    assert step_flops(spec, 1.0, 1.0) == 1 + 3 * spec.attack_steps + 3 + 3 * (spec.student_adv_forwards + 1)
+    assert step_flops(build_spec("digits-demo", {"method": "natural", "peer": None}), 1.0, 0.0) == 3
+
+
+def test_the_estimate_follows_the_epochs_and_refuses_too_small_images():
+    shape = BUILTIN_SHAPES["digits"]
+    short, long = (preflight(build_spec("digits-demo", {"epochs": e}), shape) for e in (4, 8))
+    assert long.training_flops == pytest.approx(2 * short.training_flops, rel=0.05)
+    assert short.hours["cpu"] > short.hours["h100"] > 0
+    with pytest.raises(DatasetError, match="at least"):
+        preflight(build_spec("digits-demo", {"student": "resnet18", "peer": "resnet18"}), DataShape(3, 4, 4, 2, 100, 20))
+    with pytest.raises(DatasetError, match="at least 2"):
+        preflight(build_spec("digits-demo"), DataShape(1, 16, 16, 1, 100, 20))

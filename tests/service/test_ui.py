@@ -170,5 +170,12 @@ def test_browser_signs_in_and_shows_the_job(stack, finished, tmp_path):
         assert pixels.shape == (900, 1280, 3)
         assert pixels.std() > 20
         browser.screenshot(tmp_path / "job-full.png", full_page=True)
+
+        # the API docs render from the service's own files: this browser reaches nothing beyond the machine
+        browser.open(f"{stack.url}/docs", ready="document.querySelector('.swagger-ui .info .title') !== null")
+        assert "PeerAiD robustification service" in browser.evaluate("document.querySelector('.swagger-ui .info .title').innerText")
+        assert browser.evaluate("document.querySelectorAll('.opblock').length") >= 15  # every operation listed
+        browser.open(f"{stack.url}/redoc", ready="document.querySelector('h1') !== null")
+        assert "PeerAiD" in browser.evaluate("document.querySelector('h1').innerText")
     finally:
         browser.close()

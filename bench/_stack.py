@@ -153,12 +153,15 @@ def insert_jobs(database_url: str, like: str, count: int) -> list[str]:
 
 
 def forget_queue(queue: str) -> None:
-    """Drop the messages the API sent to a queue that no worker reads."""
+    """Drop the messages the API sent to a queue that no worker reads, and kombu's records of the
+    queue (the name is this run's own, so every key naming it is)."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
     try:
-        client.delete(queue, *client.keys(f"_kombu.binding.{queue}*"))
+        keys = list(client.scan_iter(match=f"*{queue}*"))
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
 

@@ -269,9 +269,22 @@ def postgres():
         if os.environ.get("REQUIRE_SERVICES") == "1":
             pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
         pytest.skip(problem)
-    before = bench_databases()
+    before = bench_databases(), bench_redis_keys()
     yield
-    assert bench_databases() == before, "a throwaway database was left behind"
+    assert bench_databases() == before[0], "a throwaway database was left behind"
+    assert bench_redis_keys() <= before[1], "a run's queue was left in Redis"
+
+
+def bench_redis_keys() -> set[bytes]:
+    import redis
+
+    from bench._stack import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+    try:
+        return set(client.scan_iter(match="*peeraid-bench-*"))
+    finally:
+        client.close()
 
 
 def bench_databases() -> set[str]:

@@ -117,18 +117,21 @@ class JobLease:
             self._thread.join(timeout=5)
 
     def _beat(self) -> None:
+        """Every WATCH_INTERVAL: the limits, and whether the job was cancelled (so a cancel stops it within a
+        step); every heartbeat_interval, the heartbeat itself (the one write)."""
         next_beat = 0.0
         while not self._stopped.is_set():
             if self.stop_reason is None and (exceeded := self.limits.exceeded()):
                 self.stop_reason = exceeded
-            if time.monotonic() >= next_beat:
+            beat = time.monotonic() >= next_beat
+            if beat:
                 next_beat = time.monotonic() + self.heartbeat_interval
-                self._heartbeat()
+            self._check(jobs.heartbeat if beat else jobs.lease_state)
             self._stopped.wait(min(self.WATCH_INTERVAL, self.heartbeat_interval))
 
-    def _heartbeat(self) -> None:
+    def _check(self, transition: Callable[[Session, jobs.Lease], jobs.LeaseState]) -> None:
         try:
-            state = self.db.run(lambda session: jobs.heartbeat(session, self.lease), retry=True)
+            state = self.db.run(lambda session: transition(session, self.lease), retry=True)
         except Exception:  # the database is gone for longer than the retries: keep training, try again
             log.exception("heartbeat for job %s failed", self.job_id)
             return

@@ -110,7 +110,8 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             limits = lease.limits
             error = STOPPED_BY_LIMIT[reason].format(duration=_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
             kept = _kept(storage, job.id, splits, f"stopped: {error}")
-            lease.write(jobs.finish, JobStatus.FAILED, error=f"{error}; the last checkpoint's student is kept", artifacts=kept)
+            outcome = "the last checkpoint's student is kept" if kept else "no epoch had finished, so no model is kept"
+            lease.write(jobs.finish, JobStatus.FAILED, error=f"{error}; {outcome}", artifacts=kept)
             return "failed"
         kept = _kept(storage, job.id, splits, "cancelled")
         lease.write(jobs.finish, JobStatus.CANCELLED, artifacts=kept)

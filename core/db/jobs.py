@@ -165,6 +165,12 @@ def heartbeat(session: Session, lease: Lease) -> LeaseState:
     return LeaseState(owned, bool(cancel))
 
 
+def lease_state(session: Session, lease: Lease) -> LeaseState:
+    """Whether the worker still owns the job and whether a cancel was asked: one read by primary key."""
+    row = session.execute(select(Job.worker, Job.cancel_requested).where(Job.id == lease.job_id)).one_or_none()
+    return LeaseState(row is not None and row.worker == lease.worker, bool(row and row.cancel_requested))
+
+
 def report_stage(session: Session, lease: Lease, status: JobStatus, phase: str) -> bool:
     """running ↔ evaluating, from the engine's typed stage; the phase says what exactly, for the user."""
     assert status in LEASED_STATUSES

@@ -106,10 +106,13 @@ def test_cancel_a_running_job_stops_within_an_epoch(stack):
     spec = {**FAST_JOB, "epochs": 40, "lr_decay_epochs": [30]}
     job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": spec}).json()
     wait_until(lambda: len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) >= 1, 180, "a first epoch")
+    asked = time.monotonic()
     response = client.post(f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 200 and response.json()["cancel_requested"]
     epochs_at_cancel = len(client.get(f"/v1/jobs/{job['id']}/metrics").json())
     done = stack.wait_for_job(client, job["id"], ("cancelled", "failed", "succeeded"), timeout=60)
+    more = len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) - epochs_at_cancel
+    print(f"\ncancel: the job was {done['status']} {time.monotonic() - asked:.1f} s after the request ({more} more epochs recorded)")
     assert done["status"] == "cancelled", done
     assert len(client.get(f"/v1/jobs/{job['id']}/metrics").json()) <= epochs_at_cancel + 1
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409

@@ -1,0 +1,79 @@
+"""The shape of the code, checked: no import circles between the project's modules, and each layer
+imports only what it may (the engine: torch and friends, never the web, queue or database layers;
+the client: httpx, never the service)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("api", "core", "worker", "service", "bench")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Modules a file imports at module level or in functions, relative imports resolved."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, node.module] if node.module else base)
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+    return found
+
+
+def project_graph() -> dict[str, set[str]]:
+    files = [p for package in PACKAGES for p in (REPO / package).rglob("*.py")]
+    modules = {module_name(p): p for p in files}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_no_import_circles():
+    graph = project_graph()
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for neighbour in sorted(graph[node]):
+            if state.get(neighbour) == "open":
+                cycles.append(stack[stack.index(neighbour):] + [neighbour])
+            elif neighbour not in state:
+                visit(neighbour, [*stack, neighbour])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # a package's __init__ re-exporting its own modules is not a circle between modules
+    real = [c for c in cycles if not any(m == n.rsplit(".", 1)[0] for m, n in zip(c, c[1:]))]
+    assert not real, "import circles: " + "; ".join(" → ".join(c) for c in real)
+
+
+def test_each_layer_imports_only_what_it_may():
+    forbidden = {
+        "core.engine": ("fastapi", "starlette", "celery", "kombu", "sqlalchemy", "api", "worker", "service", "core.db"),
+        "core.db": ("fastapi", "starlette", "celery", "api", "worker", "service"),
+        "worker": ("fastapi", "starlette", "api", "service"),
+        "api": ("service",),
+    }
+    for path in [p for package in PACKAGES for p in (REPO / package).rglob("*.py")]:
+        name = module_name(path)
+        for layer, banned in forbidden.items():
+            if name == layer or name.startswith(layer + "."):
+                bad = [m for m in imports_of(path) if any(m == b or m.startswith(b + ".") for b in banned)]
+                assert not bad, f"{name} imports {bad}"
+    client = REPO / "client" / "src" / "peeraid_client"
+    for path in client.rglob("*.py"):
+        bad = [m for m in imports_of(path) if m.split(".")[0] in ("core", "api", "worker", "service", "torch", "fastapi")]
+        assert not bad, f"{path.name} imports {bad}"

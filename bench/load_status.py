@@ -117,8 +117,9 @@ class Phases:
 
     async def sse(self) -> None:
         meter = CpuMeter(self.target.service_pid)
-        sample = await stream_openings(self.service, f"{self.job_path}/events", self.args.clients, self.args.seconds)
-        self.add("GET /v1/jobs/{id}/events", "service", f"first event, {self.closed}", sample, meter.shares())
+        clients = self.args.sse_clients or self.args.clients
+        sample = await stream_openings(self.service, f"{self.job_path}/events", clients, self.args.seconds)
+        self.add("GET /v1/jobs/{id}/events", "service", f"first event, closed loop, {clients} connections", sample, meter.shares())
 
     async def open(self) -> None:
         for server, connect, pid in self.servers:
@@ -240,6 +241,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--repeat", type=int, default=1, help="measure GET /v1/jobs/{id} service then naive this many times, "
                         "for the median ratio on a machine shared with other work (default 1)")
     parser.add_argument("--max-connections", type=int, default=64, help="connections the open loop may open (default 64)")
+    parser.add_argument("--sse-clients", type=int, help="connections of the sse phase (default: --clients; keep it under a "
+                        "per-tenant stream limit to time first events rather than refusals)")
     parser.add_argument("--sse-streams", type=int, default=64, help="most event streams the streams phase opens (default 64)")
     parser.add_argument("--sse-step", type=int, default=4, help="event streams opened at a time in the streams phase (default 4)")
     parser.add_argument("--jobs", type=int, default=50, help="jobs of the tenant, for the list (default 50: one page)")

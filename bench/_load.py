@@ -143,7 +143,9 @@ async def first_event(connection: Connection, path: str) -> str | None:
     return None
 
 
-async def stream_openings(new_connection: Callable[[], Connection], path: str, clients: int, seconds: float, timeout: float = 10.0) -> Sample:
+async def stream_openings(
+    new_connection: Callable[[], Connection], path: str, clients: int, seconds: float, timeout: float = 10.0
+) -> Sample:
     """Closed loop of: connect, open the stream, read its first event, disconnect. Latency: time to first event."""
     sample = Sample()
     deadline = time.perf_counter() + seconds

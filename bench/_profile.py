@@ -12,8 +12,20 @@ from pathlib import Path
 RATE = 250  # samples a second
 # what a thread of the server always runs under (its start, the event loop): no news in an inclusive profile
 ROOT_FUNCTIONS = {
-    "_run_module_as_main", "_run_code", "<module>", "main", "cmd_api", "run_api", "run", "Server.run", "Server.serve", "asyncio_run",
-    "Runner.run", "Thread._bootstrap", "Thread._bootstrap_inner", "WorkerThread.run",
+    "_run_module_as_main",
+    "_run_code",
+    "<module>",
+    "main",
+    "cmd_api",
+    "run_api",
+    "run",
+    "Server.run",
+    "Server.serve",
+    "asyncio_run",
+    "Runner.run",
+    "Thread._bootstrap",
+    "Thread._bootstrap_inner",
+    "WorkerThread.run",
 }
 PROJECT_AREAS = {"api", "core", "worker", "bench"}
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -32,9 +44,26 @@ def start_py_spy(pid: int, seconds: int, output: Path, rate: int = RATE) -> subp
     server's capacity, and a thread merely runnable (on a busy machine) or waiting is not counted.
     Non-blocking: the server is not paused at each sample, so it runs at its own speed."""
     return subprocess.Popen(
-        [py_spy_command(), "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate), "--gil",
-         "--format", "raw", "--full-filenames", "--threads", "--nonblocking", "--output", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            py_spy_command(),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            str(rate),
+            "--gil",
+            "--format",
+            "raw",
+            "--full-filenames",
+            "--threads",
+            "--nonblocking",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -57,7 +86,7 @@ def frame_name(frame: str, repo: Path) -> tuple[str, str]:
         short = path.split("site-packages/", 1)[1]
         area = short.split("/", 1)[0].removesuffix(".py")
     elif path.startswith(str(repo) + "/"):
-        short = path[len(str(repo)) + 1:]
+        short = path[len(str(repo)) + 1 :]
         area = short.split("/", 1)[0]
     elif re.search(r"/python3\.\d+/", path):
         short = re.split(r"/python3\.\d+/", path, maxsplit=1)[1]
@@ -77,7 +106,9 @@ def summarise(text: str, repo: Path, seconds: float | None = None, rate: int = R
     own, areas, threads, inclusive, project = Counter(), Counter(), Counter(), Counter(), Counter()
     for frames, count in stacks:
         thread, code = (frames[0].partition("): ")[2] or frames[0], frames[1:]) if frames[0].startswith("thread (") else ("?", frames)
-        threads["event loop (MainThread)" if thread == "MainThread" else f"thread pool ({thread})" if "worker" in thread else thread] += count
+        threads["event loop (MainThread)" if thread == "MainThread" else f"thread pool ({thread})" if "worker" in thread else thread] += (
+            count
+        )
         names = [frame_name(frame, repo) for frame in code]
         if names:
             own[names[-1][0]] += count
@@ -92,11 +123,13 @@ def summarise(text: str, repo: Path, seconds: float | None = None, rate: int = R
         return [title, *(f"  {100 * n / total:5.1f}%  {name}" for name, n in counts.most_common(rows))]
 
     busy = f", the GIL held {100 * total / (rate * seconds):.0f}% of the time" if seconds else ""
-    return "\n".join([
-        f"{total} samples at {rate}/s{busy}; shares of these samples:",
-        *table("by thread:", threads, 5),
-        *table("self time by package:", areas, 15),
-        *table("self time by function:", own, top),
-        *table("inclusive time by function (without the frames a thread starts with):", inclusive, top),
-        *table("inclusive time by function of the project's code:", project, top),
-    ])
+    return "\n".join(
+        [
+            f"{total} samples at {rate}/s{busy}; shares of these samples:",
+            *table("by thread:", threads, 5),
+            *table("self time by package:", areas, 15),
+            *table("self time by function:", own, top),
+            *table("inclusive time by function (without the frames a thread starts with):", inclusive, top),
+            *table("inclusive time by function of the project's code:", project, top),
+        ]
+    )

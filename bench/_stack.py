@@ -15,6 +15,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,9 @@ def start_server(name: str, module: str, args: list[str], env: dict[str, str], l
 
 def create_key(env: dict[str, str], tenant: str) -> str:
     """A new API key for `tenant` (created if new), through the service's own command (which also migrates)."""
-    out = subprocess.run([sys.executable, "-m", "service", "create-key", tenant], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "create-key", tenant], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     if out.returncode != 0:
         raise RuntimeError(f"create-key {tenant} failed:\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]

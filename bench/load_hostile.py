@@ -117,10 +117,12 @@ async def sample_database_connections(pg_url: str, until: float) -> list[dict[st
     samples = []
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True, connect_timeout=3) as db:
         while time.perf_counter() < until:
-            rows = await (await db.execute(
-                "SELECT coalesce(state, '?'), count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() GROUP BY 1",
-                (database,),
-            )).fetchall()
+            rows = await (
+                await db.execute(
+                    "SELECT coalesce(state, '?'), count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() GROUP BY 1",
+                    (database,),
+                )
+            ).fetchall()
             samples.append(dict(rows))
             await asyncio.sleep(1.0)
     return samples
@@ -170,7 +172,9 @@ async def run(args, target: Target) -> dict:
     connections = asyncio.create_task(sample_database_connections(target.pg_url, end)) if target.pg_url else None
     before = await open_loop(connect_b, b_path, args.rate, args.attack_after, max_connections=args.b_connections, timeout=args.timeout)
     attacking = asyncio.create_task(attack(args, target, end))
-    during = await open_loop(connect_b, b_path, args.rate, end - time.perf_counter(), max_connections=args.b_connections, timeout=args.timeout)
+    during = await open_loop(
+        connect_b, b_path, args.rate, end - time.perf_counter(), max_connections=args.b_connections, timeout=args.timeout
+    )
     a = await attacking
     recovered = await recovery_seconds(connect_b, b_path, args.recovery_limit, args.max_p99_ms / 1000)
     try:
@@ -187,33 +191,47 @@ def report(args, result: dict) -> list[str]:
     print(f"{'tenant B, GET /v1/jobs/{id}':<40} {'requests':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}")
     for label, sample in ((f"before the attack ({args.attack_after:g} s)", before), ("during the attack", during), ("all", both)):
         s = sample.summary()
-        print(f"  {label:<38} {s['requests']:>8} {fmt(s['p50_ms']):>8} {fmt(s['p90_ms']):>8} {fmt(s['p99_ms']):>8} {fmt(s['max_ms']):>8} "
-              f"{s['errors']:>7} {dict(sample.errors) or ''}")
+        print(
+            f"  {label:<38} {s['requests']:>8} {fmt(s['p50_ms']):>8} {fmt(s['p90_ms']):>8} {fmt(s['p99_ms']):>8} {fmt(s['max_ms']):>8} "
+            f"{s['errors']:>7} {dict(sample.errors) or ''}"
+        )
     h = healthz.summary()
-    print(f"/healthz every {1000 * HEALTHZ_INTERVAL:.0f} ms: {h['requests']} polls, {h['errors']} failed {dict(healthz.errors) or ''}; "
-          f"p99 {fmt(h['p99_ms'])} ms, max {fmt(h['max_ms'])} ms")
+    print(
+        f"/healthz every {1000 * HEALTHZ_INTERVAL:.0f} ms: {h['requests']} polls, {h['errors']} failed {dict(healthz.errors) or ''}; "
+        f"p99 {fmt(h['p99_ms'])} ms, max {fmt(h['max_ms'])} ms"
+    )
 
     opened = result["streams_opened"]
     admitted = len(opened.latencies) - sum(opened.errors.values())
     refused = result["streams"].get("429", 0)
-    print(f"tenant A event streams: {args.streams} opened: admitted {admitted} (held to the end {result['streams'].get('held', 0)}), "
-          f"refused (429) {refused}, failed {args.streams - admitted - refused}; outcomes {dict(result['streams'])}")
+    print(
+        f"tenant A event streams: {args.streams} opened: admitted {admitted} (held to the end {result['streams'].get('held', 0)}), "
+        f"refused (429) {refused}, failed {args.streams - admitted - refused}; outcomes {dict(result['streams'])}"
+    )
     if opened.latencies:
-        print(f"  time to the first event: p50 {fmt(1000 * percentile(opened.latencies, 0.5))} ms, max {fmt(1000 * max(opened.latencies))} ms")
+        print(
+            f"  time to the first event: p50 {fmt(1000 * percentile(opened.latencies, 0.5))} ms, max {fmt(1000 * max(opened.latencies))} ms"
+        )
     uploads = result["uploads"]
     taken, refused = uploads.get("uploading at the end", 0), uploads.get("429", 0)
-    print(f"tenant A slow uploads ({args.upload_rate:g} B/s): {args.uploads} started: admitted (still uploading at the end) {taken}, "
-          f"refused (429) {refused}, failed or answered otherwise {args.uploads - taken - refused}; outcomes {dict(uploads)}")
+    print(
+        f"tenant A slow uploads ({args.upload_rate:g} B/s): {args.uploads} started: admitted (still uploading at the end) {taken}, "
+        f"refused (429) {refused}, failed or answered otherwise {args.uploads - taken - refused}; outcomes {dict(uploads)}"
+    )
     pg = [s for s in result["pg"] if "unavailable" not in s]
     if pg:
         peak = max(pg, key=lambda s: sum(s.values()))
-        print(f"PostgreSQL connections to the service's database (every 1 s, {len(pg)} samples): "
-              f"at most {sum(peak.values())} {peak}; at the end {pg[-1]}")
+        print(
+            f"PostgreSQL connections to the service's database (every 1 s, {len(pg)} samples): "
+            f"at most {sum(peak.values())} {peak}; at the end {pg[-1]}"
+        )
     elif result["pg"]:
         print(f"PostgreSQL connections: not counted ({result['pg'][0]['unavailable']})")
     recovered = result["recovered"]
-    print(f"after the attack, tenant B's first answer within {args.max_p99_ms:g} ms came "
-          + (f"after {recovered:.1f} s" if recovered is not None else f"not within {args.recovery_limit:g} s"))
+    print(
+        f"after the attack, tenant B's first answer within {args.max_p99_ms:g} ms came "
+        + (f"after {recovered:.1f} s" if recovered is not None else f"not within {args.recovery_limit:g} s")
+    )
 
     reasons = []
     p99 = both.summary()["p99_ms"]
@@ -242,7 +260,9 @@ def as_json(args, result: dict, reasons: list[str]) -> dict:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m bench.load_hostile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load_hostile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=40.0, help="length of the whole test (default 40)")
     parser.add_argument("--attack-after", type=float, default=5.0, help="seconds of tenant B alone first (default 5)")
     parser.add_argument("--streams", type=int, default=300, help="tenant A's event streams (default 300)")
@@ -251,9 +271,13 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--upload-size", type=int, default=1_000_000, help="declared Content-Length of a slow upload (default 1 MB)")
     parser.add_argument("--rate", type=float, default=20.0, help="tenant B's GET requests/s (default 20)")
     parser.add_argument("--b-connections", type=int, default=32, help="connections tenant B may open (default 32)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds before tenant B's GET, or a stream's first event, times out (default 10)")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds before tenant B's GET, or a stream's first event, times out (default 10)"
+    )
     parser.add_argument("--healthz-timeout", type=float, default=1.0, help="seconds before a /healthz poll counts as failed (default 1)")
-    parser.add_argument("--recovery-limit", type=float, default=15.0, help="seconds to wait, after the attack, for tenant B to be served again (default 15)")
+    parser.add_argument(
+        "--recovery-limit", type=float, default=15.0, help="seconds to wait, after the attack, for tenant B to be served again (default 15)"
+    )
     parser.add_argument("--max-p99-ms", type=float, default=100.0, help="fail above this p99 of tenant B (default 100)")
     parser.add_argument("--max-b-errors", type=int, default=0, help="fail above this many errors of tenant B (default 0)")
     parser.add_argument("--max-healthz-failures", type=int, default=0, help="fail above this many /healthz failures (default 0)")
@@ -281,10 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             local = start_local_service(stack, ["tenant-a", "tenant-b"])
             url, keys = local.api.url, local.keys
-            target = Target(url, keys["tenant-a"], keys["tenant-b"], submit_job(url, keys["tenant-a"]), submit_job(url, keys["tenant-b"]),
-                            libpq_url(local.database_url))
-        print(f"{args.seconds:g} s against {target.url} (open files limit {limit}); tenant A attacks after {args.attack_after:g} s "
-              f"with {args.streams} event streams and {args.uploads} slow uploads", flush=True)
+            target = Target(
+                url,
+                keys["tenant-a"],
+                keys["tenant-b"],
+                submit_job(url, keys["tenant-a"]),
+                submit_job(url, keys["tenant-b"]),
+                libpq_url(local.database_url),
+            )
+        print(
+            f"{args.seconds:g} s against {target.url} (open files limit {limit}); tenant A attacks after {args.attack_after:g} s "
+            f"with {args.streams} event streams and {args.uploads} slow uploads",
+            flush=True,
+        )
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 result = runner.run(run(args, target))

@@ -135,9 +135,19 @@ class Phases:
     async def streams(self) -> None:
         args = self.args
         meter = CpuMeter(self.target.service_pid)
-        reached, outcomes, opened = await ramp_streams(self.service, f"{self.job_path}/events", args.sse_streams, args.sse_step, args.seconds)
-        self.add("GET /v1/jobs/{id}/events", "service", f"streams, +{args.sse_step} a step up to {args.sse_streams}", opened,
-                 meter.shares(), reached=reached, held=outcomes.get("held", 0), outcomes=dict(outcomes))
+        reached, outcomes, opened = await ramp_streams(
+            self.service, f"{self.job_path}/events", args.sse_streams, args.sse_step, args.seconds
+        )
+        self.add(
+            "GET /v1/jobs/{id}/events",
+            "service",
+            f"streams, +{args.sse_step} a step up to {args.sse_streams}",
+            opened,
+            meter.shares(),
+            reached=reached,
+            held=outcomes.get("held", 0),
+            outcomes=dict(outcomes),
+        )
 
 
 async def measure(args, target: Target) -> list[dict]:
@@ -189,7 +199,9 @@ async def profile(args, service, job_path: str, pid: int) -> None:
     _, err = await asyncio.to_thread(spy.communicate)
     if spy.returncode != 0 or not raw.exists():
         raise SystemExit(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
-    summary = f"GET /v1/jobs/{{id}} under py-spy: {sample.summary()['per_second']:.0f} requests/s\n" + summarise(raw.read_text(), REPO, seconds)
+    summary = f"GET /v1/jobs/{{id}} under py-spy: {sample.summary()['per_second']:.0f} requests/s\n" + summarise(
+        raw.read_text(), REPO, seconds
+    )
     Path(args.profile).write_text(summary + "\n")
     print(f"\nprofile (collapsed stacks in {raw}, e.g. for flamegraph.pl or speedscope):\n{summary}")
 
@@ -198,18 +210,26 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-HEADER = f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}  CPU % server/postgres/generator/other"
+HEADER = (
+    f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}"
+    "  CPU % server/postgres/generator/other"
+)
 
 
 def report(r: dict) -> None:
     cpu = " / ".join(fmt(100 * r[f"{name}_cores"], 0) for name in ("server", "postgres", "generator", "other"))
-    print(f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<44} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
-          f"{fmt(r['p99_ms']):>8} {fmt(r['max_ms']):>8} {r['errors']:>7}  {cpu}", flush=True)
+    print(
+        f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<44} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
+        f"{fmt(r['p99_ms']):>8} {fmt(r['max_ms']):>8} {r['errors']:>7}  {cpu}",
+        flush=True,
+    )
     if r["errors"]:
         print(f"{'':<26} errors: {r['errors_by_kind']}")
     if "outcomes" in r:
-        print(f"{'':<26} opened without error: {r['reached']}; held to the end: {r['held']} of {sum(r['outcomes'].values())}; "
-              f"outcomes {r['outcomes']} (latency: time to first event)")
+        print(
+            f"{'':<26} opened without error: {r['reached']}; held to the end: {r['held']} of {sum(r['outcomes'].values())}; "
+            f"outcomes {r['outcomes']} (latency: time to first event)"
+        )
     if "generator_us_per_request" in r:
         print(f"{'':<26} load generator CPU per request: {r['generator_us_per_request']:.0f} µs")
 
@@ -222,27 +242,42 @@ def ratios(rows: list[dict]) -> list[str]:
         if {"service", "naive"} <= pair.keys():
             s, n = pair["service"], pair["naive"]
             ratio = {key: s[key] / n[key] for key in ("per_second", "p50_ms", "p99_ms")}
-            lines.append(f"GET /v1/jobs/{{id}}, {mode}: service/naive requests/s {ratio['per_second']:.2f}×, "
-                         f"p50 {ratio['p50_ms']:.2f}×, p99 {ratio['p99_ms']:.2f}×")
+            lines.append(
+                f"GET /v1/jobs/{{id}}, {mode}: service/naive requests/s {ratio['per_second']:.2f}×, "
+                f"p50 {ratio['p50_ms']:.2f}×, p99 {ratio['p99_ms']:.2f}×"
+            )
             if ", run " in mode:
                 repeated.append(ratio)
     if len(repeated) > 1:
         median = {key: statistics.median(r[key] for r in repeated) for key in repeated[0]}
-        lines.append(f"GET /v1/jobs/{{id}}, closed loop, median of {len(repeated)} runs: service/naive requests/s {median['per_second']:.2f}×, "
-                     f"p50 {median['p50_ms']:.2f}×, p99 {median['p99_ms']:.2f}×")
+        lines.append(
+            f"GET /v1/jobs/{{id}}, closed loop, median of {len(repeated)} runs: service/naive requests/s {median['per_second']:.2f}×, "
+            f"p50 {median['p50_ms']:.2f}×, p99 {median['p99_ms']:.2f}×"
+        )
     return lines
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m bench.load_status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load_status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
     parser.add_argument("--clients", type=int, default=16, help="connections of the closed-loop phases (default 16)")
     parser.add_argument("--rate", type=float, default=100.0, help="requests/s of the open-loop phase (default 100)")
-    parser.add_argument("--repeat", type=int, default=1, help="measure GET /v1/jobs/{id} service then naive this many times, "
-                        "for the median ratio on a machine shared with other work (default 1)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure GET /v1/jobs/{id} service then naive this many times, "
+        "for the median ratio on a machine shared with other work (default 1)",
+    )
     parser.add_argument("--max-connections", type=int, default=64, help="connections the open loop may open (default 64)")
-    parser.add_argument("--sse-clients", type=int, help="connections of the sse phase (default: --clients; keep it under a "
-                        "per-tenant stream limit to time first events rather than refusals)")
+    parser.add_argument(
+        "--sse-clients",
+        type=int,
+        help="connections of the sse phase (default: --clients; keep it under a "
+        "per-tenant stream limit to time first events rather than refusals)",
+    )
     parser.add_argument("--sse-streams", type=int, default=64, help="most event streams the streams phase opens (default 64)")
     parser.add_argument("--sse-step", type=int, default=4, help="event streams opened at a time in the streams phase (default 4)")
     parser.add_argument("--jobs", type=int, default=50, help="jobs of the tenant, for the list (default 50: one page)")
@@ -291,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     print(*ratios(rows), sep="\n")
     print(f"load average {' '.join(f'{x:.2f}' for x in load)} at the end")
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_average": {"start": started, "end": load}, "args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"load_average": {"start": started, "end": load}, "args": vars(args), "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -20,9 +20,24 @@ from sqlalchemy import create_engine, select
 from core.db.models import ApiKey, Job, Tenant
 
 JOB_COLUMNS = (
-    Job.id, Job.status, Job.phase, Job.dataset_name.label("dataset"), Job.dataset_id, Job.preset, Job.spec, Job.progress,
-    Job.latest_metrics, Job.best_metrics, Job.result, Job.error, Job.attempts, Job.cancel_requested,
-    Job.created_at, Job.started_at, Job.finished_at, Job.updated_at,
+    Job.id,
+    Job.status,
+    Job.phase,
+    Job.dataset_name.label("dataset"),
+    Job.dataset_id,
+    Job.preset,
+    Job.spec,
+    Job.progress,
+    Job.latest_metrics,
+    Job.best_metrics,
+    Job.result,
+    Job.error,
+    Job.attempts,
+    Job.cancel_requested,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.updated_at,
 )
 
 
@@ -43,7 +58,9 @@ def create_app(database_url: str) -> FastAPI:
         key_hash = hashlib.sha256(authorization.removeprefix("Bearer ").encode()).hexdigest()
         with engine.connect() as db:
             tenant_id = db.scalar(
-                select(Tenant.id).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+                select(Tenant.id)
+                .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
             )
             if tenant_id is None:
                 raise HTTPException(401, "missing or invalid API key")

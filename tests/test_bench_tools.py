@@ -102,7 +102,7 @@ class TinyServer:
             await writer.drain()
             return False
         elif path == "/missing":
-            writer.write(b'HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}')
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
         elif path == "/events":
             events = [b": keep-alive\n\n", b"event: job\ndata: 1\n\nevent: job\n", b"data: 2\n\n"]
             writer.write(chunked.encode() + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
@@ -238,8 +238,24 @@ def test_naive_app_reads_a_job_like_the_service(tmp_path):
     assert body["id"] == "job_a" and body["status"] == "queued" and body["dataset"] == "digits" and body["spec"] == {"epochs": 3}
     assert datetime.fromisoformat(body["created_at"]).tzinfo is not None
     assert set(body) == {
-        "id", "status", "phase", "dataset", "dataset_id", "preset", "spec", "progress", "latest_metrics", "best_metrics", "result",
-        "error", "attempts", "cancel_requested", "created_at", "started_at", "finished_at", "updated_at",
+        "id",
+        "status",
+        "phase",
+        "dataset",
+        "dataset_id",
+        "preset",
+        "spec",
+        "progress",
+        "latest_metrics",
+        "best_metrics",
+        "result",
+        "error",
+        "attempts",
+        "cancel_requested",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
     }  # the fields of the service's JobOut
     assert (wrong_key.status_code, no_key.status_code, other_tenant.status_code) == (401, 401, 404)
 
@@ -303,15 +319,19 @@ def run_tool(module: str, *args: str, timeout: float = 120) -> subprocess.Comple
 @pytest.mark.slow
 def test_load_status_runs_every_phase(postgres, tmp_path):
     figures = tmp_path / "figures.json"
-    out = run_tool("bench.load_status", "--seconds", "1", "--clients", "4", "--rate", "20", "--sse-streams", "8", "--jobs", "5",
-                   "--json", str(figures))
+    out = run_tool(
+        "bench.load_status", "--seconds", "1", "--clients", "4", "--rate", "20", "--sse-streams", "8", "--jobs", "5", "--json", str(figures)
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = json.loads(figures.read_text())["rows"]
     measured = {(r["endpoint"], r["server"], r["mode"].split(",")[0]) for r in rows if r["requests"] > 0}
     assert measured >= {
-        ("GET /v1/jobs/{id}", "service", "closed loop"), ("GET /v1/jobs/{id}", "naive", "closed loop"),
-        ("GET /v1/jobs", "service", "closed loop"), ("GET /v1/jobs/{id}/events", "service", "first event"),
-        ("GET /v1/jobs/{id}", "service", "open loop"), ("GET /v1/jobs/{id}", "naive", "open loop"),
+        ("GET /v1/jobs/{id}", "service", "closed loop"),
+        ("GET /v1/jobs/{id}", "naive", "closed loop"),
+        ("GET /v1/jobs", "service", "closed loop"),
+        ("GET /v1/jobs/{id}/events", "service", "first event"),
+        ("GET /v1/jobs/{id}", "service", "open loop"),
+        ("GET /v1/jobs/{id}", "naive", "open loop"),
     }, out.stdout
     streams = next(r for r in rows if "outcomes" in r)
     assert streams["held"] == 8, out.stdout
@@ -321,9 +341,29 @@ def test_load_status_runs_every_phase(postgres, tmp_path):
 @pytest.mark.slow
 def test_load_hostile_runs_and_judges(postgres, tmp_path):
     figures = tmp_path / "hostile.json"
-    out = run_tool("bench.load_hostile", "--seconds", "3", "--attack-after", "1", "--streams", "5", "--uploads", "2", "--rate", "10",
-                   "--recovery-limit", "3", "--max-p99-ms", "1000000", "--max-b-errors", "1000000", "--max-healthz-failures", "1000000",
-                   "--json", str(figures))
+    out = run_tool(
+        "bench.load_hostile",
+        "--seconds",
+        "3",
+        "--attack-after",
+        "1",
+        "--streams",
+        "5",
+        "--uploads",
+        "2",
+        "--rate",
+        "10",
+        "--recovery-limit",
+        "3",
+        "--max-p99-ms",
+        "1000000",
+        "--max-b-errors",
+        "1000000",
+        "--max-healthz-failures",
+        "1000000",
+        "--json",
+        str(figures),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(figures.read_text())
     assert result["tenant_b"]["before"]["requests"] == 10 and result["tenant_b"]["during"]["requests"] == 20
@@ -335,8 +375,13 @@ def test_load_hostile_runs_and_judges(postgres, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_servers_and_drops_the_database(postgres):
-    tool = subprocess.Popen([sys.executable, "-m", "bench.load_hostile", "--seconds", "60", "--streams", "5", "--uploads", "1"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "bench.load_hostile", "--seconds", "60", "--streams", "5", "--uploads", "1"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         first_line = tool.stdout.readline()  # printed once the API is up
         assert " against http://127.0.0.1:" in first_line, first_line + tool.stdout.read()

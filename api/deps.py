@@ -1,18 +1,23 @@
-"""What routes are given, declared once: settings, the database, one session per request, storage,
-the job queue, the calling tenant (bearer key or the web UI's cookie) and the job or dataset a path
-names — 404 unless the caller owns it."""
+"""What routes are given, declared once: settings, the database, storage, the job queue and watcher,
+the calling tenant (bearer key or the web UI's session cookie), and the job a path names — 404 unless
+the caller owns it.
+
+Every dependency is `async`: none takes a thread, and the ones that read the database do it in one
+short transaction on the event loop (`Database.arun`), holding a connection only while their queries
+run. (A request that held a pooled connection while it waited for a worker thread could deadlock the
+API under load: every thread waiting for a connection, every connection waiting for a thread.)"""
 
 import hmac
-from collections.abc import Callable, Iterator
-from typing import Annotated, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Cookie, Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from core.db import tenants
 from core.db.models import Dataset, Job
 from core.db.session import Database, database
-from core.db import tenants
 from core.db.tenants import TenantContext
 from core.settings import Settings
 from core.storage import Storage
@@ -29,66 +34,59 @@ ArtifactName = Annotated[str, Path(pattern=ID_PATTERN, description="an artifact'
 bearer = HTTPBearer(auto_error=False, description="API key: Authorization: Bearer pk_...")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_database(settings: SettingsDep) -> Database:
+async def get_database(settings: SettingsDep) -> Database:
     return database(settings.resolved_database_url)
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
-def get_session(db: DatabaseDep) -> Iterator[Session]:
-    """The request's one transaction: committed when the route returns, rolled back if it raises."""
-    with db.transaction() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # committed before the response is sent
-
-
-def get_storage(settings: SettingsDep) -> Storage:
+async def get_storage(settings: SettingsDep) -> Storage:
     return Storage(settings.data_dir)
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_job_queue(request: Request) -> JobQueue:
+async def get_job_queue(request: Request) -> JobQueue:
     return request.app.state.job_queue
 
 
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
-def get_job_watcher(request: Request) -> JobWatcher:
+async def get_job_watcher(request: Request) -> JobWatcher:
     return request.app.state.job_watcher
 
 
 JobWatcherDep = Annotated[JobWatcher, Depends(get_job_watcher)]
 
 
-def get_stream_slots(request: Request) -> TenantSlots:
+async def get_stream_slots(request: Request) -> TenantSlots:
     return request.app.state.stream_slots
 
 
 StreamSlotsDep = Annotated[TenantSlots, Depends(get_stream_slots)]
 
 
-def get_upload_slots(request: Request) -> TenantSlots:
+async def get_upload_slots(request: Request) -> TenantSlots:
     return request.app.state.upload_slots
 
 
 UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]
 
 
-def current_tenant(db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
-    tenant = authenticate(db, credentials.credentials) if credentials else None
+async def current_tenant(
+    request: Request, db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> TenantContext:
+    tenant = await authenticate(db, credentials.credentials, request.app.state.key_cache) if credentials else None
     if tenant is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
@@ -100,7 +98,7 @@ def current_tenant(db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCred
 TenantDep = Annotated[TenantContext, Depends(current_tenant)]
 
 
-def is_operator(settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> bool:
+async def is_operator(settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> bool:
     """The caller holds the operator's token (PEERAID_OPERATOR_TOKEN): cross-tenant counts and internal details."""
     token = settings.operator_token
     return bool(token) and credentials is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode())
@@ -113,11 +111,11 @@ OperatorDep = Annotated[bool, Depends(is_operator)]
 UI_COOKIE = "peeraid_session"
 
 
-def ui_signed_in(db: DatabaseDep, token: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
-    return db.run(lambda session: tenants.ui_session_tenant(session, token)) if token else None
+async def ui_signed_in(db: DatabaseDep, token: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
+    return await db.arun(lambda session: tenants.ui_session_tenant(session, token)) if token else None
 
 
-def ui_tenant(tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> TenantContext:
+async def ui_tenant(tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> TenantContext:
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in at /ui")
     return tenant
@@ -134,9 +132,10 @@ def find_owned(session: Session, model: type[Owned], item_id: str, tenant: Tenan
     return item
 
 
-def _owned_job(tenant_dependency: Callable[..., TenantContext]) -> Callable[..., Job]:
-    def owned_job(job_id: JobId, session: SessionDep, tenant: Annotated[TenantContext, Depends(tenant_dependency)]) -> Job:
-        return find_owned(session, Job, job_id, tenant)
+def _owned_job(tenant_dependency: Callable[..., Coroutine[Any, Any, TenantContext]]) -> Callable[..., Coroutine[Any, Any, Job]]:
+    async def owned_job(job_id: JobId, db: DatabaseDep, tenant: Annotated[TenantContext, Depends(tenant_dependency)]) -> Job:
+        """The job as it is now, detached from its session: its columns are loaded, its relationships are not."""
+        return await db.arun(lambda session: find_owned(session, Job, job_id, tenant))
 
     return owned_job
 

@@ -20,6 +20,7 @@ from worker.queue import JobQueue
 from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
 from .request_limits import BodyLimits, register_validation_handler
+from .security import KeyCache
 from .streams import JobWatcher, TenantSlots
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = database(settings.resolved_database_url)  # the engine and its pool, before the first request
     app.state.job_watcher = JobWatcher(db)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.state.stream_slots = TenantSlots("event streams", settings.tenant_max_streams)
     app.state.upload_slots = TenantSlots("uploads", settings.tenant_max_uploads)
     app.state.validations = asyncio.Semaphore(settings.max_parallel_validations)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from pydantic_core import PydanticUndefined
 
-from core.db.models import JobStatus
+from core.db.models import Job, JobStatus
 from core.engine.spec import JobSpec
 
 # Names and references users send: printable text only (no NUL or other control characters).
@@ -16,6 +17,11 @@ PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # job and dataset ids, built-in dataset names, artifact names
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=PRINTABLE)]
 Reference = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=PRINTABLE)]
+
+
+def json_response(body: BaseModel, status_code: int = 200) -> Response:
+    """The body serialised once (a route returning a model would have it validated again for its response_model)."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 class Out(BaseModel):
@@ -169,8 +175,38 @@ class JobOut(Out):
     updated_at: dt.datetime
 
 
+class JobSummary(Out):
+    """A job in a list: its state and progress; GET /v1/jobs/{id} has the rest (spec, report, evaluation, ...)."""
+
+    id: str
+    status: JobStatus
+    phase: str
+    dataset: str = Field(validation_alias="dataset_name")
+    dataset_id: str | None
+    preset: str | None
+    progress: Progress
+    latest_metrics: dict[str, Any] | None
+    warnings: list[dict[str, str]] | None = None
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+
+
+def columns_of(model: type[BaseModel]) -> tuple[Any, ...]:
+    """The job columns a response model is made of (the dataset's name comes from dataset_name), for reads without the ORM."""
+    return tuple(getattr(Job, field.validation_alias or name) for name, field in model.model_fields.items())
+
+
+JOB_VIEW = columns_of(JobOut)
+JOB_SUMMARY = columns_of(JobSummary)
+
+
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobSummary]
     total: int
     limit: int
     offset: int

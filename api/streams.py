@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, status
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -103,7 +102,7 @@ class JobWatcher:
             if not watched:
                 break
             try:
-                snapshot = await run_in_threadpool(self.db.run, lambda session: _read(session, watched))
+                snapshot = await self.db.arun(lambda session: _read(session, watched))
             except Exception:  # the database is away: streams keep waiting, the next round tries again
                 log.warning("job watcher could not read the database", exc_info=True)
                 continue

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(1, ge=1, le=64, description="API processes (uvicorn workers); per-tenant stream and upload slots are per process")
     public_url: str | None = Field(None, description="base URL users reach the API at (for links); default http://api_host:api_port")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload, per file")
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
         "default: 80% of the host's memory"
     )
 
+    auth_cache_seconds: float = Field(5.0, description="how long a valid API key is remembered; a revoked key stops working within this")
     operator_token: str | None = Field(None, description="bearer token for /metrics and /readyz's details (cross-tenant counts, hosts)")
 
     log_level: str = "INFO"

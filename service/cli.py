@@ -74,9 +74,13 @@ def worker_command(settings: Settings, name: str = "worker") -> list[str]:
 def run_api(settings: Settings) -> None:
     import uvicorn
 
+    options = dict(host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
+    if settings.api_workers > 1:  # several processes, each building the app from the environment's settings
+        uvicorn.run("api.main:create_app", factory=True, workers=settings.api_workers, **options)
+        return
     from api.main import create_app
 
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
+    uvicorn.run(create_app(settings), **options)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from core.db import jobs
 from core.db.models import TERMINAL_STATUSES, Artifact, Job
+from core.db.session import Database
 from core.settings import Settings
 from core.storage import Storage
 
-from ..deps import ArtifactName, OwnedJob, SessionDep, SettingsDep, StorageDep
+from ..deps import ArtifactName, DatabaseDep, OwnedJob, SettingsDep, StorageDep
 from ..errors import responses
 from ..schemas import ArtifactOut
 
@@ -27,8 +27,8 @@ def _out(artifact: Artifact, request: Request, settings: Settings) -> ArtifactOu
 
 
 @router.get("", response_model=list[ArtifactOut], summary="List a job's artifacts with sizes and SHA-256", responses=responses(404, 422))
-def artifacts_list(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep) -> list[ArtifactOut]:
-    return [_out(a, request, settings) for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name))]
+async def artifacts_list(job: OwnedJob, request: Request, db: DatabaseDep, settings: SettingsDep) -> list[ArtifactOut]:
+    return [_out(a, request, settings) for a in await db.arun(lambda session: jobs.artifacts(session, job.id))]
 
 
 @router.get(
@@ -39,13 +39,13 @@ def artifacts_list(job: OwnedJob, request: Request, session: SessionDep, setting
                      "description": "The file's bytes; its SHA-256 in X-Content-SHA256"},
                **responses(404, 409, 410, 422)},
 )
-def artifacts_download(job: OwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
-    return artifact_file(session, storage, job, name)
+async def artifacts_download(job: OwnedJob, name: ArtifactName, db: DatabaseDep, storage: StorageDep) -> FileResponse:
+    return await artifact_file(db, storage, job, name)
 
 
-def artifact_file(session: Session, storage: Storage, job: Job, name: str) -> FileResponse:
+async def artifact_file(db: Database, storage: Storage, job: Job, name: str) -> FileResponse:
     """Streams one artifact of a job the caller already owns (the /v1 and the /ui downloads)."""
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    artifact = await db.arun(lambda session: jobs.artifact(session, job.id, name))
     if artifact is None and job.status not in TERMINAL_STATUSES:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is {job.status}: its artifacts are written when it finishes")
     if artifact is None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from sqlalchemy import select
+from fastapi.concurrency import run_in_threadpool
 
 from core.db import datasets
 from core.db.models import Dataset
 from core.engine.sources import BUILTIN_DATASETS
 
-from ..deps import DatabaseDep, DatasetId, SessionDep, SettingsDep, StorageDep, TenantDep, UploadSlotsDep, find_owned
+from ..deps import DatabaseDep, DatasetId, SettingsDep, StorageDep, TenantDep, UploadSlotsDep, find_owned
 from ..errors import responses
 from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
@@ -66,24 +66,24 @@ async def datasets_upload(
 
 
 @router.get("", response_model=DatasetList, summary="Built-in datasets and your uploads")
-def datasets_list(session: SessionDep, tenant: TenantDep) -> DatasetList:
-    uploads = session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at.desc())).all()
+async def datasets_list(db: DatabaseDep, tenant: TenantDep) -> DatasetList:
+    uploads = await db.arun(lambda session: datasets.of_tenant(session, tenant.id))
     return DatasetList(items=builtin_datasets() + [DatasetOut.model_validate(d) for d in uploads])
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset", responses=responses(404, 422))
-def datasets_get(dataset_id: DatasetId, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+async def datasets_get(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep) -> DatasetOut:
     builtin = {d.id: d for d in builtin_datasets()}
     if dataset_id in builtin:
         return builtin[dataset_id]
-    return DatasetOut.model_validate(find_owned(session, Dataset, dataset_id, tenant))
+    return DatasetOut.model_validate(await db.arun(lambda session: find_owned(session, Dataset, dataset_id, tenant)))
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset",
                responses=responses(404, 405, 409, 422))
-def datasets_delete(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
+async def datasets_delete(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, f"{dataset_id} is built in and cannot be deleted")
-    key = db.run(lambda session: datasets.delete_unused(session, find_owned(session, Dataset, dataset_id, tenant)))
-    storage.delete(key)
+    key = await db.arun(lambda session: datasets.delete_unused(session, find_owned(session, Dataset, dataset_id, tenant)))
+    await run_in_threadpool(storage.delete, key)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -19,14 +19,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="The API process is alive")
-def health_live() -> dict:
+async def health_live() -> dict:
     return {"status": "ok"}
 
 
-def _check_database(url: str) -> str | None:
+async def _check_database(url: str) -> str | None:
     try:
-        with database(url).transaction() as session:
-            session.execute(text("SELECT 1"))
+        await database(url).arun(lambda session: session.execute(text("SELECT 1")))
     except Exception as err:
         return f"{type(err).__name__}: {err}".splitlines()[0]
     return None
@@ -47,7 +46,7 @@ def _check_broker(url: str) -> str | None:
 async def health_ready(settings: SettingsDep, operator: OperatorDep, response: Response) -> dict:
     started = time.perf_counter()
     problems = {
-        "database": await run_in_threadpool(_check_database, settings.resolved_database_url),
+        "database": await _check_database(settings.resolved_database_url),
         "broker": await run_in_threadpool(_check_broker, settings.resolved_broker_url),
     }
     ready = not any(problems.values())

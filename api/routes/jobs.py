@@ -7,45 +7,47 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
+
+from sqlalchemy import bindparam, func, select
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext
 
-from ..deps import DatabaseDep, JobQueueDep, JobWatcherDep, OwnedJob, SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
+from ..deps import DatabaseDep, JobId, JobQueueDep, JobWatcherDep, OwnedJob, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
 from ..errors import responses
-from ..schemas import EpochMetricOut, EstimateOut, JobCreate, JobList, JobOut, PreflightOut, Refusal
+from ..schemas import JOB_SUMMARY, JOB_VIEW, EpochMetricOut, EstimateOut, JobCreate, JobList, JobOut, JobSummary, PreflightOut, Refusal, json_response
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
 KEEP_ALIVE_SECONDS = 15
+# built once: constructing and compiling a statement costs more than running it
+JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job",
              responses={200: {"model": JobOut, "description": "A retry with the same Idempotency-Key: the job it made"}, **responses(409, 413, 422, 429)})
-def jobs_create(
+async def jobs_create(
     body: JobCreate,
     db: DatabaseDep,
     queue: JobQueueDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=256, description="retries with the same key return the same job")] = None,
-) -> Job:
-    job, created = job_service.submit(db, queue, settings, tenant, body, idempotency_key)
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return job
+) -> Response:
+    # one thread for the whole submission: the pre-flight counts arithmetic, the enqueue talks to the broker
+    job, created = await run_in_threadpool(job_service.submit, db, queue, settings, tenant, body, idempotency_key)
+    return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 @router.post("/preflight", response_model=PreflightOut, summary="Check a job against its data and the limits, and estimate it, without submitting it",
              responses=responses(413, 422))
-def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> PreflightOut:
-    planned = job_service.plan(db, settings, tenant, body)
+async def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> PreflightOut:
+    planned = await run_in_threadpool(job_service.plan, db, settings, tenant, body)
     return PreflightOut(
         admitted=not planned.refusals, spec=planned.spec.model_dump(mode="json"),
         dataset=planned.dataset.name if planned.dataset else planned.spec.dataset, dataset_id=planned.dataset.id if planned.dataset else None,
@@ -55,41 +57,48 @@ def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings
 
 
 @router.get("", response_model=JobList, summary="List your jobs, newest first", responses=responses(422))
-def jobs_list(
-    session: SessionDep,
+async def jobs_list(
+    db: DatabaseDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-) -> JobList:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+) -> Response:
+    query = select(*JOB_SUMMARY).where(Job.tenant_id == tenant.id)
     if status_filter:
         query = query.where(Job.status == status_filter)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    items = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
-    return JobList(items=[JobOut.model_validate(j) for j in items], total=total, limit=limit, offset=offset)
+    rows = await db.afetch(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+    if offset == 0 and len(rows) < limit:
+        total = len(rows)  # the whole list is on this page: no count needed
+    else:
+        total = (await db.afetch(select(func.count().label("n")).select_from(query.subquery())))[0]["n"]
+    return json_response(JobList(items=[JobSummary.model_validate(r) for r in rows], total=total, limit=limit, offset=offset))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Status, progress, metrics and error of a job", responses=responses(404, 422))
-def jobs_get(job: OwnedJob) -> Job:
-    return job
+async def jobs_get(job_id: JobId, tenant: TenantDep, db: DatabaseDep) -> Response:
+    # the hottest route (clients poll it): one statement, no ORM session, the body serialised once
+    rows = await db.afetch(JOB_BY_ID.params(job_id=job_id, tenant_id=tenant.id))
+    if not rows:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return json_response(JobOut.model_validate(rows[0]))
 
 
 @router.get("/{job_id}/metrics", response_model=list[EpochMetricOut], summary="Per-epoch metrics", responses=responses(404, 422))
-def jobs_metrics(job: OwnedJob, session: SessionDep) -> list[EpochMetric]:
-    return list(session.scalars(select(EpochMetric).where(EpochMetric.job_id == job.id).order_by(EpochMetric.epoch)))
+async def jobs_metrics(job: OwnedJob, db: DatabaseDep) -> list[EpochMetric]:
+    return await db.arun(lambda session: jobs.epochs(session, job.id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job", responses=responses(404, 409, 422))
-def jobs_cancel(job: OwnedJob, session: SessionDep) -> Job:
-    return jobs.request_cancel(session, job)
+async def jobs_cancel(job: OwnedJob, db: DatabaseDep) -> Job:
+    return await db.arun(lambda session: jobs.request_cancel(session, session.get_one(Job, job.id)))
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files",
                responses=responses(404, 409, 422))
-def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
-    db.run(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
-    storage.delete_job(job.id)
+async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
+    await db.arun(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
+    await run_in_threadpool(storage.delete_job, job.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

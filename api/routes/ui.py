@@ -17,17 +17,17 @@ from fastapi import APIRouter, Depends, Form, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.db.models import ACTIVE_STATUSES, Job
+from core.db.models import ACTIVE_STATUSES
+from core.db import jobs as job_rows
 from core.db import tenants
 from core.engine.evaluation import metric_label
 from core.db.tenants import TenantContext
 from core.settings import Settings
 
-from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SessionDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
+from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
@@ -118,7 +118,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=PageRoute)
 
 
 @router.get("", name="ui_home")
-def home(request: Request, tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> Response:
+async def home(request: Request, tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> Response:
     if tenant is not None:
         return RedirectResponse(path_to(request, "ui_jobs"), status.HTTP_303_SEE_OTHER)
     return page(request, "login.html")
@@ -150,13 +150,13 @@ def _refused(request: Request, what: str) -> Response:
 
 
 @router.post("/login", name="ui_login")
-def login(request: Request, db: DatabaseDep, settings: SettingsDep, api_key: Annotated[str, Form(max_length=256)] = "") -> Response:
+async def login(request: Request, db: DatabaseDep, settings: SettingsDep, api_key: Annotated[str, Form(max_length=256)] = "") -> Response:
     if not _same_site(request, settings):
         return _refused(request, "sign-in")
-    tenant = authenticate(db, api_key.strip()) if api_key.strip() else None
+    tenant = await authenticate(db, api_key.strip()) if api_key.strip() else None
     if tenant is None:
         return page(request, "login.html", {"error": "That API key is not valid or has been revoked."}, status.HTTP_401_UNAUTHORIZED)
-    token = db.run(lambda session: tenants.start_ui_session(session, tenant, UI_SESSION_LIFETIME))
+    token = await db.arun(lambda session: tenants.start_ui_session(session, tenant, UI_SESSION_LIFETIME))
     response = RedirectResponse(path_to(request, "ui_jobs"), status.HTTP_303_SEE_OTHER)
     response.set_cookie(
         UI_COOKIE, token, path="/ui", httponly=True, samesite="strict", secure=settings.resolved_public_url.startswith("https://"),
@@ -166,22 +166,20 @@ def login(request: Request, db: DatabaseDep, settings: SettingsDep, api_key: Ann
 
 
 @router.post("/logout", name="ui_logout")
-def logout(request: Request, db: DatabaseDep, settings: SettingsDep) -> Response:
+async def logout(request: Request, db: DatabaseDep, settings: SettingsDep) -> Response:
     if not _same_site(request, settings):
         return _refused(request, "sign-out")
     token = request.cookies.get(UI_COOKIE)
     if token:
-        db.run(lambda session: tenants.end_ui_session(session, token))
+        await db.arun(lambda session: tenants.end_ui_session(session, token))
     return _forget_session(RedirectResponse(path_to(request, "ui_home"), status.HTTP_303_SEE_OTHER))
 
 
 @router.get("/jobs", name="ui_jobs")
-def jobs_page(
-    request: Request, session: SessionDep, tenant: UITenantDep, page_number: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1
+async def jobs_page(
+    request: Request, db: DatabaseDep, tenant: UITenantDep, page_number: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1
 ) -> Response:
-    query = select(Job).where(Job.tenant_id == tenant.id)
-    total = session.scalar(select(func.count()).select_from(query.subquery()))
-    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(PAGE_SIZE).offset((page_number - 1) * PAGE_SIZE)).all()
+    total, jobs = await db.arun(lambda session: job_rows.page(session, tenant.id, None, PAGE_SIZE, (page_number - 1) * PAGE_SIZE))
     return page(request, "jobs.html", {
         "tenant": tenant, "jobs": jobs, "total": total, "page": page_number, "pages": max(1, math.ceil(total / PAGE_SIZE)),
         "refresh": any(j.status in ACTIVE_STATUSES for j in jobs),
@@ -189,19 +187,20 @@ def jobs_page(
 
 
 @router.get("/jobs/{job_id}", name="ui_job")
-def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep) -> Response:
+async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: DatabaseDep) -> Response:
+    artifacts = await db.arun(lambda session: job_rows.artifacts(session, job.id))
     return page(request, "job.html", {
-        "tenant": tenant, "job": job, "artifacts": job.artifacts, "spec": json.dumps(job.spec, indent=2),
+        "tenant": tenant, "job": job, "artifacts": artifacts, "spec": json.dumps(job.spec, indent=2),
         "metric_keys": list(dict.fromkeys(k for m in (job.result or {}).values() for k in m.get("test") or {})),
         "refresh": job.status in ACTIVE_STATUSES, "version": int(job.updated_at.timestamp()),
     })
 
 
 @router.get("/jobs/{job_id}/curves.png", name="ui_job_curves")
-def job_curves(job: UIOwnedJob, request: Request, session: SessionDep) -> Response:
-    return curves_png(request, session, job)
+async def job_curves(job: UIOwnedJob, request: Request, db: DatabaseDep) -> Response:
+    return await curves_png(request, db, job)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", name="ui_artifact")
-def download(job: UIOwnedJob, name: ArtifactName, session: SessionDep, storage: StorageDep) -> FileResponse:
-    return artifact_file(session, storage, job, name)
+async def download(job: UIOwnedJob, name: ArtifactName, db: DatabaseDep, storage: StorageDep) -> FileResponse:
+    return await artifact_file(db, storage, job, name)

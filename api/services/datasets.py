@@ -59,7 +59,7 @@ async def upload(
     except DatasetError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
     limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
-    used = await run_in_threadpool(db.run, lambda session: datasets.storage_used(session, tenant.id))
+    used = await db.arun(lambda session: datasets.storage_used(session, tenant.id))
     if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
         if int(declared_size) > limit:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
@@ -102,7 +102,7 @@ async def upload(
                 raise _quota_reached(filename, size, quota, now_used)
             session.add(dataset)
 
-        await run_in_threadpool(db.run, record)
+        await db.arun(record)
     except BaseException:
         storage.delete(key)
         raise

@@ -26,6 +26,10 @@ def lock(session: Session, dataset_id: str) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
 
+def of_tenant(session: Session, tenant_id: str) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant_id).order_by(Dataset.created_at.desc())))
+
+
 def named(session: Session, tenant_id: str, name: str) -> list[Dataset]:
     return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name).order_by(Dataset.created_at)))
 

@@ -1,42 +1,61 @@
-"""The database: one `Database` per URL (engine and sessions), and one way to use it — a short
-transaction, `with database(url).transaction() as session:`, committed when the block ends and
-rolled back on an error. Workers, which must ride out a PostgreSQL restart, use `run(work, retry=True)`.
+"""The database: one `Database` per URL, and one way to use it — a short transaction around a function
+of a session, `db.run(work)`, committed when `work` returns and rolled back if it raises. Workers, which
+must ride out a PostgreSQL restart, use `run(work, retry=True)`. The API, on its event loop, uses
+`await db.arun(work)`: the same `work(session)` runs on an asyncio connection (SQLAlchemy's run_sync),
+so a request's database work takes no thread and holds a connection only while its queries run.
 
 No transaction should stay open while something slow happens (a client reading a stream, a file
 arriving): open one, do the reads and writes, leave."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Executable, RowMapping, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# enough connections kept open for a busy API process, so they are reused rather than opened and closed per request
+POOL = {"pool_size": 20, "max_overflow": 10, "pool_recycle": 1800, "pool_timeout": 10}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the worker's writes
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
+        event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping: after a PostgreSQL restart, stale pooled connections are replaced instead of failing a request
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800, pool_timeout=10)
+    return create_engine(url, pool_pre_ping=True, **POOL)
+
+
+def make_async_engine(url: str) -> AsyncEngine:
+    """The same database through an asyncio driver: aiosqlite for SQLite, psycopg's own for PostgreSQL."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url.replace("sqlite://", "sqlite+aiosqlite://", 1), connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    # no pre-ping (a round trip per request): a connection a restart broke is retried once instead (arun)
+    return create_async_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), **POOL)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -51,6 +70,27 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
+
+    def async_engine(self) -> AsyncEngine:
+        """The running event loop's engine: asyncio connections belong to the loop that opened them (a server
+        has one loop; test clients each run their own)."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._async_engines:
+            self._async_engines[loop] = make_async_engine(self.url)
+        return self._async_engines[loop]
+
+    async def arun(self, work: Callable[[Session], T]) -> T:
+        """work(session) in its own transaction on the event loop, without a thread; once more if the
+        connection was broken (a database restart invalidates pooled connections)."""
+        for attempt in (1, 2):
+            try:
+                async with AsyncSession(self.async_engine(), expire_on_commit=False) as session, session.begin():
+                    return await session.run_sync(work)
+            except DBAPIError as err:
+                if attempt == 2 or not err.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -77,9 +117,23 @@ class Database:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def afetch(self, statement: Executable) -> list[RowMapping]:
+        """The rows of one read-only statement, on the event loop, with no ORM session: the hot read paths'
+        (a job's status polled by many clients) cheapest way; once more if the connection was broken."""
+        for attempt in (1, 2):
+            try:
+                async with self.async_engine().connect() as connection:
+                    return list((await connection.execute(statement)).mappings())
+            except DBAPIError as err:
+                if attempt == 2 or not err.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
     def forget_inherited_connections(self) -> None:
         """In a forked child: drop the parent's pooled connections without closing them under it."""
         self.engine.dispose(close=False)
+        for engine in list(self._async_engines.values()):
+            engine.sync_engine.dispose(close=False)
 
 
 @cache

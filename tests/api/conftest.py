@@ -24,11 +24,13 @@ from tests.stack import FAST_JOB, UPLOAD_LIMIT
 from worker import runner
 
 OPERATOR_TOKEN = "op-" + secrets.token_hex(8)
+AUTH_CACHE_SECONDS = 0.5  # short, so that a revoked key's refusal is seen quickly
 
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("api"), public_url="http://testserver", operator_token=OPERATOR_TOKEN, max_upload_bytes=UPLOAD_LIMIT, worker_device="cpu",
+    settings = Settings(data_dir=tmp_path_factory.mktemp("api"), public_url="http://testserver", operator_token=OPERATOR_TOKEN,
+                        auth_cache_seconds=AUTH_CACHE_SECONDS, max_upload_bytes=UPLOAD_LIMIT, worker_device="cpu",
                         allow_downloads=False, heartbeat_interval=0.5, progress_interval=0.5)
     migrate(settings)
     return settings
@@ -52,13 +54,14 @@ def new_client(app, settings: Settings) -> Iterator[Callable[..., TestClient]]:
 
     def make(key: str | None = "new") -> TestClient:
         key = create_key(settings) if key == "new" else key
-        client = TestClient(app, headers={"Authorization": f"Bearer {key}"} if key else {})
+        # entered: one event loop for all of this client's requests (asyncio connections belong to their loop)
+        client = TestClient(app, headers={"Authorization": f"Bearer {key}"} if key else {}).__enter__()
         clients.append(client)
         return client
 
     yield make
     for client in clients:
-        client.close()
+        client.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

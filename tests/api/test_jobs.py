@@ -154,7 +154,8 @@ def test_preflight_estimates_without_submitting(client):
     estimate = plan["estimate"]
     assert estimate["student_parameters"] == estimate["peer_parameters"] > 10_000 and estimate["memory_bytes"] > 0
     assert set(estimate["hours"]) == {"h100", "cpu"} and 0 < estimate["hours"]["h100"] < estimate["hours"]["cpu"]
-    assert client.get("/v1/jobs").json()["total"] == 0 or all(j["spec"]["epochs"] != 4 for j in client.get("/v1/jobs").json()["items"])
+    submitted = [client.get(f"/v1/jobs/{j['id']}").json() for j in client.get("/v1/jobs").json()["items"]]
+    assert all(j["spec"]["epochs"] != 4 for j in submitted), "a preflight submits nothing"
     bigger = client.post("/v1/jobs/preflight", json={"preset": "digits-demo", "spec": {"epochs": 8}}).json()["estimate"]
     assert bigger["training_flops"] > 1.9 * estimate["training_flops"]  # the work follows the epochs
 

@@ -19,7 +19,7 @@ from worker.queue import JobQueue
 
 from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
-from .request_limits import BodyLimits, register_validation_handler
+from .request_limits import BodyLimits, InFlightLimit, register_validation_handler
 from .security import KeyCache
 from .streams import JobWatcher, TenantSlots
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_validation_handler(app)
     register_job_collector(settings.resolved_database_url)
     app.add_middleware(BodyLimits, max_bytes=settings.max_json_bytes)
+    app.add_middleware(InFlightLimit, limit=settings.key_max_in_flight)
     app.add_middleware(MetricsMiddleware)
 
     for module in (datasets, jobs, curves, artifacts, catalog, health, ui):  # /v1/..., /healthz etc., the web UI at /ui

@@ -17,6 +17,37 @@ MAX_ERRORS = 20
 MAX_MESSAGE_CHARS = 300
 
 
+class InFlightLimit:
+    """At most `limit` requests in flight per API key (an open event stream counts until it closes),
+    refused with 429 before any routing, parsing or database work: a client that opens hundreds of
+    requests at once costs the others almost nothing. Requests without a key pass (they get their 401)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+        self.in_flight: dict[bytes, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = dict(scope.get("headers", ())).get(b"authorization") if scope["type"] == "http" else None
+        if not key:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight.get(key, 0) >= self.limit:
+            response = JSONResponse(
+                {"detail": f"too many requests in flight with this API key (limit {self.limit}); wait for some to finish"},
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[key] -= 1
+            if not self.in_flight[key]:
+                del self.in_flight[key]
+
+
 def nesting_depth(body: bytes) -> int:
     """The deepest [ / { nesting of a JSON text, strings skipped; linear, no recursion."""
     depth = deepest = 0

@@ -7,6 +7,7 @@ web UI's sessions are checked on every page."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -23,6 +24,7 @@ class KeyCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: OrderedDict[str, tuple[float, TenantContext]] = OrderedDict()
+        self.pending: dict[str, asyncio.Future[TenantContext | None]] = {}  # lookups under way, shared by their callers
 
     def get(self, digest: str) -> TenantContext | None:
         entry = self._entries.get(digest)
@@ -43,10 +45,23 @@ class KeyCache:
 async def authenticate(db: Database, key: str, cache: KeyCache | None = None) -> TenantContext | None:
     if tenants.key_prefix(key) is None:
         return None
+    if cache is None:
+        return await db.arun(lambda session: tenants.authenticate(session, key))
     digest = hashlib.sha256(key.encode()).hexdigest()
-    if cache is not None and (tenant := cache.get(digest)) is not None:
+    if (tenant := cache.get(digest)) is not None:
         return tenant
-    tenant = await db.arun(lambda session: tenants.authenticate(session, key))
-    if tenant is not None and cache is not None:
+    if (pending := cache.pending.get(digest)) is not None:  # a burst of requests with one key: one lookup
+        return await asyncio.shield(pending)
+    lookup = cache.pending[digest] = asyncio.get_running_loop().create_future()
+    try:
+        tenant = await db.arun(lambda session: tenants.authenticate(session, key))
+    except BaseException as err:
+        lookup.set_exception(err)
+        lookup.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+        raise
+    finally:
+        cache.pending.pop(digest, None)
+    lookup.set_result(tenant)
+    if tenant is not None:
         cache.put(digest, tenant)
     return tenant

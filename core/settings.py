@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_evaluation_passes: int = Field(50_000_000, description="most forward passes the final report may make per model (422 above it)")
     max_json_bytes: int = Field(256 * 1024, description="largest JSON or form request body (413 above it)")
     tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
+    key_max_in_flight: int = Field(32, description="requests in flight per API key, per API process, open event streams included (429 above)")
     tenant_max_streams: int = Field(10, description="event streams one tenant may hold open at once, per API process (429 above)")
     tenant_max_uploads: int = Field(2, description="uploads one tenant may send at once, per API process (429 above)")
     max_parallel_validations: int = Field(2, description="uploads validated at once per API process; others wait their turn")

@@ -110,9 +110,16 @@ async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Re
                      "description": "`event: job` with the job (as GET /v1/jobs/{id}) on every change, then `event: end`"},
                **responses(404, 422, 429)},
 )
-async def jobs_events(job: OwnedJob, tenant: TenantDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
-    slots.acquire(tenant.id)
-    first = JobOut.model_validate(job).model_dump(mode="json")
+async def jobs_events(job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
+    slots.acquire(tenant.id)  # before any database work: a tenant opening streams by the hundred costs one lookup each, at most
+    try:
+        rows = await db.afetch(JOB_BY_ID.params(job_id=job_id, tenant_id=tenant.id))
+        if not rows:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    except BaseException:
+        slots.release(tenant.id)
+        raise
+    first = JobOut.model_validate(rows[0]).model_dump(mode="json")
     return StreamingResponse(_events(first, tenant, watcher, slots), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

@@ -89,7 +89,8 @@ async def current_tenant(
     tenant = await authenticate(db, credentials.credentials, request.app.state.key_cache) if credentials else None
     if tenant is None:
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return tenant

@@ -43,11 +43,16 @@ def responses(*codes: int) -> dict[int | str, dict[str, object]]:
     return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
-def field_errors(errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT, *, within: tuple[str, ...] = ()) -> HTTPException:
+def field_errors(
+    errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT, *, within: tuple[str, ...] = ()
+) -> HTTPException:
     """Errors about body fields; `within=("spec",)` for job-spec fields, whose messages name them as `--set` does."""
     detail = [
-        {"loc": ["body", *within, *(field.split(".") if field else [])], "msg": f"{field}: {message}" if field else message,
-         "type": "value_error"}
+        {
+            "loc": ["body", *within, *(field.split(".") if field else [])],
+            "msg": f"{field}: {message}" if field else message,
+            "type": "value_error",
+        }
         for field, message in errors
     ]
     return HTTPException(code, detail)

@@ -8,8 +8,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
 
 from core.db.session import database
 from core.settings import Settings, get_settings
@@ -20,9 +20,9 @@ from worker.queue import JobQueue
 from .errors import register_error_handlers
 from .metrics import MetricsMiddleware, register_job_collector
 from .request_limits import BodyLimits, InFlightLimit, register_validation_handler
+from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 from .security import KeyCache
 from .streams import JobWatcher, TenantSlots
-from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,10 @@ from core.db.session import database
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("peeraid_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
 LATENCY = Histogram(
-    "peeraid_http_request_seconds", "HTTP request latency", ["method", "route"], registry=REGISTRY,
+    "peeraid_http_request_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 

@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402  (the object API: no pyplot figure registry to leak or share)
+from matplotlib.figure import Figure
 
 _lock = threading.Lock()  # Matplotlib is not thread-safe (shared font and text caches); routes render in a threadpool
 METRICS = (("clean_acc", "clean", "#2563eb"), ("pgd_acc", "PGD", "#dc2626"))
@@ -34,8 +34,16 @@ def _render(records: list[dict[str, Any]], title: str) -> bytes:
     if not records:
         axes = figure.add_subplot()
         axes.set_axis_off()
-        axes.text(0.5, 0.5, "No epochs yet: curves appear after the first epoch", ha="center", va="center",
-                  fontsize=15, color="#6b7280", transform=axes.transAxes)
+        axes.text(
+            0.5,
+            0.5,
+            "No epochs yet: curves appear after the first epoch",
+            ha="center",
+            va="center",
+            fontsize=15,
+            color="#6b7280",
+            transform=axes.transAxes,
+        )
         return _png(figure)
 
     epochs = [r["epoch"] for r in records]

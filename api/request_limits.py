@@ -35,7 +35,8 @@ class InFlightLimit:
         if self.in_flight.get(key, 0) >= self.limit:
             response = JSONResponse(
                 {"detail": f"too many requests in flight with this API key (limit {self.limit}); wait for some to finish"},
-                status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers={"Retry-After": "1"},
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                headers={"Retry-After": "1"},
             )
             await response(scope, receive, send)
             return
@@ -92,8 +93,12 @@ class BodyLimits:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await _reply(scope, send, status.HTTP_413_CONTENT_TOO_LARGE,
-                             f"request body over {self.max_bytes} bytes; job requests are small JSON objects")
+                await _reply(
+                    scope,
+                    send,
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    f"request body over {self.max_bytes} bytes; job requests are small JSON objects",
+                )
                 return
         if content_type == b"application/json" and nesting_depth(body) > MAX_NESTING:
             await _reply(scope, send, status.HTTP_422_UNPROCESSABLE_CONTENT, f"body: JSON nested deeper than {MAX_NESTING} levels")
@@ -122,9 +127,7 @@ def register_validation_handler(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
         errors = list(err.errors())
-        detail = [
-            {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type", "value_error")} for e in errors[:MAX_ERRORS]
-        ]
+        detail = [{"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type", "value_error")} for e in errors[:MAX_ERRORS]]
         if len(errors) > MAX_ERRORS:
             detail.append({"loc": ["body"], "msg": f"and {len(errors) - MAX_ERRORS} more errors", "type": "too_many_errors"})
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)

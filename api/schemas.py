@@ -91,15 +91,18 @@ JobSpecOverrides = overrides_of(JobSpec, "JobSpecOverrides")
 class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [
-            {"preset": "digits-demo", "spec": {"epochs": 4}},
-            {"preset": "cifar10-resnet18", "dataset": "ds_0123456789abcdef0123", "spec": {"epochs": 100, "peeraid": {"tau": 3}}},
-        ]},
+        json_schema_extra={
+            "examples": [
+                {"preset": "digits-demo", "spec": {"epochs": 4}},
+                {"preset": "cifar10-resnet18", "dataset": "ds_0123456789abcdef0123", "spec": {"epochs": 100, "peeraid": {"tau": 3}}},
+            ]
+        },
     )
 
     dataset: Reference | None = Field(
-        None, description="a built-in dataset (digits, cifar10, cifar100, tinyimagenet), or one of your uploads by id or by name; "
-        "default: the preset's"
+        None,
+        description="a built-in dataset (digits, cifar10, cifar100, tinyimagenet), or one of your uploads by id or by name; "
+        "default: the preset's",
     )
     preset: Name | None = Field(None, description="start from a named preset (see /v1/presets)")
     spec: JobSpecOverrides = Field(  # type: ignore[valid-type]
@@ -160,10 +163,13 @@ class JobOut(Out):
     best_metrics: dict[str, Any] | None
     result: dict[str, Any] | None = Field(description="the test-set report: {model: {best_epoch, validation, test}}")
     evaluation: dict[str, Any] | None = Field(
-        None, description="what the report covers: status (complete / incomplete / pending), images per attack, failed attacks, "
-        "the AutoAttack set used")
+        None,
+        description="what the report covers: status (complete / incomplete / pending), images per attack, failed attacks, "
+        "the AutoAttack set used",
+    )
     warnings: list[dict[str, str]] | None = Field(
-        None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]")
+        None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]"
+    )
     execution: dict[str, Any] | None = Field(None, description="how the training steps ran: precision, CUDA graph or eager (and why)")
     estimate: dict[str, Any] | None = Field(None, description="the pre-flight estimate made at submission")
     error: str | None

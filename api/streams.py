@@ -102,7 +102,7 @@ class JobWatcher:
             if not watched:
                 break
             try:
-                snapshot = await self.db.arun(lambda session: _read(session, watched))
+                snapshot = await self.db.arun(lambda session, watched=watched: _read(session, watched))
             except Exception:  # the database is away: streams keep waiting, the next round tries again
                 log.warning("job watcher could not read the database", exc_info=True)
                 continue

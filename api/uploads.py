@@ -69,11 +69,18 @@ class IncomingFile:
         def on_part_end() -> None:
             state["in_file"] = False
 
-        parser = MultipartParser(boundary, {
-            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        })
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
         async for chunk in self.body:
             try:
                 parser.write(chunk)
@@ -83,8 +90,10 @@ class IncomingFile:
                 yield ready.pop(0)
         parser.finalize()
         if not state["seen_file"]:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                "the multipart body has no file: send it as a file field, e.g. curl -F file=@data.zip")
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                "the multipart body has no file: send it as a file field, e.g. curl -F file=@data.zip",
+            )
 
 
 def safe_file_name(name: str) -> str:

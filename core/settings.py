@@ -24,7 +24,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_workers: int = Field(1, ge=1, le=64, description="API processes (uvicorn workers); per-tenant stream and upload slots are per process")
+    api_workers: int = Field(
+        1, ge=1, le=64, description="API processes (uvicorn workers); per-tenant stream and upload slots are per process"
+    )
     public_url: str | None = Field(None, description="base URL users reach the API at (for links); default http://api_host:api_port")
 
     max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload, per file")
@@ -32,13 +34,17 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(600.0, description="seconds between the API's sweeps of files no row points at")
     upload_idle_timeout: float = Field(60.0, description="an upload that sends nothing for this long is dropped (408)")
     estimate_device: str = Field("auto", description="device class job estimates are made for: h100, cpu, or auto (this host's)")
-    max_job_hours: float = Field(168.0, description="default per-tenant limit on a job's estimated hours on the estimate device (422 above it)")
+    max_job_hours: float = Field(
+        168.0, description="default per-tenant limit on a job's estimated hours on the estimate device (422 above it)"
+    )
     max_job_memory_bytes: int = Field(64 * 1024**3, description="largest estimated memory of a job at its batch size (422 above it)")
     max_input_side: int = Field(256, description="largest image side a job may train on (422 above it; resize at upload)")
     max_evaluation_passes: int = Field(50_000_000, description="most forward passes the final report may make per model (422 above it)")
     max_json_bytes: int = Field(256 * 1024, description="largest JSON or form request body (413 above it)")
     tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
-    key_max_in_flight: int = Field(32, description="requests in flight per API key, per API process, open event streams included (429 above)")
+    key_max_in_flight: int = Field(
+        32, description="requests in flight per API key, per API process, open event streams included (429 above)"
+    )
     tenant_max_streams: int = Field(10, description="event streams one tenant may hold open at once, per API process (429 above)")
     tenant_max_uploads: int = Field(2, description="uploads one tenant may send at once, per API process (429 above)")
     max_parallel_validations: int = Field(2, description="uploads validated at once per API process; others wait their turn")
@@ -53,12 +59,14 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, description="deliveries of a job before it fails for good")
     progress_interval: float = Field(2.0, description="seconds between progress writes of a running job")
     max_job_seconds: float = Field(
-        7 * 24 * 3600, description="longest a job may run (from its first start; it then fails, keeping its last checkpoint's "
-        "student); also sets the broker's visibility timeout"
+        7 * 24 * 3600,
+        description="longest a job may run (from its first start; it then fails, keeping its last checkpoint's "
+        "student); also sets the broker's visibility timeout",
     )
     worker_max_memory_bytes: int | None = Field(
-        None, description="memory a job's process may use (it then fails, keeping its last checkpoint's student); "
-        "default: 80% of the host's memory"
+        None,
+        description="memory a job's process may use (it then fails, keeping its last checkpoint's student); "
+        "default: 80% of the host's memory",
     )
 
     auth_cache_seconds: float = Field(5.0, description="how long a valid API key is remembered; a revoked key stops working within this")

@@ -1,15 +1,15 @@
 """`peeraid-service`: run and administer the service.
 
-    peeraid-service serve            migrations, the API and an embedded worker: a working service in one command
-    peeraid-service api | worker     one component (docker-compose runs them separately)
-    peeraid-service migrate          apply database migrations
-    peeraid-service create-key TENANT [--name N]   print a new API key for TENANT (created if new)
-    peeraid-service revoke-key PREFIX              revoke a key (the part after pk_, before the next _)
-    peeraid-service list-keys
-    peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes B] [--max-storage-bytes B]
-    peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
-    peeraid-service sweep            remove interrupted uploads and files no database row points at
-    peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
+peeraid-service serve            migrations, the API and an embedded worker: a working service in one command
+peeraid-service api | worker     one component (docker-compose runs them separately)
+peeraid-service migrate          apply database migrations
+peeraid-service create-key TENANT [--name N]   print a new API key for TENANT (created if new)
+peeraid-service revoke-key PREFIX              revoke a key (the part after pk_, before the next _)
+peeraid-service list-keys
+peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes B] [--max-storage-bytes B]
+peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
+peeraid-service sweep            remove interrupted uploads and files no database row points at
+peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
 """
 
 from __future__ import annotations
@@ -65,9 +65,24 @@ def ensure_local_key(settings: Settings) -> str:
 
 def worker_command(settings: Settings, name: str = "worker") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--queues", settings.task_queue, "--concurrency", "1", "--pool", "prefork",
-        "--loglevel", settings.log_level, "--hostname", f"{name}@%h", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--queues",
+        settings.task_queue,
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "--loglevel",
+        settings.log_level,
+        "--hostname",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
     ]
 
 
@@ -156,12 +171,20 @@ def cmd_set_limits(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
     with database(settings.resolved_database_url).transaction() as session:
         tenant = tenants.get_or_create_tenant(session, args.tenant)
-        tenants.set_limits(session, tenant, max_concurrent_jobs=args.max_concurrent_jobs, max_upload_bytes=args.max_upload_bytes,
-                           max_storage_bytes=args.max_storage_bytes, max_job_hours=args.max_job_hours)
-        print(f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
-              f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}, "
-              f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}, "
-              f"max_job_hours={tenant.max_job_hours or settings.max_job_hours}")
+        tenants.set_limits(
+            session,
+            tenant,
+            max_concurrent_jobs=args.max_concurrent_jobs,
+            max_upload_bytes=args.max_upload_bytes,
+            max_storage_bytes=args.max_storage_bytes,
+            max_job_hours=args.max_job_hours,
+        )
+        print(
+            f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
+            f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}, "
+            f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}, "
+            f"max_job_hours={tenant.max_job_hours or settings.max_job_hours}"
+        )
     return 0
 
 
@@ -177,8 +200,14 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
     from core.storage import Storage
     from core.sweep import sweep_orphans
 
-    print(sweep_orphans(database(settings.resolved_database_url), Storage(settings.data_dir), partial_after=args.older_than,
-                        orphan_after=args.older_than))
+    print(
+        sweep_orphans(
+            database(settings.resolved_database_url),
+            Storage(settings.data_dir),
+            partial_after=args.older_than,
+            orphan_after=args.older_than,
+        )
+    )
     return 0
 
 

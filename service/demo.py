@@ -17,8 +17,10 @@ def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
     try:
         with Client(url, api_key) as client:
             job = client.submit_job(preset="digits-demo", spec=spec)
-            print(f"submitted job {job['id']}: PeerAiD, {job['spec']['student']} student, {job['spec']['epochs']} epochs "
-                  f"on '{job['dataset']}'")
+            print(
+                f"submitted job {job['id']}: PeerAiD, {job['spec']['student']} student, {job['spec']['epochs']} epochs "
+                f"on '{job['dataset']}'"
+            )
             job = _follow(client, job)
             if job["status"] != "succeeded":
                 print(f"job {job['id']} {job['status']}: {job['error']}", file=sys.stderr)
@@ -75,8 +77,10 @@ def _check_reproduced(job: dict[str, Any], weights: Any) -> int:
     n = min(spec["evaluation"]["n_examples"] or len(splits.test), len(splits.test))
     clean = accuracies(model, splits.test.subset(torch.arange(n)), {"clean": None})["clean"]
     reported = job["result"]["student"]["test"]["clean_acc"]
-    print(f"\ndownloaded {weights} (size and SHA-256 verified), a {meta['architecture']} "
-          f"for {meta['in_channels']}×{meta['input_size']}×{meta['input_size']} inputs")
+    print(
+        f"\ndownloaded {weights} (size and SHA-256 verified), a {meta['architecture']} "
+        f"for {meta['in_channels']}×{meta['input_size']}×{meta['input_size']} inputs"
+    )
     reproduced = abs(clean - reported) < 1e-9
     print(f"reloaded student clean accuracy {clean:.2%} vs reported {reported:.2%}: {'reproduced' if reproduced else 'MISMATCH'}")
     return 0 if reproduced else 1

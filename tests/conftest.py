@@ -18,8 +18,15 @@ def tiny_splits() -> DatasetSplits:
 
 def tiny_spec(**overrides):
     base = dict(
-        dataset="digits", student="small_cnn", epochs=4, lr_decay_epochs=[2, 3], batch_size=64, lr=0.05,
-        attack_steps=2, eval_pgd_steps=2, evaluation=dict(n_examples=32, autoattack=False, batch_size=64),
+        dataset="digits",
+        student="small_cnn",
+        epochs=4,
+        lr_decay_epochs=[2, 3],
+        batch_size=64,
+        lr=0.05,
+        attack_steps=2,
+        eval_pgd_steps=2,
+        evaluation=dict(n_examples=32, autoattack=False, batch_size=64),
     )
     base.update(overrides)
     return build_spec(None, base)

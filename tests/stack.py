@@ -28,7 +28,10 @@ REDIS_URL = os.environ.get("PEERAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 UPLOAD_LIMIT = 5_000_000
 FAST_JOB = {
-    "epochs": 4, "lr_decay_epochs": [2, 3], "attack_steps": 2, "eval_pgd_steps": 2,
+    "epochs": 4,
+    "lr_decay_epochs": [2, 3],
+    "attack_steps": 2,
+    "eval_pgd_steps": 2,
     "evaluation": {"n_examples": 20, "autoattack": False},
 }
 
@@ -82,7 +85,10 @@ class Stack:
     def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / log_name, "ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "service", *args], cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=log,
+            [sys.executable, "-m", "service", *args],
+            cwd=REPO,
+            env={**self.env, **(extra_env or {})},
+            stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a kill reaches the Celery pool children too
         )
@@ -220,7 +226,9 @@ def digits_npz_bytes() -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(
         buffer,
-        x_train=train.images.permute(0, 2, 3, 1).numpy(), y_train=train.labels.numpy(),
-        x_test=test.images.permute(0, 2, 3, 1).numpy(), y_test=test.labels.numpy(),
+        x_train=train.images.permute(0, 2, 3, 1).numpy(),
+        y_train=train.labels.numpy(),
+        x_test=test.images.permute(0, 2, 3, 1).numpy(),
+        y_test=test.labels.numpy(),
     )
     return buffer.getvalue()

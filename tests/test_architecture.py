@@ -5,6 +5,7 @@ the client: httpx, never the service)."""
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_no_import_circles():
         state[node] = "open"
         for neighbour in sorted(graph[node]):
             if state.get(neighbour) == "open":
-                cycles.append(stack[stack.index(neighbour):] + [neighbour])
+                cycles.append([*stack[stack.index(neighbour) :], neighbour])
             elif neighbour not in state:
                 visit(neighbour, [*stack, neighbour])
         state[node] = "done"
@@ -56,7 +57,7 @@ def test_no_import_circles():
         if node not in state:
             visit(node, [node])
     # a package's __init__ re-exporting its own modules is not a circle between modules
-    real = [c for c in cycles if not any(m == n.rsplit(".", 1)[0] for m, n in zip(c, c[1:]))]
+    real = [c for c in cycles if not any(m == n.rsplit(".", 1)[0] for m, n in itertools.pairwise(c))]
     assert not real, "import circles: " + "; ".join(" → ".join(c) for c in real)
 
 

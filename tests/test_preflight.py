@@ -2,14 +2,13 @@
 built-in shapes as the sources load them."""
 
 import pytest
+import torch
 
 from core.engine.errors import DatasetError
+from core.engine.models import create_model
 from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, preflight, step_flops
 from core.engine.sources import load_digits
 from core.engine.spec import build_spec
-from core.engine.models import create_model
-
-import torch
 
 
 def test_the_digits_shape_is_the_loaded_one():

@@ -31,16 +31,22 @@ class DatabaseCallbacks(TrainingCallbacks):
     def on_step(self, p: StepProgress) -> None:
         done = p.epoch - 1 + p.step / p.steps_per_epoch
         progress = {
-            "epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps_per_epoch": p.steps_per_epoch,
-            "images_per_sec": round(p.images_per_sec, 1), "eta_seconds": round((p.epochs - done) * self._epoch_seconds(p), 1),
-            "fraction": round(done / p.epochs, 4), "losses": p.losses,
+            "epoch": p.epoch,
+            "epochs": p.epochs,
+            "step": p.step,
+            "steps_per_epoch": p.steps_per_epoch,
+            "images_per_sec": round(p.images_per_sec, 1),
+            "eta_seconds": round((p.epochs - done) * self._epoch_seconds(p), 1),
+            "fraction": round(done / p.epochs, 4),
+            "losses": p.losses,
         }
         self.training = progress
         self._best_effort(progress, f"training epoch {p.epoch}/{p.epochs}")
 
     def on_evaluation(self, p: EvaluationProgress) -> None:
-        self._best_effort({**self.training, "evaluation": dataclasses.asdict(p)},
-                          f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})")
+        self._best_effort(
+            {**self.training, "evaluation": dataclasses.asdict(p)}, f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})"
+        )
 
     def _best_effort(self, progress: dict, phase: str) -> None:
         try:

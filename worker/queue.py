@@ -29,8 +29,11 @@ class JobQueue:
         """Send the job's message and stamp enqueued_at; False (the job stays queued for the reconciler) if the broker is down."""
         try:
             self.celery.send_task(
-                RUN_JOB_TASK, args=[job_id], queue=self.queue,
-                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
+                RUN_JOB_TASK,
+                args=[job_id],
+                queue=self.queue,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
             )
         except Exception as err:  # broker unreachable: the reconciler sends it later
             log.warning("could not enqueue job %s (%s); the reconciler will retry", job_id, err)

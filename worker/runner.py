@@ -11,6 +11,7 @@ from pathlib import Path
 from core.db import jobs
 from core.db.models import Dataset, Job, JobStatus, utcnow
 from core.db.session import Database, database
+from core.engine.datasets import DatasetSplits
 from core.engine.errors import (
     CheckpointError,
     DatasetError,
@@ -21,7 +22,6 @@ from core.engine.errors import (
     TrainingDiverged,
 )
 from core.engine.job import JobResult, export_checkpoint_student, run_job
-from core.engine.datasets import DatasetSplits
 from core.engine.sources import load_splits
 from core.engine.spec import JobSpec
 from core.settings import Settings
@@ -94,12 +94,21 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
         source, resize = _dataset_source(db, storage, spec.dataset)
         splits = load_splits(
-            source, resize=resize, data_root=settings.builtin_data_root,
-            val_fraction=spec.val_fraction, seed=spec.seed, download=settings.allow_downloads, selection=spec.selection,
+            source,
+            resize=resize,
+            data_root=settings.builtin_data_root,
+            val_fraction=spec.val_fraction,
+            seed=spec.seed,
+            download=settings.allow_downloads,
+            selection=spec.selection,
         )
         result = run_job(
-            spec, splits, storage.job_dir(job.id), device=settings.worker_device,
-            callbacks=DatabaseCallbacks(lease, spec.batch_size), progress_interval=settings.progress_interval,
+            spec,
+            splits,
+            storage.job_dir(job.id),
+            device=settings.worker_device,
+            callbacks=DatabaseCallbacks(lease, spec.batch_size),
+            progress_interval=settings.progress_interval,
         )
     except TrainingCancelled:
         reason = lease.stop_reason
@@ -124,8 +133,15 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         lease.write(jobs.finish, JobStatus.FAILED, error=error, artifacts=kept)
         return "failed"
     artifacts = _artifact_files(storage, job.id, result.artifacts)
-    if not lease.write(jobs.succeed, result=result.report, best=_best(result), evaluation=result.evaluation, warnings=result.warnings,
-                       execution=result.model_card.get("execution") or {}, artifacts=artifacts):
+    if not lease.write(
+        jobs.succeed,
+        result=result.report,
+        best=_best(result),
+        evaluation=result.evaluation,
+        warnings=result.warnings,
+        execution=result.model_card.get("execution") or {},
+        artifacts=artifacts,
+    ):
         log.warning("job %s was taken over by another worker; its result is theirs to publish", job.id)
         return "lease-lost"
     log.info("job %s succeeded", job.id)
@@ -168,8 +184,12 @@ def _kept(storage: Storage, job_id: str, splits: DatasetSplits | None, stopped: 
 def _artifact_files(storage: Storage, job_id: str, paths: dict[str, Path]) -> list[jobs.ArtifactFile]:
     return [
         jobs.ArtifactFile(
-            name=name, file_name=Path(path).name, media_type=MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream"),
-            size_bytes=Path(path).stat().st_size, sha256=sha256_file(Path(path)), storage_key=storage.job_key(job_id, Path(path)),
+            name=name,
+            file_name=Path(path).name,
+            media_type=MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream"),
+            size_bytes=Path(path).stat().st_size,
+            sha256=sha256_file(Path(path)),
+            storage_key=storage.job_key(job_id, Path(path)),
         )
         for name, path in paths.items()
     ]

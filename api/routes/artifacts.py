@@ -35,9 +35,13 @@ async def artifacts_list(job: OwnedJob, request: Request, db: DatabaseDep, setti
     "/{name}",
     summary="Download an artifact (streamed; Content-Length and an X-Content-SHA256 header)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "The file's bytes; its SHA-256 in X-Content-SHA256"},
-               **responses(404, 409, 410, 422)},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file's bytes; its SHA-256 in X-Content-SHA256",
+        },
+        **responses(404, 409, 410, 422),
+    },
 )
 async def artifacts_download(job: OwnedJob, name: ArtifactName, db: DatabaseDep, storage: StorageDep) -> FileResponse:
     return await artifact_file(db, storage, job, name)

@@ -19,8 +19,9 @@ router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401))
 @cache
 def _architectures() -> list[ArchitectureOut]:
     return [
-        ArchitectureOut(name=m.name, description=m.description, family=m.family, min_input_size=m.min_input_size,
-                        params_cifar10=m.num_params(10, 3))
+        ArchitectureOut(
+            name=m.name, description=m.description, family=m.family, min_input_size=m.min_input_size, params_cifar10=m.num_params(10, 3)
+        )
         for m in list_models()
     ]
 

@@ -30,17 +30,24 @@ def builtin_datasets() -> list[DatasetOut]:
     response_model=DatasetOut,
     summary="Upload a dataset file (the raw body, or a multipart form's file field)",
     description=(
-        "Send the file as the body (`curl -H 'Authorization: Bearer …' --data-binary @cats.zip '…/v1/datasets?name=cats&filename=cats.zip'`) "
+        "Send the file as the body "
+        "(`curl -H 'Authorization: Bearer …' --data-binary @cats.zip '…/v1/datasets?name=cats&filename=cats.zip'`) "
         "or as a form's file field (`curl -H 'Authorization: Bearer …' -F file=@cats.zip '…/v1/datasets?name=cats'`). "
         "Accepted: .npz with x_train, y_train, x_test, y_test; or a .zip / .tar / .tar.gz of image folders "
         "(train/<class>/…, test/<class>/…, or <class>/…). The file is streamed to disk, checked in full and fingerprinted; "
         "images of mixed sizes need `resize`."
     ),
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-    }}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}
+                },
+            },
+        }
+    },
     responses=responses(408, 413, 422, 429),
 )
 async def datasets_upload(
@@ -50,17 +57,41 @@ async def datasets_upload(
     settings: SettingsDep,
     storage: StorageDep,
     slots: UploadSlotsDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=128, pattern=PRINTABLE,
-                                      description="your name for the dataset (default: the file's name without extension)")] = None,
-    filename: Annotated[str | None, Query(min_length=1, max_length=200,
-                                          description="the file's name, for reference (default: the form field's file name, or 'upload')")] = None,
-    resize: Annotated[str | None, Query(pattern=r"^\d{1,4}[x×]\d{1,4}$", examples=["32x32"],
-                                        description="WIDTHxHEIGHT: resize every image to this size (needed when sizes differ)")] = None,
+    name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=128,
+            pattern=PRINTABLE,
+            description="your name for the dataset (default: the file's name without extension)",
+        ),
+    ] = None,
+    filename: Annotated[
+        str | None,
+        Query(
+            min_length=1, max_length=200, description="the file's name, for reference (default: the form field's file name, or 'upload')"
+        ),
+    ] = None,
+    resize: Annotated[
+        str | None,
+        Query(
+            pattern=r"^\d{1,4}[x×]\d{1,4}$",
+            examples=["32x32"],
+            description="WIDTHxHEIGHT: resize every image to this size (needed when sizes differ)",
+        ),
+    ] = None,
 ) -> Dataset:
     incoming = IncomingFile(request.stream(), request.headers.get("content-type", ""), filename)
     with slots.slot(tenant.id):
         return await dataset_service.upload(
-            db, storage, settings, tenant, incoming, name=name, resize=resize, declared_size=request.headers.get("content-length"),
+            db,
+            storage,
+            settings,
+            tenant,
+            incoming,
+            name=name,
+            resize=resize,
+            declared_size=request.headers.get("content-length"),
             validations=request.app.state.validations,
         )
 
@@ -79,8 +110,9 @@ async def datasets_get(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep
     return DatasetOut.model_validate(await db.arun(lambda session: find_owned(session, Dataset, dataset_id, tenant)))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset",
-               responses=responses(404, 405, 409, 422))
+@router.delete(
+    "/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an uploaded dataset", responses=responses(404, 405, 409, 422)
+)
 async def datasets_delete(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, f"{dataset_id} is built in and cannot be deleted")

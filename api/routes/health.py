@@ -60,8 +60,12 @@ async def health_ready(settings: SettingsDep, operator: OperatorDep, response: R
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics (the operator's token: Authorization: Bearer $PEERAID_OPERATOR_TOKEN)",
-            response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **responses(401)})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (the operator's token: Authorization: Bearer $PEERAID_OPERATOR_TOKEN)",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **responses(401)},
+)
 def health_metrics(settings: SettingsDep, operator: OperatorDep) -> Response:
     if not operator:
         hint = "send the operator token" if settings.operator_token else "set PEERAID_OPERATOR_TOKEN to enable them"

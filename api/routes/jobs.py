@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-
 from sqlalchemy import bindparam, func, select
 
 from core.db import jobs
@@ -19,7 +18,19 @@ from core.db.tenants import TenantContext
 
 from ..deps import DatabaseDep, JobId, JobQueueDep, JobWatcherDep, OwnedJob, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
 from ..errors import responses
-from ..schemas import JOB_SUMMARY, JOB_VIEW, EpochMetricOut, EstimateOut, JobCreate, JobList, JobOut, JobSummary, PreflightOut, Refusal, json_response
+from ..schemas import (
+    JOB_SUMMARY,
+    JOB_VIEW,
+    EpochMetricOut,
+    EstimateOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobSummary,
+    PreflightOut,
+    Refusal,
+    json_response,
+)
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
@@ -29,8 +40,16 @@ KEEP_ALIVE_SECONDS = 15
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, summary="Submit a robustification job",
-             responses={200: {"model": JobOut, "description": "A retry with the same Idempotency-Key: the job it made"}, **responses(409, 413, 422, 429)})
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    summary="Submit a robustification job",
+    responses={
+        200: {"model": JobOut, "description": "A retry with the same Idempotency-Key: the job it made"},
+        **responses(409, 413, 422, 429),
+    },
+)
 async def jobs_create(
     body: JobCreate,
     db: DatabaseDep,
@@ -44,14 +63,21 @@ async def jobs_create(
     return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-@router.post("/preflight", response_model=PreflightOut, summary="Check a job against its data and the limits, and estimate it, without submitting it",
-             responses=responses(413, 422))
+@router.post(
+    "/preflight",
+    response_model=PreflightOut,
+    summary="Check a job against its data and the limits, and estimate it, without submitting it",
+    responses=responses(413, 422),
+)
 async def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> PreflightOut:
     planned = await run_in_threadpool(job_service.plan, db, settings, tenant, body)
     return PreflightOut(
-        admitted=not planned.refusals, spec=planned.spec.model_dump(mode="json"),
-        dataset=planned.dataset.name if planned.dataset else planned.spec.dataset, dataset_id=planned.dataset.id if planned.dataset else None,
-        device=planned.device, estimate=EstimateOut(**planned.estimate.to_dict()),
+        admitted=not planned.refusals,
+        spec=planned.spec.model_dump(mode="json"),
+        dataset=planned.dataset.name if planned.dataset else planned.spec.dataset,
+        dataset_id=planned.dataset.id if planned.dataset else None,
+        device=planned.device,
+        estimate=EstimateOut(**planned.estimate.to_dict()),
         refusals=[Refusal(field=field, message=message) for field, message in planned.refusals],
     )
 
@@ -94,8 +120,9 @@ async def jobs_cancel(job: OwnedJob, db: DatabaseDep) -> Job:
     return await db.arun(lambda session: jobs.request_cancel(session, session.get_one(Job, job.id)))
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files",
-               responses=responses(404, 409, 422))
+@router.delete(
+    "/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files", responses=responses(404, 409, 422)
+)
 async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
     await db.arun(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
     await run_in_threadpool(storage.delete_job, job.id)
@@ -106,11 +133,17 @@ async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Re
     "/{job_id}/events",
     summary="Server-sent events: the job's state whenever it changes, until it finishes",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                     "description": "`event: job` with the job (as GET /v1/jobs/{id}) on every change, then `event: end`"},
-               **responses(404, 422, 429)},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "`event: job` with the job (as GET /v1/jobs/{id}) on every change, then `event: end`",
+        },
+        **responses(404, 422, 429),
+    },
 )
-async def jobs_events(job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep) -> StreamingResponse:
+async def jobs_events(
+    job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep
+) -> StreamingResponse:
     slots.acquire(tenant.id)  # before any database work: a tenant opening streams by the hundred costs one lookup each, at most
     try:
         rows = await db.afetch(JOB_BY_ID.params(job_id=job_id, tenant_id=tenant.id))

@@ -9,8 +9,8 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Form, Query, Request, Response, status
@@ -20,11 +20,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import URL
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.db.models import ACTIVE_STATUSES
 from core.db import jobs as job_rows
 from core.db import tenants
-from core.engine.evaluation import metric_label
+from core.db.models import ACTIVE_STATUSES
 from core.db.tenants import TenantContext
+from core.engine.evaluation import metric_label
 from core.settings import Settings
 
 from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
@@ -36,7 +36,7 @@ PAGE_SIZE = 50
 UI_SESSION_LIFETIME = dt.timedelta(hours=12)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
@@ -50,13 +50,13 @@ def _percent(value: Any) -> str:
 def _duration(seconds: Any) -> str:
     if not isinstance(seconds, int | float) or not math.isfinite(seconds):
         return "–"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def _when(value: dt.datetime | None) -> str:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
 
 
 def _size(n: float) -> str:
@@ -159,7 +159,12 @@ async def login(request: Request, db: DatabaseDep, settings: SettingsDep, api_ke
     token = await db.arun(lambda session: tenants.start_ui_session(session, tenant, UI_SESSION_LIFETIME))
     response = RedirectResponse(path_to(request, "ui_jobs"), status.HTTP_303_SEE_OTHER)
     response.set_cookie(
-        UI_COOKIE, token, path="/ui", httponly=True, samesite="strict", secure=settings.resolved_public_url.startswith("https://"),
+        UI_COOKIE,
+        token,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=settings.resolved_public_url.startswith("https://"),
         max_age=int(UI_SESSION_LIFETIME.total_seconds()),
     )
     return response
@@ -180,20 +185,36 @@ async def jobs_page(
     request: Request, db: DatabaseDep, tenant: UITenantDep, page_number: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1
 ) -> Response:
     total, jobs = await db.arun(lambda session: job_rows.page(session, tenant.id, None, PAGE_SIZE, (page_number - 1) * PAGE_SIZE))
-    return page(request, "jobs.html", {
-        "tenant": tenant, "jobs": jobs, "total": total, "page": page_number, "pages": max(1, math.ceil(total / PAGE_SIZE)),
-        "refresh": any(j.status in ACTIVE_STATUSES for j in jobs),
-    })
+    return page(
+        request,
+        "jobs.html",
+        {
+            "tenant": tenant,
+            "jobs": jobs,
+            "total": total,
+            "page": page_number,
+            "pages": max(1, math.ceil(total / PAGE_SIZE)),
+            "refresh": any(j.status in ACTIVE_STATUSES for j in jobs),
+        },
+    )
 
 
 @router.get("/jobs/{job_id}", name="ui_job")
 async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: DatabaseDep) -> Response:
     artifacts = await db.arun(lambda session: job_rows.artifacts(session, job.id))
-    return page(request, "job.html", {
-        "tenant": tenant, "job": job, "artifacts": artifacts, "spec": json.dumps(job.spec, indent=2),
-        "metric_keys": list(dict.fromkeys(k for m in (job.result or {}).values() for k in m.get("test") or {})),
-        "refresh": job.status in ACTIVE_STATUSES, "version": int(job.updated_at.timestamp()),
-    })
+    return page(
+        request,
+        "job.html",
+        {
+            "tenant": tenant,
+            "job": job,
+            "artifacts": artifacts,
+            "spec": json.dumps(job.spec, indent=2),
+            "metric_keys": list(dict.fromkeys(k for m in (job.result or {}).values() for k in m.get("test") or {})),
+            "refresh": job.status in ACTIVE_STATUSES,
+            "version": int(job.updated_at.timestamp()),
+        },
+    )
 
 
 @router.get("/jobs/{job_id}/curves.png", name="ui_job_curves")

@@ -42,17 +42,27 @@ def storage_quota(settings: Settings, tenant: TenantContext) -> int:
 def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTTPException:
     return HTTPException(
         status.HTTP_413_CONTENT_TOO_LARGE,
-        f"{filename}: {size} bytes would exceed your storage quota of {quota} bytes ({used} bytes used); delete datasets you no longer need",
+        f"{filename}: {size} bytes would exceed your storage quota of {quota} bytes ({used} bytes used); "
+        "delete datasets you no longer need",
     )
 
 
 async def upload(
-    db: Database, storage: Storage, settings: Settings, tenant: TenantContext, incoming: IncomingFile, *, name: str | None,
-    resize: str | None, declared_size: str | None, validations: asyncio.Semaphore,
+    db: Database,
+    storage: Storage,
+    settings: Settings,
+    tenant: TenantContext,
+    incoming: IncomingFile,
+    *,
+    name: str | None,
+    resize: str | None,
+    declared_size: str | None,
+    validations: asyncio.Semaphore,
 ) -> Dataset:
     if incoming.filename is not None and not FILE_NAME.match(incoming.filename):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces")
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces"
+        )
     filename = incoming.filename or "upload"
     try:
         size_to = parse_resize(resize) if resize else None
@@ -62,7 +72,9 @@ async def upload(
     used = await db.arun(lambda session: datasets.storage_used(session, tenant.id))
     if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
         if int(declared_size) > limit:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes"
+            )
         if int(declared_size) > quota - used:
             raise _quota_reached(filename, declared_size, quota, used)
 
@@ -89,9 +101,19 @@ async def upload(
             message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
         dataset = Dataset(
-            id=dataset_id, tenant_id=tenant.id, name=name or _stem(filename), file_name=filename, format=summary["format"], size_bytes=size,
-            sha256=sha256, fingerprint=summary["fingerprint"], num_train=summary["num_train"], num_test=summary["num_test"],
-            classes=summary["classes"], input_shape=list(summary["input_shape"]), resize=list(size_to) if size_to else None,
+            id=dataset_id,
+            tenant_id=tenant.id,
+            name=name or _stem(filename),
+            file_name=filename,
+            format=summary["format"],
+            size_bytes=size,
+            sha256=sha256,
+            fingerprint=summary["fingerprint"],
+            num_train=summary["num_train"],
+            num_test=summary["num_test"],
+            classes=summary["classes"],
+            input_shape=list(summary["input_shape"]),
+            resize=list(size_to) if size_to else None,
             storage_key=key,
         )
 

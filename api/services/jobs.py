@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-
 from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -48,8 +47,11 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
         overrides["dataset"] = body.dataset
     spec = build_spec(body.preset, overrides)
     dataset = db.run(lambda session: _resolve_dataset(session, tenant, spec.dataset, lock=False))
-    shape = BUILTIN_SHAPES[spec.dataset] if dataset is None else DataShape(
-        *dataset.input_shape, num_classes=len(dataset.classes), num_train=dataset.num_train, num_test=dataset.num_test)
+    shape = (
+        BUILTIN_SHAPES[spec.dataset]
+        if dataset is None
+        else DataShape(*dataset.input_shape, num_classes=len(dataset.classes), num_train=dataset.num_train, num_test=dataset.num_test)
+    )
     try:
         estimate = preflight(spec, shape)
     except DatasetError as err:
@@ -64,24 +66,46 @@ def estimate_device(settings: Settings) -> str:
     return "h100" if torch.cuda.is_available() else "cpu"
 
 
-def admission_refusals(settings: Settings, tenant: TenantContext, shape: DataShape, estimate: Estimate, device: str) -> list[tuple[str, str]]:
+def admission_refusals(
+    settings: Settings, tenant: TenantContext, shape: DataShape, estimate: Estimate, device: str
+) -> list[tuple[str, str]]:
     """Which limits the job would break, each naming the limit and how to change it."""
     refusals = []
     hours, max_hours = estimate.hours[device], tenant.max_job_hours or settings.max_job_hours
     if hours > max_hours:
-        refusals.append(("epochs", f"estimated {hours:,.1f} h on {device} is over your limit of {max_hours:g} h per job: fewer epochs, "
-                                   "a smaller model or less data (the operator sets the limit: set-limits --max-job-hours)"))
+        refusals.append(
+            (
+                "epochs",
+                f"estimated {hours:,.1f} h on {device} is over your limit of {max_hours:g} h per job: fewer epochs, "
+                "a smaller model or less data (the operator sets the limit: set-limits --max-job-hours)",
+            )
+        )
     if estimate.memory_bytes > settings.max_job_memory_bytes:
-        refusals.append(("batch_size", f"estimated {estimate.memory_bytes / 2**30:,.1f} GiB at this batch size is over the "
-                                       f"{settings.max_job_memory_bytes / 2**30:g} GiB a job may use: a smaller batch_size or "
-                                       "smaller images (PEERAID_MAX_JOB_MEMORY_BYTES)"))
+        refusals.append(
+            (
+                "batch_size",
+                f"estimated {estimate.memory_bytes / 2**30:,.1f} GiB at this batch size is over the "
+                f"{settings.max_job_memory_bytes / 2**30:g} GiB a job may use: a smaller batch_size or "
+                "smaller images (PEERAID_MAX_JOB_MEMORY_BYTES)",
+            )
+        )
     if max(shape.height, shape.width) > settings.max_input_side:
-        refusals.append(("dataset", f"images of {shape.width}×{shape.height} are over the largest side of {settings.max_input_side}: "
-                                    "upload again with resize=WIDTHxHEIGHT (PEERAID_MAX_INPUT_SIDE)"))
+        refusals.append(
+            (
+                "dataset",
+                f"images of {shape.width}×{shape.height} are over the largest side of {settings.max_input_side}: "
+                "upload again with resize=WIDTHxHEIGHT (PEERAID_MAX_INPUT_SIDE)",
+            )
+        )
     if estimate.evaluation_passes > settings.max_evaluation_passes:
-        refusals.append(("evaluation", f"the final report would make {estimate.evaluation_passes:,} passes per model, over "
-                                       f"{settings.max_evaluation_passes:,}: fewer evaluation.n_examples or pgd_steps "
-                                       "(PEERAID_MAX_EVALUATION_PASSES)"))
+        refusals.append(
+            (
+                "evaluation",
+                f"the final report would make {estimate.evaluation_passes:,} passes per model, over "
+                f"{settings.max_evaluation_passes:,}: fewer evaluation.n_examples or pgd_steps "
+                "(PEERAID_MAX_EVALUATION_PASSES)",
+            )
+        )
     return refusals
 
 
@@ -103,10 +127,16 @@ def submit(
             return _replay(existing, request_hash), False  # a concurrent retry won the race
         dataset = _resolve_dataset(session, tenant, spec.dataset, lock=True)
         job = jobs.create(
-            session, tenant_id=tenant.id, max_active=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
-            dataset_id=dataset.id if dataset else None, dataset_name=dataset.name if dataset else spec.dataset,
-            preset=body.preset, spec=spec.model_dump(mode="json"), max_attempts=settings.max_attempts,
-            idempotency_key=idempotency_key, request_hash=request_hash,
+            session,
+            tenant_id=tenant.id,
+            max_active=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
+            dataset_id=dataset.id if dataset else None,
+            dataset_name=dataset.name if dataset else spec.dataset,
+            preset=body.preset,
+            spec=spec.model_dump(mode="json"),
+            max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
             estimate={"device": planned.device, **planned.estimate.to_dict()},
         )
         return job, True
@@ -140,9 +170,23 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *,
         return dataset
     named = datasets.named(session, tenant.id, reference)
     if len(named) > 1:
-        raise field_errors([("dataset", f"{len(named)} of your datasets are named '{reference}' ({', '.join(d.id for d in named)}): "
-                                        "use the id of the one you mean")])
+        raise field_errors(
+            [
+                (
+                    "dataset",
+                    f"{len(named)} of your datasets are named '{reference}' ({', '.join(d.id for d in named)}): "
+                    "use the id of the one you mean",
+                )
+            ]
+        )
     if not named:
-        raise field_errors([("dataset", f"unknown dataset '{reference}': use a built-in ({', '.join(BUILTIN_DATASETS)}), "
-                                        "or the id or name of one of your uploads")])
+        raise field_errors(
+            [
+                (
+                    "dataset",
+                    f"unknown dataset '{reference}': use a built-in ({', '.join(BUILTIN_DATASETS)}), "
+                    "or the id or name of one of your uploads",
+                )
+            ]
+        )
     return datasets.lock(session, named[0].id) if lock else named[0]

@@ -98,7 +98,8 @@ def request_cancel(session: Session, job: Job) -> Job:
         raise JobFinished(job)
     now = utcnow()
     session.execute(
-        update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, phase="cancelled before it started", finished_at=now, cancel_requested=True)
     )
     session.execute(update(Job).where(Job.id == job.id, Job.status.in_(LEASED_STATUSES)).values(cancel_requested=True))
@@ -163,8 +164,15 @@ def claim(session: Session, job_id: str, worker: str, *, is_stale: Callable[[Job
     claimed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempts == job.attempts)
-        .values(status=JobStatus.RUNNING, phase="starting", worker=worker, attempts=job.attempts + 1,
-                started_at=job.started_at or now, heartbeat_at=now, error=None)
+        .values(
+            status=JobStatus.RUNNING,
+            phase="starting",
+            worker=worker,
+            attempts=job.attempts + 1,
+            started_at=job.started_at or now,
+            heartbeat_at=now,
+            error=None,
+        )
     ).rowcount  # type: ignore[attr-defined]
     if claimed != 1:
         return None
@@ -206,8 +214,14 @@ def report_progress(session: Session, lease: Lease, progress: dict[str, Any], ph
 
 
 def record_epochs(
-    session: Session, lease: Lease, attempt: int, records: list[dict[str, Any]], *,
-    latest: dict[str, Any] | None = None, best: dict[str, Any] | None = None, replace: bool = True,
+    session: Session,
+    lease: Lease,
+    attempt: int,
+    records: list[dict[str, Any]],
+    *,
+    latest: dict[str, Any] | None = None,
+    best: dict[str, Any] | None = None,
+    replace: bool = True,
 ) -> bool:
     """One metrics row per epoch, so a resumed job never duplicates an epoch. replace=False only fills in
     epochs that are missing (a checkpoint written just before a crash)."""
@@ -237,19 +251,42 @@ def _replace_artifacts(session: Session, job_id: str, artifacts: Iterable[Artifa
 
 
 def succeed(
-    session: Session, lease: Lease, *, result: dict[str, Any], best: dict[str, Any], evaluation: dict[str, Any],
-    warnings: list[dict[str, str]], execution: dict[str, Any], artifacts: Iterable[ArtifactFile],
+    session: Session,
+    lease: Lease,
+    *,
+    result: dict[str, Any],
+    best: dict[str, Any],
+    evaluation: dict[str, Any],
+    warnings: list[dict[str, str]],
+    execution: dict[str, Any],
+    artifacts: Iterable[ArtifactFile],
 ) -> bool:
     phase = "succeeded" if evaluation.get("status") == "complete" else "succeeded; the evaluation is incomplete"
-    if not _write(session, lease, status=JobStatus.SUCCEEDED, phase=phase, finished_at=utcnow(), result=result, best_metrics=best,
-                  evaluation=evaluation, warnings=warnings, execution=execution, error=None):
+    if not _write(
+        session,
+        lease,
+        status=JobStatus.SUCCEEDED,
+        phase=phase,
+        finished_at=utcnow(),
+        result=result,
+        best_metrics=best,
+        evaluation=evaluation,
+        warnings=warnings,
+        execution=execution,
+        error=None,
+    ):
         return False
     _replace_artifacts(session, lease.job_id, artifacts)
     return True
 
 
 def finish(
-    session: Session, lease: Lease, status: JobStatus, *, error: str | None = None, phase: str | None = None,
+    session: Session,
+    lease: Lease,
+    status: JobStatus,
+    *,
+    error: str | None = None,
+    phase: str | None = None,
     artifacts: Iterable[ArtifactFile] = (),
 ) -> bool:
     """End a job as failed or cancelled, keeping whatever artifacts could be saved."""
@@ -277,8 +314,12 @@ def release(session: Session, job: Job, reason: str) -> JobStatus | None:
     if job.cancel_requested:
         values = {"status": JobStatus.CANCELLED, "phase": "cancelled", "finished_at": now}
     elif job.attempts >= job.max_attempts:
-        values = {"status": JobStatus.FAILED, "phase": "failed", "finished_at": now,
-                  "error": f"gave up after {job.attempts} attempts: {reason}"}
+        values = {
+            "status": JobStatus.FAILED,
+            "phase": "failed",
+            "finished_at": now,
+            "error": f"gave up after {job.attempts} attempts: {reason}",
+        }
     else:
         values = {"status": JobStatus.QUEUED, "phase": f"re-queued: {reason}"[:128], "enqueued_at": None}
     if session.execute(update(Job).where(*unchanged).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
@@ -288,6 +329,6 @@ def release(session: Session, job: Job, reason: str) -> JobStatus | None:
 
 def due_for_delivery(session: Session, sent_before: dt.datetime) -> list[str]:
     """Queued jobs whose message may be lost: never sent, or sent long ago and still not claimed."""
-    return list(session.scalars(
-        select(Job.id).where(Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before))
-    ))
+    return list(
+        session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before)))
+    )

@@ -32,13 +32,21 @@ class TenantContext:
     key_prefix: str
 
 
-TENANT_COLUMNS = (Tenant.id, Tenant.name, Tenant.max_concurrent_jobs, Tenant.max_upload_bytes, Tenant.max_storage_bytes,
-                  Tenant.max_job_hours, ApiKey.prefix)
+TENANT_COLUMNS = (
+    Tenant.id,
+    Tenant.name,
+    Tenant.max_concurrent_jobs,
+    Tenant.max_upload_bytes,
+    Tenant.max_storage_bytes,
+    Tenant.max_job_hours,
+    ApiKey.prefix,
+)
 
 
 def _context(row: Any) -> TenantContext:
-    return TenantContext(row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, row.max_storage_bytes, row.max_job_hours,
-                         row.prefix)
+    return TenantContext(
+        row.id, row.name, row.max_concurrent_jobs, row.max_upload_bytes, row.max_storage_bytes, row.max_job_hours, row.prefix
+    )
 
 
 def hash_key(key: str) -> str:
@@ -74,7 +82,9 @@ def authenticate(session: Session, key: str) -> TenantContext | None:
     prefix = key_prefix(key)
     if prefix is None:
         return None
-    row = session.execute(select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.last_used_at, *TENANT_COLUMNS).join(Tenant).where(ApiKey.prefix == prefix)).first()
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.last_used_at, *TENANT_COLUMNS).join(Tenant).where(ApiKey.prefix == prefix)
+    ).first()
     # compare even when no row matches, so timing does not reveal which prefixes exist
     expected = row.key_hash if row is not None else hash_key("")
     if not hmac.compare_digest(expected, hash_key(key)) or row is None or row.revoked_at is not None:
@@ -118,7 +128,10 @@ def start_ui_session(session: Session, tenant: TenantContext, lifetime: dt.timed
 def ui_session_tenant(session: Session, token: str) -> TenantContext | None:
     """The tenant of a live UI session: not expired, its key not revoked."""
     row = session.execute(
-        select(*TENANT_COLUMNS).select_from(UISession).join(ApiKey).join(Tenant)
+        select(*TENANT_COLUMNS)
+        .select_from(UISession)
+        .join(ApiKey)
+        .join(Tenant)
         .where(UISession.id == hash_key(token), UISession.expires_at > utcnow(), ApiKey.revoked_at.is_(None))
     ).first()
     return None if row is None else _context(row)

@@ -29,9 +29,17 @@ AUTH_CACHE_SECONDS = 0.5  # short, so that a revoked key's refusal is seen quick
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("api"), public_url="http://testserver", operator_token=OPERATOR_TOKEN,
-                        auth_cache_seconds=AUTH_CACHE_SECONDS, max_upload_bytes=UPLOAD_LIMIT, worker_device="cpu",
-                        allow_downloads=False, heartbeat_interval=0.5, progress_interval=0.5)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("api"),
+        public_url="http://testserver",
+        operator_token=OPERATOR_TOKEN,
+        auth_cache_seconds=AUTH_CACHE_SECONDS,
+        max_upload_bytes=UPLOAD_LIMIT,
+        worker_device="cpu",
+        allow_downloads=False,
+        heartbeat_interval=0.5,
+        progress_interval=0.5,
+    )
     migrate(settings)
     return settings
 
@@ -83,8 +91,10 @@ def finished(new_client, settings: Settings, digits_npz_bytes: bytes) -> tuple[T
     owner = new_client()
     dataset = owner.post("/v1/datasets", params={"name": "owned", "filename": "digits.npz"}, content=digits_npz_bytes)
     assert dataset.status_code == 201, dataset.text
-    response = owner.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset.json()["id"],
-                                            "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}})
+    response = owner.post(
+        "/v1/jobs",
+        json={"preset": "digits-demo", "dataset": dataset.json()["id"], "spec": {**FAST_JOB, "epochs": 2, "lr_decay_epochs": [1]}},
+    )
     assert response.status_code == 201, response.text
     assert run_job_here(settings, response.json()["id"])["status"] == "succeeded"
     return owner, dataset.json(), owner.get(f"/v1/jobs/{response.json()['id']}").json()

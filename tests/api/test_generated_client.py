@@ -26,9 +26,22 @@ def generated(app, tmp_path_factory):
     config.write_text("content_type_overrides:\n  image/png: application/octet-stream\n")  # the curves image is bytes too
     bin_dir = str(Path(sys.executable).parent)  # the generator formats its output with ruff, installed beside python
     out = subprocess.run(
-        [Path(bin_dir) / "openapi-python-client", "generate", "--path", schema, "--output-path", folder / "peeraid_api",
-         "--meta", "none", "--config", config],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"},
+        [
+            Path(bin_dir) / "openapi-python-client",
+            "generate",
+            "--path",
+            schema,
+            "--output-path",
+            folder / "peeraid_api",
+            "--meta",
+            "none",
+            "--config",
+            config,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "WARNING" not in out.stdout + out.stderr, out.stdout + out.stderr  # every operation and answer was understood
@@ -51,12 +64,14 @@ def test_a_generated_client_uploads_submits_polls_and_downloads(generated, app, 
     http = new_client()  # a TestClient carrying a new tenant's key: the app in this process
     client = AuthenticatedClient(base_url="http://testserver", token="unused").set_httpx_client(http)
 
-    dataset = datasets_upload.sync(client=client, body=File(payload=io.BytesIO(digits_npz_bytes), file_name="digits.npz"),
-                                   name="generated", filename="digits.npz")
+    dataset = datasets_upload.sync(
+        client=client, body=File(payload=io.BytesIO(digits_npz_bytes), file_name="digits.npz"), name="generated", filename="digits.npz"
+    )
     assert dataset.num_train == 1438 and dataset.input_shape == [1, 16, 16]
 
-    spec = JobSpecOverrides.from_dict({"epochs": 2, "lr_decay_epochs": [1], "attack_steps": 2, "eval_pgd_steps": 2,
-                                       "evaluation": {"n_examples": 20, "autoattack": False}})
+    spec = JobSpecOverrides.from_dict(
+        {"epochs": 2, "lr_decay_epochs": [1], "attack_steps": 2, "eval_pgd_steps": 2, "evaluation": {"n_examples": 20, "autoattack": False}}
+    )
     job = jobs_create.sync(client=client, body=JobCreate(preset="digits-demo", dataset=dataset.id, spec=spec), idempotency_key="gen-1")
     assert job.status == JobStatus.QUEUED and job.dataset_id == dataset.id
 

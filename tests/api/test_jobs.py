@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import re
 
+from api.main import create_app
 from core.db import tenants
 from core.db.session import database
 from tests.stack import FAST_JOB
-
-from api.main import create_app
 
 from .conftest import OPERATOR_TOKEN, TestClient, create_key, run_job_here
 
@@ -21,8 +20,9 @@ def test_idempotency_key_makes_retries_safe(client):
     first = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": "retry-me"})
     again = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": "retry-me"})
     assert first.status_code == 201 and again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    other = client.post("/v1/jobs", json={**SHORT, "spec": {**SHORT["spec"], "epochs": 3, "lr_decay_epochs": [2]}},
-                        headers={"Idempotency-Key": "retry-me"})
+    other = client.post(
+        "/v1/jobs", json={**SHORT, "spec": {**SHORT["spec"], "epochs": 3, "lr_decay_epochs": [2]}}, headers={"Idempotency-Key": "retry-me"}
+    )
     assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
     assert client.post(f"/v1/jobs/{first.json()['id']}/cancel").json()["status"] == "cancelled"
 
@@ -161,14 +161,22 @@ def test_preflight_estimates_without_submitting(client):
 
 
 def test_admission_refuses_what_breaks_a_limit_naming_it(app, new_client, settings, digits_npz_bytes):
-    strict = create_app(settings.model_copy(update={
-        "max_job_memory_bytes": 50 * 2**20, "max_evaluation_passes": 100_000, "max_input_side": 12, "estimate_device": "cpu"}))
+    strict = create_app(
+        settings.model_copy(
+            update={"max_job_memory_bytes": 50 * 2**20, "max_evaluation_passes": 100_000, "max_input_side": 12, "estimate_device": "cpu"}
+        )
+    )
     key = create_key(settings, "strict")
     with database(settings.resolved_database_url).transaction() as session:
         tenants.set_limits(session, tenants.get_or_create_tenant(session, "strict"), max_job_hours=0.01)
     client = TestClient(strict, headers={"Authorization": f"Bearer {key}"})
-    response = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {"epochs": 40, "lr_decay_epochs": [30], "batch_size": 4096,
-                                                                                "evaluation": {"pgd_steps": 500}}})
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "preset": "digits-demo",
+            "spec": {"epochs": 40, "lr_decay_epochs": [30], "batch_size": 4096, "evaluation": {"pgd_steps": 500}},
+        },
+    )
     assert response.status_code == 422, response.text
     detail = {d["loc"][-1]: d["msg"] for d in response.json()["detail"]}
     assert "limit of 0.01 h per job" in detail["epochs"] and "--max-job-hours" in detail["epochs"]

@@ -10,10 +10,9 @@ import re
 import numpy as np
 from PIL import Image
 
-from tests.stack import FAST_JOB
-
 from core.db import tenants
 from core.db.session import database
+from tests.stack import FAST_JOB
 
 from .conftest import create_key
 
@@ -62,8 +61,13 @@ def test_ui_sign_in_and_jobs_list(new_client, finished):
     assert not anonymous.cookies
 
     # login CSRF: a form from another site, or from nowhere we can tell, signs nobody in
-    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {}, {"Referer": "https://evil.example/ui"},
-                    {"Origin": "http://testserver.evil.example"}):
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {},
+        {"Referer": "https://evil.example/ui"},
+        {"Origin": "http://testserver.evil.example"},
+    ):
         forged = new_client(None).post("/ui/login", data={"api_key": key}, headers=headers)
         assert forged.status_code == 403 and "set-cookie" not in forged.headers, headers
 
@@ -162,18 +166,44 @@ def test_job_page_shows_warnings_evaluation_gaps_and_never_calls_a_failed_job_do
     ok, failed = (client.post("/v1/jobs", json={"preset": "digits-demo", "spec": FAST_JOB}).json() for _ in range(2))
     result = {"student": {"best_epoch": 3, "validation": {}, "test": {"clean_acc": 0.34, "pgd7_acc": 0.30}}}
     with database(settings.resolved_database_url).transaction() as session:
-        session.execute(update(Job).where(Job.id == ok["id"]).values(
-            status="succeeded", phase="succeeded", result=result,
-            evaluation={"status": "incomplete", "images": {"clean_acc": 50, "pgd7_acc": 50},
-                        "failures": [{"model": "student", "attack": "AutoAttack", "error": "IndexError: boom"}]},
-            warnings=[{"model": "student", "kind": "chance", "message": "clean accuracy 34% is at chance for 3 classes",
-                       "advice": "train longer or check the labels"}]))
-        session.execute(update(Job).where(Job.id == failed["id"]).values(
-            status="failed", phase="failed", error="diverged", progress={"fraction": 1.0, "epoch": 4, "epochs": 4}))
+        session.execute(
+            update(Job)
+            .where(Job.id == ok["id"])
+            .values(
+                status="succeeded",
+                phase="succeeded",
+                result=result,
+                evaluation={
+                    "status": "incomplete",
+                    "images": {"clean_acc": 50, "pgd7_acc": 50},
+                    "failures": [{"model": "student", "attack": "AutoAttack", "error": "IndexError: boom"}],
+                },
+                warnings=[
+                    {
+                        "model": "student",
+                        "kind": "chance",
+                        "message": "clean accuracy 34% is at chance for 3 classes",
+                        "advice": "train longer or check the labels",
+                    }
+                ],
+            )
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == failed["id"])
+            .values(status="failed", phase="failed", error="diverged", progress={"fraction": 1.0, "epoch": 4, "epochs": 4})
+        )
     browser = signed_in(new_client, client.headers["authorization"].split()[1])
     page = browser.get(f"/ui/jobs/{ok['id']}").text
-    for text in ("PGD-7", "34.0%", "at chance for 3 classes", "train longer or check the labels", "Not evaluated: AutoAttack",
-                 "IndexError: boom", "Test images per attack: Clean 50"):
+    for text in (
+        "PGD-7",
+        "34.0%",
+        "at chance for 3 classes",
+        "train longer or check the labels",
+        "Not evaluated: AutoAttack",
+        "IndexError: boom",
+        "Test images per attack: Clean 50",
+    ):
         assert text in page, text
     assert "pgd20" not in page.lower()
     failed_page = browser.get(f"/ui/jobs/{failed['id']}").text

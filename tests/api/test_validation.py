@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from tests.stack import UPLOAD_LIMIT
+from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz, tar_with, write_tar, write_zip
 
 from .conftest import run_job_here
-from tests.test_dataset_files import class_tree, npz_arrays, png, rgb, save_npz, tar_with, write_tar, write_zip
 
 
 @pytest.mark.parametrize(
@@ -50,11 +50,14 @@ def npz(**arrays) -> bytes:
     return buffer.getvalue()
 
 
-GOOD = dict(x_train=np.zeros((8, 4, 4, 1), np.uint8), y_train=np.arange(8) % 2, x_test=np.zeros((2, 4, 4, 1), np.uint8), y_test=np.arange(2))
+GOOD = dict(
+    x_train=np.zeros((8, 4, 4, 1), np.uint8), y_train=np.arange(8) % 2, x_test=np.zeros((2, 4, 4, 1), np.uint8), y_test=np.arange(2)
+)
 
 
 def hostile_corpus(tmp_path):
     """name → (file bytes, a fragment the error must contain). Built with the engine tests' helpers."""
+
     def read(path):
         return path.read_bytes()
 
@@ -154,8 +157,7 @@ def test_a_multipart_upload_is_streamed_like_a_raw_one(new_client, settings, dig
 
 def test_a_multipart_body_without_a_file_or_over_the_limit_is_refused_and_leaves_nothing(client, settings):
     before = stored_files(settings)
-    no_file = client.post("/v1/datasets", params={"name": "x"}, data={"note": "no file here"},
-                          files={"other": (None, b"just a field")})
+    no_file = client.post("/v1/datasets", params={"name": "x"}, data={"note": "no file here"}, files={"other": (None, b"just a field")})
     assert no_file.status_code == 422 and "no file" in no_file.json()["detail"]
     too_big = client.post("/v1/datasets", files={"file": ("big.zip", os.urandom(UPLOAD_LIMIT + 1))})
     assert too_big.status_code == 413 and "big.zip" in too_big.json()["detail"]
@@ -172,7 +174,20 @@ def test_mixed_image_sizes_need_resize_and_a_job_trains_on_the_resized_images(ne
     assert response.status_code == 201, response.text
     dataset = response.json()
     assert dataset["input_shape"] == [3, 10, 10] and dataset["resize"] == [10, 10]
-    job = client.post("/v1/jobs", json={"preset": "digits-demo", "dataset": dataset["id"], "spec": {
-        "epochs": 1, "lr_decay_epochs": [], "swa": False, "attack_steps": 1, "eval_pgd_steps": 1, "batch_size": 8,
-        "evaluation": {"n_examples": 4, "autoattack": False}}}).json()
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "preset": "digits-demo",
+            "dataset": dataset["id"],
+            "spec": {
+                "epochs": 1,
+                "lr_decay_epochs": [],
+                "swa": False,
+                "attack_steps": 1,
+                "eval_pgd_steps": 1,
+                "batch_size": 8,
+                "evaluation": {"n_examples": 4, "autoattack": False},
+            },
+        },
+    ).json()
     assert run_job_here(settings, job["id"])["status"] == "succeeded", client.get(f"/v1/jobs/{job['id']}").json()["error"]

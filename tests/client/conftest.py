@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import FAST_JOB, Stack, free_port  # noqa: F401  (re-exported for the client tests)
-
 from peeraid_client import Client  # installed by `make install` (pip install -e ./client)
+from tests.stack import FAST_JOB, Stack, free_port  # noqa: F401  (re-exported for the client tests)
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +50,6 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peeraid_client.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "peeraid_client.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

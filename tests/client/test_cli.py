@@ -30,9 +30,24 @@ def test_upload_submit_watch_show_and_download(env, digits_file, tmp_path, sdk):
 
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"attack_steps": 2, "eval_pgd_steps": 2, "evaluation": {"n_examples": 20, "autoattack": True}}))
-    submitted = run_cli("jobs", "submit", "--preset", "digits-demo", "--dataset", dataset_id, "--spec", str(spec),
-                        "--set", "epochs=2", "--set", "lr_decay_epochs=[1]", "--set", "evaluation.autoattack=false", "--watch",
-                        env=env)
+    submitted = run_cli(
+        "jobs",
+        "submit",
+        "--preset",
+        "digits-demo",
+        "--dataset",
+        dataset_id,
+        "--spec",
+        str(spec),
+        "--set",
+        "epochs=2",
+        "--set",
+        "lr_decay_epochs=[1]",
+        "--set",
+        "evaluation.autoattack=false",
+        "--watch",
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.splitlines()[0]
     assert job_id.startswith("job_")
@@ -44,8 +59,18 @@ def test_upload_submit_watch_show_and_download(env, digits_file, tmp_path, sdk):
 
     shown = run_cli("jobs", "show", job_id, env=env)
     assert shown.returncode == 0, shown.stderr
-    for fragment in (f"job       {job_id}", "status    succeeded", f"dataset   cli-digits ({dataset_id})", "epoch 2/2",
-                     "latest    student clean", "best      student clean", "test-set report", "clean", "fgsm", "pgd20"):
+    for fragment in (
+        f"job       {job_id}",
+        "status    succeeded",
+        f"dataset   cli-digits ({dataset_id})",
+        "epoch 2/2",
+        "latest    student clean",
+        "best      student clean",
+        "test-set report",
+        "clean",
+        "fgsm",
+        "pgd20",
+    ):
         assert fragment in shown.stdout, (fragment, shown.stdout)
     report_row = next(line for line in shown.stdout.splitlines() if line.startswith("student "))
     assert f"{job['result']['student']['test']['clean_acc']:.1%}" in report_row
@@ -85,7 +110,7 @@ def test_watch_exits_1_when_the_job_does_not_succeed(env):
     assert watched.returncode == 1, watched.stderr
     assert "status    cancelled" in watched.stdout and "CANCELLED" in watched.stderr
     listed = run_cli("jobs", "list", env=env).stdout
-    assert f"cancelled at" in next(line for line in listed.splitlines() if line.startswith(job_id))
+    assert "cancelled at" in next(line for line in listed.splitlines() if line.startswith(job_id))
 
 
 def test_errors_print_the_service_message_and_exit_1(stack, env):

@@ -36,14 +36,13 @@ def test_settings_precedence(clean_env, tmp_path):
 
     clean_env.setenv("PEERAID_CONFIG", str(tmp_path / "missing.toml"))
     clean_env.delenv("PEERAID_API_KEY")
-    with pytest.raises(ConfigError, match="missing.toml does not exist"):
+    with pytest.raises(ConfigError, match=r"missing\.toml does not exist"):
         resolve_settings()
     assert resolve_settings("http://arg:3", "pk_arg").api_key == "pk_arg", "the file is not read when not needed"
 
 
 def test_parse_sse():
-    lines = [": keep-alive", "", "event: job", 'data: {"id": "job_1"}', "", "data: plain", "data: text", "", "event: end",
-             "data: {}", ""]
+    lines = [": keep-alive", "", "event: job", 'data: {"id": "job_1"}', "", "data: plain", "data: text", "", "event: end", "data: {}", ""]
     assert list(parse_sse(lines)) == [("job", {"id": "job_1"}), ("message", "plain\ntext"), ("end", {})]
 
 
@@ -52,14 +51,24 @@ def response(code: int, body, headers=None) -> httpx.Response:
 
 
 def test_error_bodies_become_typed_errors():
-    err = error_from_response(response(422, {"detail": [
-        {"loc": ["body", "peeraid", "tau"], "msg": "peeraid.tau: Input should be a valid number", "type": "value_error"},
-        {"loc": ["body", "specs"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"},
-        {"loc": ["query", "limit"], "msg": "Input should be less than or equal to 200", "type": "less_than_equal"},
-    ]}))
+    err = error_from_response(
+        response(
+            422,
+            {
+                "detail": [
+                    {"loc": ["body", "peeraid", "tau"], "msg": "peeraid.tau: Input should be a valid number", "type": "value_error"},
+                    {"loc": ["body", "specs"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"},
+                    {"loc": ["query", "limit"], "msg": "Input should be less than or equal to 200", "type": "less_than_equal"},
+                ]
+            },
+        )
+    )
     assert isinstance(err, ValidationError)
-    assert err.errors == [("peeraid.tau", "Input should be a valid number"), ("specs", "Extra inputs are not permitted"),
-                          ("limit", "Input should be less than or equal to 200")]
+    assert err.errors == [
+        ("peeraid.tau", "Input should be a valid number"),
+        ("specs", "Extra inputs are not permitted"),
+        ("limit", "Input should be less than or equal to 200"),
+    ]
     assert str(err).startswith("peeraid.tau: Input should be a valid number; specs: Extra")
 
     err = error_from_response(response(429, {"detail": "tenant limit reached"}, {"Retry-After": "60"}))
@@ -71,13 +80,20 @@ def test_error_bodies_become_typed_errors():
 
 
 def test_set_assignments_nest_and_parse_json():
-    assert parse_assignments(["epochs=30", "peeraid.tau=3", "peeraid.gamma1=0.5", "student=resnet18", "lr_decay_epochs=[75, 90]",
-                              "swa=false", "peer=null"]) == {
-        "epochs": 30, "peeraid": {"tau": 3, "gamma1": 0.5}, "student": "resnet18", "lr_decay_epochs": [75, 90], "swa": False,
+    assert parse_assignments(
+        ["epochs=30", "peeraid.tau=3", "peeraid.gamma1=0.5", "student=resnet18", "lr_decay_epochs=[75, 90]", "swa=false", "peer=null"]
+    ) == {
+        "epochs": 30,
+        "peeraid": {"tau": 3, "gamma1": 0.5},
+        "student": "resnet18",
+        "lr_decay_epochs": [75, 90],
+        "swa": False,
         "peer": None,
     }
     assert merge({"evaluation": {"n_examples": 20, "autoattack": True}, "epochs": 3}, {"evaluation": {"autoattack": False}}) == {
-        "evaluation": {"n_examples": 20, "autoattack": False}, "epochs": 3}
+        "evaluation": {"n_examples": 20, "autoattack": False},
+        "epochs": 3,
+    }
     for bad in (["epochs"], ["=3"], ["a..b=1"], ["peeraid=1", "peeraid.tau=3"]):
         with pytest.raises(UsageError):
             parse_assignments(bad)

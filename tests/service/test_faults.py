@@ -149,8 +149,12 @@ def test_redis_restarted_while_jobs_are_queued_and_running_loses_none(stack):
     assert client.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
     subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], check=False, capture_output=True)
     wait_until(lambda: subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).returncode != 0, 20, "redis to stop")
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"], check=True)
-    wait_until(lambda: subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).stdout.strip() == b"PONG", 20, "redis to start")
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"], check=True
+    )
+    wait_until(
+        lambda: subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).stdout.strip() == b"PONG", 20, "redis to start"
+    )
     for job_id, epochs in ((running, 6), (queued, 2)):
         done = stack.wait_for_job(client, job_id, ("succeeded", "failed"), timeout=300)
         assert done["status"] == "succeeded", done["error"]

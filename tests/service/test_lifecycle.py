@@ -12,18 +12,18 @@ import time
 import pytest
 import torch
 
-from core.engine.sources import load_splits
 from core.engine.evaluation import accuracies
 from core.engine.export import load_model
-
+from core.engine.sources import load_splits
 from tests.stack import FAST_JOB, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 def upload(client, data: bytes, name="digits-npz", filename="digits.npz"):
-    return client.post("/v1/datasets", params={"name": name, "filename": filename}, content=data,
-                       headers={"Content-Type": "application/octet-stream"})
+    return client.post(
+        "/v1/datasets", params={"name": name, "filename": filename}, content=data, headers={"Content-Type": "application/octet-stream"}
+    )
 
 
 def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path):
@@ -62,8 +62,17 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
     assert "running" in statuses and statuses[-1] == "succeeded" and seen[-1][0] == "end"
 
     artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
-    assert set(artifacts) == {"student", "swa_student", "peer", "model_card", "model_card_markdown", "student_onnx",
-                              "student_pt2", "swa_student_onnx", "swa_student_pt2"}
+    assert set(artifacts) == {
+        "student",
+        "swa_student",
+        "peer",
+        "model_card",
+        "model_card_markdown",
+        "student_onnx",
+        "student_pt2",
+        "swa_student_onnx",
+        "swa_student_pt2",
+    }
     assert artifacts["model_card_markdown"]["media_type"].startswith("text/markdown")
     download = client.get(artifacts["student"]["url"])
     assert download.status_code == 200
@@ -151,4 +160,3 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(stack):
     first_attempt = [m["epoch"] for m in metrics if m["attempt"] == 1]
     assert first_attempt and first_attempt == [m["epoch"] for m in before][: len(first_attempt)]
     assert min(m["epoch"] for m in metrics if m["attempt"] == 2) >= len(before), "resumed, not restarted"
-

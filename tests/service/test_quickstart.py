@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-
 from pathlib import Path
 
 import httpx
@@ -20,13 +19,19 @@ pytestmark = pytest.mark.slow
 
 def test_serve_then_demo(tmp_path):
     port = free_port()
-    env = {**os.environ, "PEERAID_DATA_DIR": str(tmp_path), "PEERAID_API_PORT": str(port), "OMP_NUM_THREADS": "1",
-           "PEERAID_WORKER_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "PEERAID_DATA_DIR": str(tmp_path),
+        "PEERAID_API_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "PEERAID_WORKER_DEVICE": "cpu",
+    }
     for key in ("PEERAID_DATABASE_URL", "PEERAID_BROKER_URL"):
         env.pop(key, None)  # the embedded default
     log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         wait_until(lambda: _up(port) or serve.poll() is not None, 90, "the service")
         banner = (tmp_path / "serve.log").read_text()
@@ -34,8 +39,12 @@ def test_serve_then_demo(tmp_path):
         assert f"http://127.0.0.1:{port}/docs" in banner and key in banner
 
         demo = subprocess.run(
-            [sys.executable, "-m", "service", "demo", "--epochs", "3"], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=600,
+            [sys.executable, "-m", "service", "demo", "--epochs", "3"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert demo.returncode == 0, demo.stdout + demo.stderr + (tmp_path / "serve.log").read_text()[-3000:]
         assert "succeeded" in demo.stdout and "reproduced" in demo.stdout and "AutoAttack" in demo.stdout

@@ -33,15 +33,35 @@ def test_fuzzing_the_schema_finds_no_server_errors(api_only, tmp_path):
     key = api_only.admin("create-key", "fuzzer")
     har = tmp_path / "requests.har"
     run = subprocess.run(
-        [schemathesis, "run", f"{api_only.url}/openapi.json", "-H", f"Authorization: Bearer {key}",
-         "--checks", "not_a_server_error", "--max-examples", "60", "--seed", "20261125", "--workers", "1",  # several workers trip a CPython 3.11 ast bug in hypothesis
-         "--generation-database", "none", "--no-color", "--report", "har", "--report-har-path", str(har)],
-        capture_output=True, text=True, timeout=900,
+        [
+            schemathesis,
+            "run",
+            f"{api_only.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {key}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "60",
+            "--seed",
+            "20261125",
+            "--workers",
+            "1",  # several workers trip a CPython 3.11 ast bug in hypothesis
+            "--generation-database",
+            "none",
+            "--no-color",
+            "--report",
+            "har",
+            "--report-har-path",
+            str(har),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
     statuses = [e["response"]["status"] for e in entries]
-    print(f"\nschemathesis sent {len(entries)} requests; status counts: "
-          f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }")
+    print(f"\nschemathesis sent {len(entries)} requests; status counts: { {s: statuses.count(s) for s in sorted(set(statuses))} }")
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
     assert len(entries) >= 1000
     assert not [s for s in statuses if s >= 500]

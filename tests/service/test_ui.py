@@ -79,6 +79,7 @@ def test_curves_of_a_job_with_no_epochs_yet_and_while_running(stack):
 
 # ----- a real browser -----
 
+
 def chromium_binary() -> str:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         if name and shutil.which(name):
@@ -95,10 +96,25 @@ class DevTools:
         from websockets.sync.client import connect
 
         self.process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True,
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "wb"),
+            start_new_session=True,
         )
         port_file = profile / "DevToolsActivePort"
         wait_until(lambda: port_file.exists() and len(port_file.read_text().split()) == 2, 60, "Chromium's DevTools port")
@@ -131,7 +147,10 @@ class DevTools:
         params = {"format": "png"}
         if full_page:
             size = self.send("Page.getLayoutMetrics")["cssContentSize"]
-            params |= {"captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}
+            params |= {
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            }
         data = base64.b64decode(self.send("Page.captureScreenshot", **params)["data"])
         path.write_bytes(data)
         return data

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .client import Client, parse_sse  # noqa: E402  (after __version__, which client.py reads)
-from .config import Settings, config_path, resolve_settings  # noqa: E402
-from .errors import (  # noqa: E402
+from .client import Client, parse_sse
+from .config import Settings, config_path, resolve_settings
+from .errors import (
     AuthenticationError,
     ChecksumMismatch,
     ConfigError,
@@ -19,7 +19,21 @@ from .errors import (  # noqa: E402
 )
 
 __all__ = [
-    "AuthenticationError", "ChecksumMismatch", "Client", "ConfigError", "Conflict", "ConnectionFailed", "NotFound",
-    "PayloadTooLarge", "PeeraidError", "RateLimited", "ServerError", "Settings", "ValidationError", "__version__",
-    "config_path", "parse_sse", "resolve_settings",
+    "AuthenticationError",
+    "ChecksumMismatch",
+    "Client",
+    "ConfigError",
+    "Conflict",
+    "ConnectionFailed",
+    "NotFound",
+    "PayloadTooLarge",
+    "PeeraidError",
+    "RateLimited",
+    "ServerError",
+    "Settings",
+    "ValidationError",
+    "__version__",
+    "config_path",
+    "parse_sse",
+    "resolve_settings",
 ]

@@ -65,10 +65,7 @@ def report_table(result: dict[str, Any]) -> str:
     names: list[str] = []
     for m in result.values():
         names += [n for n in m.get("test", {}) if n not in names]
-    rows = [
-        [key, m.get("best_epoch"), *(percent(m["test"].get(n)) for n in names)]
-        for key, m in result.items()
-    ]
+    rows = [[key, m.get("best_epoch"), *(percent(m["test"].get(n)) for n in names)] for key, m in result.items()]
     return table(["model", "epoch", *(n.removesuffix("_acc") for n in names)], rows)
 
 
@@ -171,8 +168,15 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=path.stat().st_size if path.is_file() else None, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"uploading {path.name}", file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=path.stat().st_size if path.is_file() else None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"uploading {path.name}",
+            file=sys.stderr,
+            leave=False,
+        )
     try:
         dataset = client.upload_dataset(path, name=args.name, on_progress=(lambda sent, _: bar.update(sent - bar.n)) if bar else None)
     finally:
@@ -194,8 +198,19 @@ def cmd_datasets_list(client: Client, args: argparse.Namespace) -> int:
         shape = "×".join(map(str, d["input_shape"])) if d.get("input_shape") else None
         kind = "built-in" if d.get("builtin") else d.get("format")
         size = format_bytes(d["size_bytes"]) if d.get("size_bytes") is not None else None
-        rows.append([d["id"], d["name"], kind, d.get("num_train"), d.get("num_test"), len(d["classes"]) if d.get("classes") else None,
-                     shape, size, timestamp(d.get("created_at")) if d.get("created_at") else None])
+        rows.append(
+            [
+                d["id"],
+                d["name"],
+                kind,
+                d.get("num_train"),
+                d.get("num_test"),
+                len(d["classes"]) if d.get("classes") else None,
+                shape,
+                size,
+                timestamp(d.get("created_at")) if d.get("created_at") else None,
+            ]
+        )
     print(table(["ID", "NAME", "KIND", "TRAIN", "TEST", "CLASSES", "SHAPE", "SIZE", "CREATED"], rows))
     return 0
 
@@ -217,8 +232,10 @@ def cmd_jobs_submit(client: Client, args: argparse.Namespace) -> int:
     job = client.submit_job(preset=args.preset, dataset=args.dataset, spec=spec, idempotency_key=args.idempotency_key)
     print(job["id"], flush=True)
     s = job["spec"]
-    print(f"{job['status']}: {s.get('method')} with a {s.get('student')} student on '{job['dataset']}', {s.get('epochs')} epochs",
-          file=sys.stderr)
+    print(
+        f"{job['status']}: {s.get('method')} with a {s.get('student')} student on '{job['dataset']}', {s.get('epochs')} epochs",
+        file=sys.stderr,
+    )
     return watch(client, job["id"]) if args.watch else 0
 
 
@@ -288,8 +305,10 @@ def cmd_presets(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_architectures(client: Client, args: argparse.Namespace) -> int:
-    rows = [[a["name"], a["family"], format_count(a["params_cifar10"]), a["min_input_size"], a["description"]]
-            for a in client.list_architectures()]
+    rows = [
+        [a["name"], a["family"], format_count(a["params_cifar10"]), a["min_input_size"], a["description"]]
+        for a in client.list_architectures()
+    ]
     print(table(["NAME", "FAMILY", "PARAMS", "MIN INPUT", "DESCRIPTION"], rows))
     return 0
 
@@ -304,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (default $PEERAID_API_KEY, config file)")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (default 30)")
 
-    parser = argparse.ArgumentParser(prog="peeraid", description=__doc__, parents=[common],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="peeraid", description=__doc__, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     groups = parser.add_subparsers(dest="group", required=True, metavar="{datasets,jobs,presets,architectures}")
 
     def command(sub: argparse._SubParsersAction, name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -341,9 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     command(jobs, "delete", cmd_jobs_delete, "delete a finished job and its files").add_argument("id")
     p = command(jobs, "download", cmd_jobs_download, "download artifacts, checking size and SHA-256")
     p.add_argument("id")
-    p.add_argument("--artifact", default="all", metavar="NAME",
-                   help=f"one artifact by name, e.g. {', '.join(ARTIFACT_NAMES)} (the job's own are listed by `jobs show --json`); "
-                        "default: all of them")
+    p.add_argument(
+        "--artifact",
+        default="all",
+        metavar="NAME",
+        help=f"one artifact by name, e.g. {', '.join(ARTIFACT_NAMES)} (the job's own are listed by `jobs show --json`); "
+        "default: all of them",
+    )
     p.add_argument("-o", "--output", default=".", metavar="DIR", help="directory to write into (default: the current one)")
     p = command(jobs, "curves", cmd_jobs_curves, "download the training curves as a PNG")
     p.add_argument("id")
@@ -370,8 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if client is not None and client.api_key is None:
             print(f"error: no API key configured: pass --api-key, set PEERAID_API_KEY, or put api_key in {config_path()}", file=sys.stderr)
         else:
-            print("error: the service refused the API key (mistyped, or revoked): check --api-key, PEERAID_API_KEY or "
-                  f"api_key in {config_path()}", file=sys.stderr)
+            print(
+                "error: the service refused the API key (mistyped, or revoked): check --api-key, PEERAID_API_KEY or "
+                f"api_key in {config_path()}",
+                file=sys.stderr,
+            )
     except PeeraidError as err:
         print(f"error: {err}", file=sys.stderr)
     except TimeoutError as err:

@@ -28,8 +28,16 @@ UPLOAD_CHUNK = 1 << 20
 DOWNLOAD_CHUNK = 1 << 20
 # The artifacts of a finished job (the service's core.engine.job.ARTIFACTS; tests keep the two in step).
 ARTIFACT_NAMES = (
-    "student", "swa_student", "peer", "last_student", "student_onnx", "student_pt2", "swa_student_onnx", "swa_student_pt2",
-    "model_card", "model_card_markdown",
+    "student",
+    "swa_student",
+    "peer",
+    "last_student",
+    "student_onnx",
+    "student_pt2",
+    "swa_student_onnx",
+    "swa_student_pt2",
+    "model_card",
+    "model_card_markdown",
 )
 # Failures after which a request may be sent again: nothing was answered. Bad URLs and the like are not retried.
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -174,7 +182,8 @@ class Client:
                         on_progress(sent, total)
 
             return self._json(
-                "POST", "/v1/datasets",
+                "POST",
+                "/v1/datasets",
                 params={"name": name or path.stem.removesuffix(".tar"), "filename": _safe_file_name(path.name)},
                 content=chunks(),
                 # an explicit length lets the service refuse an oversized file before it is sent
@@ -334,7 +343,10 @@ class Client:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # not mkstemp: its 0600 would outlive the rename
         try:
             digest, size = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as out, self._stream(path, timeout=httpx.Timeout(self.timeout, read=max(self.timeout, 300.0))) as response:
+            with (
+                os.fdopen(fd, "wb") as out,
+                self._stream(path, timeout=httpx.Timeout(self.timeout, read=max(self.timeout, 300.0))) as response,
+            ):
                 header_sha = response.headers.get("x-content-sha256")
                 # a Content-Length of an encoded body counts encoded bytes; only a plain one is comparable
                 plain = "content-encoding" not in response.headers and response.headers.get("content-length", "").isdigit()
@@ -342,7 +354,8 @@ class Client:
                 if expected_sha256 is not None and header_sha is not None and header_sha != expected_sha256:
                     raise ChecksumMismatch(
                         f"{target.name}: the listing says SHA-256 {expected_sha256} but the download announces {header_sha}",
-                        expected_sha256, header_sha,
+                        expected_sha256,
+                        header_sha,
                     )
                 for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
                     digest.update(chunk)
@@ -352,8 +365,10 @@ class Client:
                 os.fsync(out.fileno())
             actual = digest.hexdigest()
             for what, expected, got in (
-                ("size", expected_size, size), ("size", header_size, size),
-                ("SHA-256", expected_sha256, actual), ("SHA-256", header_sha, actual),
+                ("size", expected_size, size),
+                ("size", header_size, size),
+                ("SHA-256", expected_sha256, actual),
+                ("SHA-256", header_sha, actual),
             ):
                 if expected is not None and expected != got:
                     raise ChecksumMismatch(f"{target.name}: expected {what} {expected}, received {got}; not saved", expected, got)

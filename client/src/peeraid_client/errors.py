@@ -84,7 +84,12 @@ class ConfigError(PeeraidError):
 
 
 _BY_STATUS: dict[int, type[PeeraidError]] = {
-    401: AuthenticationError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 422: ValidationError, 429: RateLimited,
+    401: AuthenticationError,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: ValidationError,
+    429: RateLimited,
 }
 _LOCATIONS = {"body", "query", "path", "header"}
 

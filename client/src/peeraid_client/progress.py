@@ -45,7 +45,7 @@ def epoch_text(job: dict[str, Any]) -> str | None:
 
 
 def progress_text(job: dict[str, Any]) -> str:
-    """"done" only for a job that succeeded; "failed at 60%" for one that did not; the fraction while it runs."""
+    """ "done" only for a job that succeeded; "failed at 60%" for one that did not; the fraction while it runs."""
     fraction = (job.get("progress") or {}).get("fraction") or 0.0
     if job["status"] == "succeeded":
         return "done"
@@ -90,7 +90,11 @@ class JobProgressBar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=100, desc=job_id, file=file or sys.stderr, leave=True, bar_format="{percentage:3.0f}%|{bar:20}| {desc}",
+            total=100,
+            desc=job_id,
+            file=file or sys.stderr,
+            leave=True,
+            bar_format="{percentage:3.0f}%|{bar:20}| {desc}",
         )
 
     def update(self, job: dict[str, Any]) -> None:

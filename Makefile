@@ -28,7 +28,7 @@ demo: install
 
 # Robustify a small CNN on the built-in offline digits on CPU and print clean / PGD-20 / AutoAttack accuracy.
 demo-cli: install
-	$(PY) -m core.engine.cli train --preset digits-demo --workdir runs/digits-demo --device cpu
+	$(PY) -m core.engine.cli train --preset digits-demo --workdir runs/digits-demo --device cpu --threads 1
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

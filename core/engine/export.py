@@ -85,7 +85,8 @@ def export_program(model: nn.Module, path: Path, input_shape) -> Path:
         program = torch.export.export(
             model, (_probe(2, seed=1, input_shape=input_shape),), dynamic_shapes=({0: torch.export.Dim("batch")},)
         )
-        torch.export.save(program, str(tmp))
+        with open(tmp, "wb") as f:  # a file object: given a path, torch.export wants it to end in .pt2, and tmp does not
+            torch.export.save(program, f)
         verify_program(tmp, model, input_shape)
 
     atomic_write(path, write)
@@ -116,7 +117,8 @@ def export_onnx(model: nn.Module, path: Path, input_shape) -> Path:
 def verify_program(path: Path, model: nn.Module, input_shape) -> None:
     """Raise ExportError unless the torch.export program reproduces the model's logits at batch 1 and 8."""
     try:
-        loaded = torch.export.load(str(path)).module()
+        with open(path, "rb") as f:
+            loaded = torch.export.load(f).module()
     except Exception as err:
         raise ExportError(f"cannot load torch.export program {path}: {err}") from err
     _compare_logits("torch.export", loaded, _cpu_eval(model), input_shape)

@@ -19,7 +19,7 @@ from .attacks import AutoAttackSet
 from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError
-from .evaluation import final_report, report_keys
+from .evaluation import AUTOATTACK_KEY, final_report, report_keys
 from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
 from .models import create_model
@@ -101,7 +101,8 @@ def run_job(
     test = splits.test
     if ev.n_examples is not None and ev.n_examples < len(test):
         test = test.subset(torch.arange(ev.n_examples))
-    planned = {key: len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
+    aa_images = min(len(test), ev.autoattack_n_examples or len(test))
+    planned = {key: aa_images if key == AUTOATTACK_KEY else len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
     card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device), execution=trainer.execution_report())
     evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "failures": []}
     if ev.autoattack:
@@ -113,7 +114,7 @@ def run_job(
     for key, model in models.items():
         report = final_report(
             model.to(trainer.device), test, name=key, epsilon=spec.epsilon, step_size=spec.attack_step_size,
-            pgd_steps=ev.pgd_steps, run_autoattack=ev.autoattack, batch_size=ev.batch_size,
+            pgd_steps=ev.pgd_steps, run_autoattack=ev.autoattack, autoattack_images=aa_images, batch_size=ev.batch_size,
             device=trainer.device, seed=spec.seed, callbacks=callbacks,
         )
         metrics[key]["test"] = report.metrics

@@ -281,16 +281,18 @@ def _md_versions(card: dict[str, Any]) -> str:
 
 
 def _md_limitations(card: dict[str, Any]) -> str:
-    n = card["dataset"]["test_examples_evaluated"]
+    evaluation = card["evaluation"]
+    counts = sorted(set(evaluation["images"].values()))
     eps = _per255(card["threat_model"]["epsilon"])
     lines = ["## Limitations", ""]
-    if n:
+    if evaluation["status"] in (COMPLETE, INCOMPLETE) and counts:
+        errors = " and ".join(f"{50 / math.sqrt(n):.1f} points with {n} images" for n in counts)
         lines += [
-            f"- Robustness was measured only against {_norm(card)} attacks with ε = {eps}, on at most {n} images of the test split "
+            f"- Robustness was measured only against {_norm(card)} attacks with ε = {eps}, on at most {counts[-1]} images of the test split "
             f"of `{card['dataset']['name']}`. Other threat models (L2, patches, larger ε), corruptions and distribution shift were not evaluated.",
             "- Attack accuracies are upper bounds on the true robust accuracy: a stronger or adaptive attack may lower them "
             "(AutoAttack, where reported, is the most reliable figure).",
-            f"- With {n} test images, each accuracy has a standard error of up to {50 / math.sqrt(n):.1f} percentage points.",
+            f"- Each accuracy has a standard error of up to {errors}.",
         ]
     else:
         lines += ["- Robustness on the test split was not measured; the validation figures come from the per-epoch PGD attack only."]

@@ -146,7 +146,8 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
 
     ev = spec.evaluation
     n_eval = min(ev.n_examples or shape.num_test, shape.num_test)
-    passes = n_eval * (1 + 3 + 3 * ev.pgd_steps + (AUTOATTACK_FORWARDS_PER_IMAGE if ev.autoattack else 0))
+    n_autoattack = min(ev.autoattack_n_examples or n_eval, n_eval) if ev.autoattack else 0
+    passes = n_eval * (1 + 3 + 3 * ev.pgd_steps) + n_autoattack * AUTOATTACK_FORWARDS_PER_IMAGE
     models = 2 if spec.swa else 1
     evaluation = passes * student_flops * models
 

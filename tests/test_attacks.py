@@ -51,7 +51,7 @@ def test_attacks_increase_their_loss(model, batch):
         x_adv = all_attacks(model, x, y, 2 / 255, 10)[name]
         assert F.cross_entropy(model(x_adv), y, reduction="sum") > clean_ce, name
     probs = F.softmax(model(x), 1).detach()
-    kl = lambda x_: F.kl_div(F.log_softmax(model(x_), 1), probs, reduction="sum")  # noqa: E731
+    kl = lambda x_: F.kl_div(F.log_softmax(model(x_), 1), probs, reduction="sum")
     x_adv = kl_attack(model, x, probs, epsilon=EPS, step_size=2 / 255, steps=10)
     x_noise = (x + EPS * torch.sign(torch.randn_like(x))).clamp(0, 1)
     assert kl(x_adv) > 3 * kl(x_noise)

@@ -88,14 +88,20 @@ def test_from_4_classes_the_engine_runs_the_standard_version(num_classes):
 
 def test_the_attack_set_is_named_for_each_class_count():
     assert AutoAttackSet(100).to_dict() == {
-        "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "target_classes": 9, "targeted_loss": "dlr",
+        "version": "standard",
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+        "target_classes": 9,
+        "targeted_loss": "dlr",
         "description": "standard version, L∞: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries)",
     }
     assert AutoAttackSet(10).target_classes == 9 and AutoAttackSet(10).describe().startswith("standard version, L∞: ")
     assert AutoAttackSet(4).describe().startswith("standard version, L∞, with all 3 other classes as targets")
     three = AutoAttackSet(3)
     assert (three.version, three.attacks, three.target_classes) == ("custom", ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"), 2)
-    assert "targeted DLR loss needs 4 classes" in three.describe() and "APGD-T on the targeted cross-entropy loss (2 target classes)" in three.describe()
+    assert (
+        "targeted DLR loss needs 4 classes" in three.describe()
+        and "APGD-T on the targeted cross-entropy loss (2 target classes)" in three.describe()
+    )
     two = AutoAttackSet(2)
     assert (two.attacks, two.target_classes, two.targeted_loss) == (("apgd-ce", "apgd-t", "fab-t", "square"), 1, "ce")
     assert "FAB-T (1 target class)" in two.describe()

@@ -25,11 +25,14 @@ def test_set_wins_over_spec_and_dataset_over_both(tmp_path):
     assert overrides == {"evaluation": {"n_examples": 20, "pgd_steps": 7}, "dataset": "digits"}
 
 
-@pytest.mark.parametrize("value,message", [
-    ('{"epochs": }', "--spec is not valid JSON"),
-    ("[1, 2]", "cannot read [1, 2]"),
-    ("/no/such/spec.json", "cannot read /no/such/spec.json"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ('{"epochs": }', "--spec is not valid JSON"),
+        ("[1, 2]", "cannot read [1, 2]"),
+        ("/no/such/spec.json", "cannot read /no/such/spec.json"),
+    ],
+)
 def test_a_bad_spec_argument_is_named(value, message):
     with pytest.raises(SpecError, match="--spec: " + message.replace("[", r"\[").replace("]", r"\]")):
         job_overrides(value, [], None)

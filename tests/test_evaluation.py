@@ -66,8 +66,20 @@ def test_batched_autoattack_equals_one_pyautoattack_call():
 def test_progress_moves_batch_by_batch_through_every_attack():
     model, dataset = linear_case(4, n=20)
     recorder = Recorder()
-    report = final_report(model, dataset, name="student", epsilon=EPS, step_size=2 / 255, pgd_steps=3, run_autoattack=True, autoattack_images=12,
-                          batch_size=8, device="cpu", seed=0, callbacks=recorder)
+    report = final_report(
+        model,
+        dataset,
+        name="student",
+        epsilon=EPS,
+        step_size=2 / 255,
+        pgd_steps=3,
+        run_autoattack=True,
+        autoattack_images=12,
+        batch_size=8,
+        device="cpu",
+        seed=0,
+        callbacks=recorder,
+    )
     first = [e for e in recorder.events if e.attack == "clean, FGSM, PGD-3"]
     autoattack = [e for e in recorder.events if e.attack == "AutoAttack"]
     assert len(first) + len(autoattack) == len(recorder.events) and {e.model for e in recorder.events} == {"student"}
@@ -84,8 +96,19 @@ def test_a_cancelled_job_stops_between_evaluation_batches():
     model, dataset = linear_case(4, n=20)
     recorder = Recorder(stop_at=2)
     with pytest.raises(TrainingCancelled, match="evaluating the student"):
-        final_report(model, dataset, name="student", epsilon=EPS, step_size=2 / 255, pgd_steps=3, run_autoattack=False,
-                     batch_size=8, device="cpu", seed=0, callbacks=recorder)
+        final_report(
+            model,
+            dataset,
+            name="student",
+            epsilon=EPS,
+            step_size=2 / 255,
+            pgd_steps=3,
+            run_autoattack=False,
+            batch_size=8,
+            device="cpu",
+            seed=0,
+            callbacks=recorder,
+        )
     assert len(recorder.events) == 3
 
 
@@ -121,8 +144,14 @@ def test_a_two_class_model_one_class_dataset_is_not_called_collapsed():
 
 
 def test_a_job_that_learns_nothing_says_so_in_its_result_and_card(tiny_splits, tmp_path):
-    spec = tiny_spec(method="natural", epochs=1, lr=1e-6, lr_decay_epochs=[], swa=False,
-                     evaluation=dict(n_examples=32, autoattack=False, batch_size=64, pgd_steps=1))
+    spec = tiny_spec(
+        method="natural",
+        epochs=1,
+        lr=1e-6,
+        lr_decay_epochs=[],
+        swa=False,
+        evaluation=dict(n_examples=32, autoattack=False, batch_size=64, pgd_steps=1),
+    )
     result = run_job(spec, tiny_splits, tmp_path)
     kinds = {w["kind"] for w in result.warnings}
     assert "chance" in kinds and all(w["model"] == "student" for w in result.warnings)

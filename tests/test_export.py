@@ -174,24 +174,49 @@ def _sample_card():
         "input_shape": [3, 32, 32],
         "input_range": [0.0, 1.0],
         "threat_model": {"norm": "Linf", "epsilon": 8 / 255},
-        "dataset": {"name": "cifar10-sample", "fingerprint": "f00dfeed1234", "train_examples": 45000,
-                    "validation_examples": 5000, "test_examples": 10000, "test_examples_evaluated": 2000,
-                    "protocol": "best epoch selected on 5000 validation images"},
+        "dataset": {
+            "name": "cifar10-sample",
+            "fingerprint": "f00dfeed1234",
+            "train_examples": 45000,
+            "validation_examples": 5000,
+            "test_examples": 10000,
+            "test_examples_evaluated": 2000,
+            "protocol": "best epoch selected on 5000 validation images",
+        },
         "training": {"epochs": 300, "epochs_completed": 300, "stopped": None},
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": {
-            "student": {"best_epoch": 211, "validation": {"clean_acc": 0.8111, "pgd_acc": 0.5122},
-                        "test": {"clean_acc": 0.8233, "fgsm_acc": 0.6344, "pgd50_acc": 0.5455, "autoattack_acc": 0.4966}},
-            "swa_student": {"best_epoch": 277, "validation": {"clean_acc": 0.8377, "pgd_acc": 0.5288},
-                            "test": {"clean_acc": 0.8499, "fgsm_acc": 0.6611, "pgd50_acc": 0.5722, "autoattack_acc": 0.5133}},
+            "student": {
+                "best_epoch": 211,
+                "validation": {"clean_acc": 0.8111, "pgd_acc": 0.5122},
+                "test": {"clean_acc": 0.8233, "fgsm_acc": 0.6344, "pgd50_acc": 0.5455, "autoattack_acc": 0.4966},
+            },
+            "swa_student": {
+                "best_epoch": 277,
+                "validation": {"clean_acc": 0.8377, "pgd_acc": 0.5288},
+                "test": {"clean_acc": 0.8499, "fgsm_acc": 0.6611, "pgd50_acc": 0.5722, "autoattack_acc": 0.5133},
+            },
         },
         "warnings": [],
-        "evaluation": {"status": "complete", "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
-                       "failures": [], "autoattack": AutoAttackSet(30).to_dict()},
-        "exports": {"student_onnx": "ok", "student_pt2": "failed: ExportError: torch.export logits differ",
-                    "swa_student_onnx": "ok", "swa_student_pt2": "ok"},
-        "artifacts": {"student": "student.safetensors", "swa_student": "swa_student.safetensors", "student_onnx": "student.onnx",
-                      "swa_student_onnx": "swa_student.onnx", "swa_student_pt2": "swa_student.pt2"},
+        "evaluation": {
+            "status": "complete",
+            "images": {"clean_acc": 2000, "fgsm_acc": 2000, "pgd50_acc": 2000, "autoattack_acc": 2000},
+            "failures": [],
+            "autoattack": AutoAttackSet(30).to_dict(),
+        },
+        "exports": {
+            "student_onnx": "ok",
+            "student_pt2": "failed: ExportError: torch.export logits differ",
+            "swa_student_onnx": "ok",
+            "swa_student_pt2": "ok",
+        },
+        "artifacts": {
+            "student": "student.safetensors",
+            "swa_student": "swa_student.safetensors",
+            "student_onnx": "student.onnx",
+            "swa_student_onnx": "swa_student.onnx",
+            "swa_student_pt2": "swa_student.pt2",
+        },
         "history": [],
         "device": "cuda:0",
         "library_versions": {"python": "3.11.7", "torch": "2.14.1", "onnxruntime": "1.32.0"},
@@ -237,8 +262,14 @@ def test_markdown_card_without_autoattack_says_so_and_writes_odd_epsilons_over_2
 def test_markdown_card_puts_warnings_first_with_what_to_try():
     card = _sample_card()
     assert "## Warnings" not in model_card_markdown(card)
-    card["warnings"] = [{"model": "student", "kind": "chance", "message": "the student is at chance: 10.0% clean accuracy",
-                         "advice": "train for more epochs"}]
+    card["warnings"] = [
+        {
+            "model": "student",
+            "kind": "chance",
+            "message": "the student is at chance: 10.0% clean accuracy",
+            "advice": "train for more epochs",
+        }
+    ]
     md = model_card_markdown(card)
     assert md.index("## Warnings") < md.index("## Intended use")
     assert "- **Warning**: the student is at chance: 10.0% clean accuracy." in md and "What to try: train for more epochs." in md
@@ -257,7 +288,11 @@ def test_job_ships_verified_onnx_and_programs_of_both_students_and_a_markdown_ca
     exported = {f"{model}_{fmt}" for model in ("student", "swa_student") for fmt in ("onnx", "pt2")}
     assert set(artifacts) == {"student", "swa_student", "peer", "model_card_markdown", "model_card", *exported}
     assert all(p.exists() and p.name == ARTIFACTS[name].file_name for name, p in artifacts.items())
-    assert [artifacts[n].name for n in ("student_onnx", "student_pt2", "swa_student_pt2")] == ["student.onnx", "student.pt2", "swa_student.pt2"]
+    assert [artifacts[n].name for n in ("student_onnx", "student_pt2", "swa_student_pt2")] == [
+        "student.onnx",
+        "student.pt2",
+        "swa_student.pt2",
+    ]
 
     card = json.loads(artifacts["model_card"].read_text())
     assert card["exports"] == dict.fromkeys(sorted(exported), "ok") == result.model_card["exports"]

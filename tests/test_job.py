@@ -63,8 +63,12 @@ def test_a_failing_attack_is_recorded_and_the_job_keeps_its_models_and_other_met
 
 
 def test_autoattack_can_run_on_fewer_images_and_the_report_says_how_many(tiny_splits, tmp_path):
-    spec = tiny_spec(epochs=1, lr_decay_epochs=[], swa=False,
-                     evaluation=dict(n_examples=16, autoattack=True, autoattack_n_examples=4, batch_size=64, pgd_steps=2))
+    spec = tiny_spec(
+        epochs=1,
+        lr_decay_epochs=[],
+        swa=False,
+        evaluation=dict(n_examples=16, autoattack=True, autoattack_n_examples=4, batch_size=64, pgd_steps=2),
+    )
     result = run_job(spec, tiny_splits, tmp_path)
     assert result.evaluation["images"] == {"clean_acc": 16, "fgsm_acc": 16, "pgd2_acc": 16, "autoattack_acc": 4}
     assert result.report["student"]["test"]["autoattack_acc"] * 4 in range(5)
@@ -132,9 +136,11 @@ def test_peeraid_student_is_clearly_more_robust_than_natural_training(peeraid_ru
     robust = peeraid_run[1].report["student"]["test"]
     natural = natural_run[1].report["student"]["test"]
     images = peeraid_run[1].evaluation["images"]
-    print(f"\nPGD-20 accuracy on {images['pgd20_acc']} digits test images at eps=8/255: PeerAiD student {robust['pgd20_acc']:.1%} "
-          f"(clean {robust['clean_acc']:.1%}), naturally trained {natural['pgd20_acc']:.1%} (clean {natural['clean_acc']:.1%}); "
-          f"AutoAttack on {images['autoattack_acc']}: {robust['autoattack_acc']:.1%} and {natural['autoattack_acc']:.1%}")
+    print(
+        f"\nPGD-20 accuracy on {images['pgd20_acc']} digits test images at eps=8/255: PeerAiD student {robust['pgd20_acc']:.1%} "
+        f"(clean {robust['clean_acc']:.1%}), naturally trained {natural['pgd20_acc']:.1%} (clean {natural['clean_acc']:.1%}); "
+        f"AutoAttack on {images['autoattack_acc']}: {robust['autoattack_acc']:.1%} and {natural['autoattack_acc']:.1%}"
+    )
     assert robust["pgd20_acc"] >= natural["pgd20_acc"] + 0.15
     assert robust["autoattack_acc"] >= natural["autoattack_acc"] + 0.10
     assert robust["clean_acc"] >= 0.6
@@ -149,7 +155,9 @@ def test_report_covers_student_and_swa_student(peeraid_run, digits):
         assert set(m["test"]) == {"clean_acc", "fgsm_acc", "pgd20_acc", "autoattack_acc"}
         assert m["test"]["pgd20_acc"] <= m["test"]["clean_acc"]
         model, _ = load_model(result.artifacts[key])
-        pgd_on_autoattack_images = accuracies(model, digits.test.subset(torch.arange(50)), {"pgd": pgd_attack(spec.epsilon, 2 / 255, 20)})["pgd"]
+        pgd_on_autoattack_images = accuracies(model, digits.test.subset(torch.arange(50)), {"pgd": pgd_attack(spec.epsilon, 2 / 255, 20)})[
+            "pgd"
+        ]
         assert m["test"]["autoattack_acc"] <= pgd_on_autoattack_images + 0.02
         assert 1 <= m["best_epoch"] <= spec.epochs
     assert result.report["swa_student"]["best_epoch"] > spec.resolved_swa_start  # 1-based: epoch swa_start + 1 is the first averaged
@@ -170,13 +178,13 @@ def test_model_card_records_what_a_user_needs(peeraid_run, digits):
 
 @pytest.mark.slow
 def test_exported_weights_are_safetensors_that_reproduce_the_reported_accuracy(peeraid_run, digits):
-    spec, result = peeraid_run
+    _, result = peeraid_run
     path = result.artifacts["student"]
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         assert json.loads(f.read(header_len))  # a safetensors header, not a pickle
     with safe_open(str(path), framework="pt") as f:
-        assert "conv1.weight" in f.keys()
+        assert "conv1.weight" in f.keys()  # noqa: SIM118 (a safetensors file, not a dict)
     model, meta = load_model(path)
     assert meta["architecture"] == "small_cnn" and meta["classes"] == digits.classes
     clean = accuracies(model, digits.test, {"clean": None})["clean"]
@@ -202,10 +210,27 @@ def test_autoattack_through_the_engine_equals_pyautoattack_directly(peeraid_run,
 @pytest.mark.slow
 def test_command_line_runs_a_job_and_prints_the_report(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "core.engine.cli", "train", "--preset", "digits-demo", "--workdir", str(tmp_path),
-         "--set", "epochs=2", "--set", "lr_decay_epochs=[1]", "--set", "evaluation.n_examples=20",
-         "--set", "attack_steps=2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "core.engine.cli",
+            "train",
+            "--preset",
+            "digits-demo",
+            "--workdir",
+            str(tmp_path),
+            "--set",
+            "epochs=2",
+            "--set",
+            "lr_decay_epochs=[1]",
+            "--set",
+            "evaluation.n_examples=20",
+            "--set",
+            "attack_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     assert "Clean" in out.stdout and "PGD-20" in out.stdout and "AutoAttack" in out.stdout
@@ -218,6 +243,8 @@ def test_command_line_runs_a_job_and_prints_the_report(tmp_path):
 def test_command_line_names_a_bad_field(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "core.engine.cli", "train", "--preset", "digits-demo", "--set", "epsilon=3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2 and "epsilon" in out.stderr and "0.5" in out.stderr

@@ -74,9 +74,7 @@ def kl_attack(
     target_probs = target_probs.detach()
     x_adv = x + init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype)
     for _ in range(steps):
-        step = _ascend(
-            model, x_adv, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
-        )
+        step = _ascend(model, x_adv, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum"))
         x_adv = project(x_adv.detach() + step_size * step, x, epsilon)
     return x_adv.detach()
 
@@ -131,8 +129,13 @@ class AutoAttackSet:
         targets = f"{t} target class{'es' if t > 1 else ''}"
         apgd_t = f"APGD-T ({targets})" if self.targeted_loss == "dlr" else f"APGD-T on the targeted cross-entropy loss ({targets})"
         listed = ", ".join(
-            {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": apgd_t, "fab-t": f"FAB-T ({targets})",
-             "square": f"Square ({SQUARE_QUERIES} queries)"}[a]
+            {
+                "apgd-ce": "APGD-CE",
+                "apgd-dlr": "APGD-DLR",
+                "apgd-t": apgd_t,
+                "fab-t": f"FAB-T ({targets})",
+                "square": f"Square ({SQUARE_QUERIES} queries)",
+            }[a]
             for a in self.attacks
         )
         if self.num_classes > STANDARD_TARGET_CLASSES:
@@ -143,8 +146,13 @@ class AutoAttackSet:
         return f"adapted to {self.num_classes} classes ({needs}), L∞: {listed}"
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "attacks": list(self.attacks), "target_classes": self.target_classes,
-                "targeted_loss": self.targeted_loss, "description": self.describe()}
+        return {
+            "version": self.version,
+            "attacks": list(self.attacks),
+            "target_classes": self.target_classes,
+            "targeted_loss": self.targeted_loss,
+            "description": self.describe(),
+        }
 
 
 # pyautoattack's class-count check warns that the DLR losses need more classes whenever APGD-T runs,
@@ -158,7 +166,9 @@ def autoattack(model: nn.Module, attack_set: AutoAttackSet, *, epsilon: float, d
     if attack_set.version == "standard":
         adversary = AutoAttack(model, norm="Linf", eps=epsilon, version="standard", device=device, seed=seed)
     else:
-        adversary = AutoAttack(model, attacks=list(attack_set.attacks), norm="Linf", eps=epsilon, version="custom", device=device, seed=seed)
+        adversary = AutoAttack(
+            model, attacks=list(attack_set.attacks), norm="Linf", eps=epsilon, version="custom", device=device, seed=seed
+        )
         adversary.logger = _ADAPTED_LOG
         adversary.apgd_targeted = _TargetedCrossEntropyAPGD(
             model, n_restarts=1, n_iter=100, eps=epsilon, norm="Linf", eot_iter=1, rho=0.75, seed=seed, device=device, logger=_ADAPTED_LOG

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 from .errors import DatasetError, SpecError
 from .evaluation import metric_label
 from .job import JobResult, run_job
 from .models import list_models
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec, merge_overrides
-from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 
 
 def read_spec(value: str) -> dict[str, Any]:
@@ -72,7 +72,10 @@ class ProgressBar(TrainingCallbacks):
         if self.bar is None or self.bar.desc != f"epoch {p.epoch}/{p.epochs}":
             self._close()
             self.bar = tqdm(
-                total=p.steps_per_epoch, desc=f"epoch {p.epoch}/{p.epochs}", file=self.file, leave=False,
+                total=p.steps_per_epoch,
+                desc=f"epoch {p.epoch}/{p.epochs}",
+                file=self.file,
+                leave=False,
                 bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
             )
         self.bar.update(p.step - self.bar.n)
@@ -89,8 +92,13 @@ class ProgressBar(TrainingCallbacks):
         desc = f"{p.model}: {p.attack}"
         if self.bar is None or self.bar.desc != desc:
             self._close()
-            self.bar = tqdm(total=p.batches, desc=desc, file=self.file, leave=False,
-                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} batches [{elapsed}<{remaining}{postfix}]")
+            self.bar = tqdm(
+                total=p.batches,
+                desc=desc,
+                file=self.file,
+                leave=False,
+                bar_format="{desc} {bar} {n_fmt}/{total_fmt} batches [{elapsed}<{remaining}{postfix}]",
+            )
         self.bar.update(p.batch - self.bar.n)
         if p.accuracy_so_far is not None:
             self.bar.set_postfix({"robust accuracy so far": f"{p.accuracy_so_far:.1%}"})
@@ -125,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = build_spec(args.preset, job_overrides(args.spec, args.set or [], args.dataset))
-    splits = load_splits(spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed, selection=spec.selection)
+    splits = load_splits(
+        spec.dataset, data_root=Path(args.data_root), val_fraction=spec.val_fraction, seed=spec.seed, selection=spec.selection
+    )
     print(
         f"{spec.method}: {spec.student} student"
         + (f", {spec.peer_architecture} peer" if spec.peer_architecture else "")
@@ -163,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--workdir", default="runs/local", help="checkpoints and artifacts; an existing checkpoint is resumed")
     train.add_argument("--data-root", default="data", help="where CIFAR/TinyImageNet live or are downloaded to")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    train.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: one per core); on a machine "
-                       "busy with other work, 1 is often several times faster than more")
+    train.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: one per core); on a machine "
+        "busy with other work, 1 is often several times faster than more",
+    )
     train.set_defaults(func=cmd_train)
     listing = sub.add_parser("list", help="list presets, architectures or built-in datasets")
     listing.add_argument("what", choices=["presets", "architectures", "datasets"])

@@ -8,8 +8,8 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def report_keys(pgd_steps: int, autoattack: bool) -> list[str]:
 
 
 def metric_label(key: str) -> str:
-    """"PGD-20" for pgd20_acc; "Clean", "FGSM", "AutoAttack"; the key itself when unknown."""
+    """ "PGD-20" for pgd20_acc; "Clean", "FGSM", "AutoAttack"; the key itself when unknown."""
     fixed = {CLEAN_KEY: "Clean", FGSM_KEY: "FGSM", AUTOATTACK_KEY: "AutoAttack", VALIDATION_PGD_KEY: "PGD"}
     if key in fixed:
         return fixed[key]
@@ -102,8 +102,11 @@ def validation_metrics(
 ) -> dict[str, float]:
     """The per-epoch model-selection metrics: clean and PGD-`steps` accuracy (CE, uniform random start)."""
     return accuracies(
-        model, dataset, {CLEAN_KEY: None, VALIDATION_PGD_KEY: pgd_attack(epsilon, step_size, steps)},
-        batch_size=batch_size, device=device,
+        model,
+        dataset,
+        {CLEAN_KEY: None, VALIDATION_PGD_KEY: pgd_attack(epsilon, step_size, steps)},
+        batch_size=batch_size,
+        device=device,
     )
 
 
@@ -192,10 +195,16 @@ def final_report(
     attacks = {CLEAN_KEY: None, FGSM_KEY: fgsm_attack(epsilon), pgd_name: pgd_attack(epsilon, step_size, pgd_steps)}
     try:
         progress = _Progress(callbacks, name, first_pass, math.ceil(len(test) / batch_size))
-        report.metrics.update(accuracies(
-            model, test, attacks, batch_size=batch_size, device=device,
-            on_batch=lambda batch, batches, so_far: progress(batch, batches, so_far[pgd_name]),
-        ))
+        report.metrics.update(
+            accuracies(
+                model,
+                test,
+                attacks,
+                batch_size=batch_size,
+                device=device,
+                on_batch=lambda batch, batches, so_far: progress(batch, batches, so_far[pgd_name]),
+            )
+        )
         report.warnings = outcome_warnings(name, model, test, batch_size=batch_size, device=device)
     except TrainingCancelled:
         raise
@@ -244,17 +253,25 @@ def outcome_warnings(name: str, model: nn.Module, test: ImageDataset, *, batch_s
     margin = CHANCE_STANDARD_ERRORS * math.sqrt(chance * (1 - chance) / n)
     warnings = []
     if correct / n <= chance + margin:
-        warnings.append({
-            "model": name, "kind": "chance", "advice": ADVICE,
-            "message": f"the {name} is at chance: {correct / n:.1%} clean accuracy on {n} test images, where guessing "
-                       f"among {num_classes} classes gets {chance:.1%} (± {margin:.1%} with {n} images)",
-        })
+        warnings.append(
+            {
+                "model": name,
+                "kind": "chance",
+                "advice": ADVICE,
+                "message": f"the {name} is at chance: {correct / n:.1%} clean accuracy on {n} test images, where guessing "
+                f"among {num_classes} classes gets {chance:.1%} (± {margin:.1%} with {n} images)",
+            }
+        )
     top = int(predictions.argmax())
     share, label_share = predictions[top].item() / n, (test.labels == top).float().mean().item()
     if share >= SINGLE_CLASS_SHARE and share > label_share:
-        warnings.append({
-            "model": name, "kind": "single_class", "advice": ADVICE,
-            "message": f"the {name} predicts class '{test.classes[top]}' for {share:.0%} of the {n} test images "
-                       f"({label_share:.0%} of them belong to it)",
-        })
+        warnings.append(
+            {
+                "model": name,
+                "kind": "single_class",
+                "advice": ADVICE,
+                "message": f"the {name} predicts class '{test.classes[top]}' for {share:.0%} of the {n} test images "
+                f"({label_share:.0%} of them belong to it)",
+            }
+        )
     return warnings

@@ -50,9 +50,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     tensors, meta = load_tensors(path)
     if meta.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(f"{path} is not a weights file of this service (format {meta.get('format')!r})")
-    model = create_model(
-        meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"]
-    )
+    model = create_model(meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), meta
 
@@ -104,8 +102,13 @@ def export_onnx(model: nn.Module, path: Path, input_shape) -> Path:
             # Should a torch release drop it, use dynamo=True with onnxscript and
             # dynamic_shapes={"x": {0: torch.export.Dim("batch")}} instead of dynamic_axes.
             torch.onnx.export(
-                model, (_probe(1, seed=1, input_shape=input_shape),), str(tmp), dynamo=False,
-                input_names=["input"], output_names=["logits"], opset_version=ONNX_OPSET,
+                model,
+                (_probe(1, seed=1, input_shape=input_shape),),
+                str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                opset_version=ONNX_OPSET,
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         verify_onnx(tmp, model, input_shape)
@@ -137,7 +140,7 @@ def verify_onnx(path: Path, model: nn.Module, input_shape) -> None:
     names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
     if names != (["input"], ["logits"]):
         raise ExportError(f"ONNX file {path} has inputs/outputs {names}, expected ['input'] and ['logits']")
-    run = lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])  # noqa: E731
+    run = lambda x: torch.from_numpy(session.run(["logits"], {"input": x.numpy()})[0])
     _compare_logits("ONNX", run, _cpu_eval(model), input_shape)
 
 
@@ -164,7 +167,9 @@ def _probe(batch: int, *, seed: int, input_shape) -> torch.Tensor:
 def _cpu_eval(model: nn.Module) -> nn.Module:
     """The model in eval mode on the CPU in fp32; a copy unless it already is, so the caller's model is untouched."""
     tensors = list(model.parameters()) + list(model.buffers())
-    if not any(m.training for m in model.modules()) and all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+    if not any(m.training for m in model.modules()) and all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors
+    ):
         return model
     return copy.deepcopy(model).to("cpu", torch.float32).eval()
 

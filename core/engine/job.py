@@ -113,9 +113,18 @@ def run_job(
     warnings: list[dict[str, str]] = []
     for key, model in models.items():
         report = final_report(
-            model.to(trainer.device), test, name=key, epsilon=spec.epsilon, step_size=spec.attack_step_size,
-            pgd_steps=ev.pgd_steps, run_autoattack=ev.autoattack, autoattack_images=aa_images, batch_size=ev.batch_size,
-            device=trainer.device, seed=spec.seed, callbacks=callbacks,
+            model.to(trainer.device),
+            test,
+            name=key,
+            epsilon=spec.epsilon,
+            step_size=spec.attack_step_size,
+            pgd_steps=ev.pgd_steps,
+            run_autoattack=ev.autoattack,
+            autoattack_images=aa_images,
+            batch_size=ev.batch_size,
+            device=trainer.device,
+            seed=spec.seed,
+            callbacks=callbacks,
         )
         metrics[key]["test"] = report.metrics
         evaluation["failures"] += [{"model": key, "attack": attack, "error": _sentence(err)} for attack, err in report.failures.items()]
@@ -154,8 +163,9 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
         if best_key in meta:
             metrics[key] = {"best_epoch": meta[best_key]["epoch"], "validation": meta[best_key]["metrics"], "test": {}}
     evaluation = {"status": NOT_RUN, "images": {}, "failures": []}
-    _write_cards(out_dir, spec, splits, artifacts, {}, metrics=metrics, evaluation=evaluation,
-                 history=meta["history"], device=None, stopped=stopped)
+    _write_cards(
+        out_dir, spec, splits, artifacts, {}, metrics=metrics, evaluation=evaluation, history=meta["history"], device=None, stopped=stopped
+    )
     return artifacts
 
 
@@ -167,8 +177,9 @@ def _build(architecture: str, model_kwargs: dict[str, Any], state: dict[str, tor
 
 def _save(model: nn.Module, out_dir: Path, key: str, architecture: str, splits: DatasetSplits) -> Path:
     path = out_dir / ARTIFACTS[key].file_name
-    save_weights(model, path, architecture=architecture, num_classes=len(splits.classes),
-                 input_shape=splits.input_shape, classes=splits.classes)
+    save_weights(
+        model, path, architecture=architecture, num_classes=len(splits.classes), input_shape=splits.input_shape, classes=splits.classes
+    )
     return path
 
 

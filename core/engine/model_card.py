@@ -45,7 +45,7 @@ def build_model_card(
     training ended early, if it did."""
     n_evaluated = max(evaluation.get("images", {}).values(), default=0)
     return {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "method": spec.method,
         "architecture": {"student": spec.student, "peer": spec.peer_architecture},
         "classes": splits.classes,
@@ -90,7 +90,17 @@ def write_model_card_markdown(path: Path, card: dict[str, Any]) -> None:
 
 def model_card_markdown(card: dict[str, Any]) -> str:
     """A human-readable model card for the JSON card `build_model_card` builds; deterministic."""
-    sections = (_md_title, _md_warnings, _md_intended_use, _md_loading, _md_results, _md_training, _md_dataset, _md_versions, _md_limitations)
+    sections = (
+        _md_title,
+        _md_warnings,
+        _md_intended_use,
+        _md_loading,
+        _md_results,
+        _md_training,
+        _md_dataset,
+        _md_versions,
+        _md_limitations,
+    )
     return "\n\n".join(text for text in (section(card) for section in sections) if text) + "\n"
 
 
@@ -107,9 +117,9 @@ def _md_title(card: dict[str, Any]) -> str:
 def _md_warnings(card: dict[str, Any]) -> str:
     if not card["warnings"]:
         return ""
-    lines = ["## Warnings", ""] + [f"- **Warning**: {w['message']}." for w in card["warnings"]]
     advice = dict.fromkeys(w["advice"] for w in card["warnings"])
-    return "\n".join(lines + ["", *(f"What to try: {a}." for a in advice)])
+    warnings = [f"- **Warning**: {w['message']}." for w in card["warnings"]]
+    return "\n".join(["## Warnings", "", *warnings, "", *(f"What to try: {a}." for a in advice)])
 
 
 def _md_intended_use(card: dict[str, Any]) -> str:
@@ -118,17 +128,19 @@ def _md_intended_use(card: dict[str, Any]) -> str:
     if len(classes) > MAX_LISTED_CLASSES:
         listed += f", … ({len(classes) - MAX_LISTED_CLASSES} more)"
     low, high = card["input_range"]
-    return "\n".join([
-        "## Intended use and threat model",
-        "",
-        f"- **Task**: classify images from the distribution of `{card['dataset']['name']}` into {len(classes)} classes: {listed}.",
-        f"- **Input**: float32 tensor N×{_shape(card)} (N×C×H×W), pixel values in [{low:g}, {high:g}], "
-        "no mean/std normalisation (the network takes raw scaled pixels).",
-        f"- **Output**: {len(classes)} logits per image, in the class order above.",
-        f"- **Threat model**: {_norm(card)} perturbations of radius ε = {_per255(eps)} (≈ {eps:.4f}) on [{low:g}, {high:g}] inputs.",
-        "- **Intended use**: classification where small adversarial perturbations within that budget are a concern, "
-        "and research on adversarial robustness.",
-    ])
+    return "\n".join(
+        [
+            "## Intended use and threat model",
+            "",
+            f"- **Task**: classify images from the distribution of `{card['dataset']['name']}` into {len(classes)} classes: {listed}.",
+            f"- **Input**: float32 tensor N×{_shape(card)} (N×C×H×W), pixel values in [{low:g}, {high:g}], "
+            "no mean/std normalisation (the network takes raw scaled pixels).",
+            f"- **Output**: {len(classes)} logits per image, in the class order above.",
+            f"- **Threat model**: {_norm(card)} perturbations of radius ε = {_per255(eps)} (≈ {eps:.4f}) on [{low:g}, {high:g}] inputs.",
+            "- **Intended use**: classification where small adversarial perturbations within that budget are a concern, "
+            "and research on adversarial robustness.",
+        ]
+    )
 
 
 _LOADING_SNIPPETS = {
@@ -181,11 +193,16 @@ def _md_results(card: dict[str, Any]) -> str:
     lines = ["## Results", ""]
     status = evaluation["status"]
     if status == NOT_RUN:
-        lines += [f"Not evaluated on the test set: {card['training']['stopped']}. The validation results below "
-                  "are those of the epochs that finished.", ""]
+        lines += [
+            f"Not evaluated on the test set: {card['training']['stopped']}. The validation results below "
+            "are those of the epochs that finished.",
+            "",
+        ]
     elif status == PENDING:
-        lines += ["The test-set evaluation had not finished when this card was written; "
-                  "the validation results below selected the models.", ""]
+        lines += [
+            "The test-set evaluation had not finished when this card was written; the validation results below selected the models.",
+            "",
+        ]
     else:
         images = evaluation["images"]
         counts = ", ".join(f"{metric_label(key)} {n}" for key, n in images.items())
@@ -200,8 +217,11 @@ def _md_results(card: dict[str, Any]) -> str:
         else:
             lines += ["", "AutoAttack was not run."]
         for failure in evaluation.get("failures", []):
-            lines += ["", f"Not evaluated: {failure['attack']} on the {MODEL_LABELS.get(failure['model'], failure['model']).lower()} "
-                          f"failed ({failure['error']})."]
+            lines += [
+                "",
+                f"Not evaluated: {failure['attack']} on the {MODEL_LABELS.get(failure['model'], failure['model']).lower()} "
+                f"failed ({failure['error']}).",
+            ]
         lines += [""]
     validation_keys = list(dict.fromkeys(k for m in metrics.values() for k in m["validation"]))
     lines += [
@@ -245,8 +265,13 @@ def _md_training(card: dict[str, Any]) -> str:
     ]
     if hp["method"] == "peeraid":
         w = hp["peeraid"]
-        rows.append(("PeerAiD weights", f"τ = {w['tau']:g}, γ1 = {w['gamma1']:g}, γ2 = {w['gamma2']:g}, τp = {w['tau_peer']:g}, "
-                                         f"λ1 = {w['lambda1']:g}, λ2 = {w['lambda2']:g}, λ3 = {w['lambda3']:g}"))
+        rows.append(
+            (
+                "PeerAiD weights",
+                f"τ = {w['tau']:g}, γ1 = {w['gamma1']:g}, γ2 = {w['gamma2']:g}, τp = {w['tau_peer']:g}, "
+                f"λ1 = {w['lambda1']:g}, λ2 = {w['lambda2']:g}, λ3 = {w['lambda3']:g}",
+            )
+        )
     if hp["method"] == "trades":
         rows.append(("TRADES β", f"{hp['trades_beta']:g}"))
     swa_start = hp["swa_start"] if hp.get("swa_start") is not None else "the first LR decay epoch"
@@ -288,16 +313,19 @@ def _md_limitations(card: dict[str, Any]) -> str:
     if evaluation["status"] in (COMPLETE, INCOMPLETE) and counts:
         errors = " and ".join(f"{50 / math.sqrt(n):.1f} points with {n} images" for n in counts)
         lines += [
-            f"- Robustness was measured only against {_norm(card)} attacks with ε = {eps}, on at most {counts[-1]} images of the test split "
-            f"of `{card['dataset']['name']}`. Other threat models (L2, patches, larger ε), corruptions and distribution shift were not evaluated.",
+            f"- Robustness was measured only against {_norm(card)} attacks with ε = {eps}, on at most {counts[-1]} images of "
+            f"the test split of `{card['dataset']['name']}`. Other threat models (L2, patches, larger ε), corruptions and "
+            "distribution shift were not evaluated.",
             "- Attack accuracies are upper bounds on the true robust accuracy: a stronger or adaptive attack may lower them "
             "(AutoAttack, where reported, is the most reliable figure).",
             f"- Each accuracy has a standard error of up to {errors}.",
         ]
     else:
         lines += ["- Robustness on the test split was not measured; the validation figures come from the per-epoch PGD attack only."]
-    lines.append(f"- Inputs must be scaled to [0, 1] at C×H×W = {_shape(card)}; changes made before that scaling (resizing, compression) "
-                 "are outside the threat model.")
+    lines.append(
+        f"- Inputs must be scaled to [0, 1] at C×H×W = {_shape(card)}; changes made before that scaling (resizing, compression) "
+        "are outside the threat model."
+    )
     return "\n".join(lines)
 
 

@@ -34,3 +34,14 @@ def tiny_spec(**overrides):
 
 # The real service stacks (API + Celery worker; embedded and PostgreSQL + Redis), shared by tests/service and tests/client.
 from tests.stack import digits_npz_bytes, stack  # noqa: E402, F401
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), the tests of one service stack run in one worker, so each
+    worker starts one stack, not both; the heavy tests of the two backends then run side by side."""
+    for item in items:
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
+        if backend is not None:
+            item.add_marker(pytest.mark.xdist_group(backend))
+        elif item.path.name in ("test_quickstart.py", "test_schemathesis.py"):
+            item.add_marker(pytest.mark.xdist_group("embedded"))  # stacks of their own on SQLite: beside the others' PostgreSQL

@@ -93,7 +93,7 @@ def run_job(
     models = {key: _build(spec.student, trainer.model_kwargs, b.state) for key, b in best.items() if b.state is not None}
     metrics = {key: {"best_epoch": best[key].epoch, "validation": best[key].metrics, "test": {}} for key in models}
     artifacts = {key: _save(models[key], out_dir, key, spec.student, splits) for key in models}
-    if trainer.nets.peer is not None:
+    if trainer.nets.peer is not None and spec.peer_architecture:
         artifacts["peer"] = _save(trainer.nets.peer, out_dir, "peer", spec.peer_architecture, splits)
     exports = _export_portable(models, out_dir, splits.input_shape, artifacts)
 

@@ -186,3 +186,17 @@ def test_admission_refuses_what_breaks_a_limit_naming_it(app, new_client, settin
     assert client.get("/v1/jobs").json()["total"] == 0
     plan = client.post("/v1/jobs/preflight", json={"preset": "digits-demo"}).json()
     assert not plan["admitted"] and plan["device"] == "cpu"
+
+
+def test_the_client_sdk_and_cli_dry_run(new_client, app, settings, capsys):
+    """The SDK's preflight_job and `peeraid jobs submit --dry-run` over this in-process app."""
+    from peeraid_client import Client
+    from peeraid_client.cli import print_preflight
+
+    http = new_client()
+    with Client("http://testserver", http.headers["authorization"].split()[1], transport=http._transport) as sdk:
+        plan = sdk.preflight_job(preset="digits-demo", spec={"epochs": 3})
+    assert plan["admitted"] and plan["spec"]["epochs"] == 3
+    assert print_preflight(plan) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("admitted: peeraid with a small_cnn student on 'digits', 3 epochs") and "h100" in out and "cpu" in out

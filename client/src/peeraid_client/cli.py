@@ -229,6 +229,8 @@ def cmd_datasets_delete(client: Client, args: argparse.Namespace) -> int:
 def cmd_jobs_submit(client: Client, args: argparse.Namespace) -> int:
     spec = read_spec_file(args.spec) if args.spec else {}
     spec = merge(spec, parse_assignments(args.set or []))
+    if args.dry_run:
+        return print_preflight(client.preflight_job(preset=args.preset, dataset=args.dataset, spec=spec))
     job = client.submit_job(preset=args.preset, dataset=args.dataset, spec=spec, idempotency_key=args.idempotency_key)
     print(job["id"], flush=True)
     s = job["spec"]
@@ -237,6 +239,24 @@ def cmd_jobs_submit(client: Client, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return watch(client, job["id"]) if args.watch else 0
+
+
+def print_preflight(plan: dict[str, Any]) -> int:
+    s, e = plan["spec"], plan["estimate"]
+    print(
+        f"{'admitted' if plan['admitted'] else 'would be refused'}: {s.get('method')} with a {s.get('student')} student on "
+        f"'{plan['dataset']}', {s.get('epochs')} epochs, batch {s.get('batch_size')}"
+    )
+    hours = ", ".join(f"{device} {format_duration(h * 3600)}" for device, h in e["hours"].items())
+    print(
+        f"estimate: {hours} (limits checked on {plan['device']}); memory {format_bytes(e['memory_bytes'])} at this batch size; "
+        f"{format_count(e['student_parameters'])} student parameters"
+    )
+    for warning in e["warnings"]:
+        print(f"warning: {warning}")
+    for refusal in plan["refusals"]:
+        print(f"refused: {refusal['field']}: {refusal['message']}", file=sys.stderr)
+    return 0 if plan["admitted"] else 1
 
 
 def watch(client: Client, job_id: str) -> int:
@@ -349,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a spec field, JSON where it parses: epochs=30, peeraid.tau=3")
     p.add_argument("--idempotency-key", help="reuse to make a retried submit return the same job (default: a fresh one)")
     p.add_argument("--watch", action="store_true", help="follow it until it finishes; exit 0 only if it succeeded")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check and estimate it without submitting: resolved spec, hours per device class, memory, refusals",
+    )
     p = command(jobs, "list", cmd_jobs_list, "your jobs, newest first")
     p.add_argument("--status", choices=JOB_STATUSES)
     p.add_argument("--limit", type=int, default=50)

@@ -223,6 +223,16 @@ class Client:
         key = idempotency_key or str(uuid.uuid4())
         return self._json("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, retry=True)
 
+    def preflight_job(self, preset: str | None = None, dataset: str | None = None, spec: JSON | None = None) -> JSON:
+        """What submit_job would do, without submitting: {"admitted", "spec" (resolved), "estimate" (memory,
+        hours per device class, warnings), "refusals" [{field, message}]}."""
+        body: JSON = {"spec": spec or {}}
+        if preset is not None:
+            body["preset"] = preset
+        if dataset is not None:
+            body["dataset"] = dataset
+        return self._json("POST", "/v1/jobs/preflight", json=body, retry=True)
+
     def list_jobs(self, status: str | None = None, limit: int = 50, offset: int = 0) -> JSON:
         """One page, newest first: {"items": [...], "total", "limit", "offset"}."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}

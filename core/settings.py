@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     allow_downloads: bool = Field(True, description="let workers download CIFAR through torchvision")
 
     worker_device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    worker_threads: int | None = Field(
+        None, ge=1, description="CPU threads a job may use (default: PyTorch's, one per core); on a shared CPU host 1 is often far faster"
+    )
     heartbeat_interval: float = Field(5.0, description="seconds between a running job's heartbeats")
     heartbeat_timeout: float = Field(60.0, description="a running job without a heartbeat for this long is re-queued")
     requeue_after: float = Field(300.0, description="a queued job untouched this long has its message sent again")

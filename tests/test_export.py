@@ -349,3 +349,31 @@ def test_every_architecture_exports_to_onnx_and_torch_export(name, tmp_path):
 def test_library_versions_name_the_export_runtimes():
     versions = library_versions()
     assert versions["onnx"] == onnx.__version__ and versions["onnxruntime"] == onnxruntime.__version__
+
+
+def test_the_markdown_card_renders_hostile_names_as_text(tmp_path):
+    """Class and dataset names come from users' archives: in the Markdown card they are text, never markup or HTML."""
+    from markdown_it import MarkdownIt
+
+    from core.engine.model_card import _code, _text
+
+    hostile = ["a` <img src=x onerror=alert(1)> `b", "two\nlines", "[link](javascript:alert(1))", "**bold**", "``double``"]
+    html = MarkdownIt().render(" ".join([_text(h) for h in hostile] + [_code(h) for h in hostile]))
+    assert "<img" not in html and "<a " not in html and "<strong>" not in html
+    for name in hostile:
+        rendered_code = MarkdownIt().render(_code(name))
+        assert rendered_code.count("<code>") == 1, (name, rendered_code)  # one code span, nothing escaping it
+
+
+def test_a_whole_markdown_card_with_hostile_class_and_dataset_names_has_no_markup_from_them():
+    from markdown_it import MarkdownIt
+
+    card = _sample_card()
+    card["classes"] = ["cat` <img src=x onerror=alert(1)> `", "dog\n# heading", "[x](javascript:alert(1))"]
+    card["dataset"]["name"] = "<script>alert(1)</script>.zip"
+    card["warnings"] = [
+        {"model": "student", "kind": "one_class", "message": "predicts class '<b>cat</b>' for 99%", "advice": "check labels"}
+    ]
+    html = MarkdownIt().render(model_card_markdown(card))
+    assert "<img" not in html and "<script>" not in html and "<b>" not in html and 'href="javascript' not in html
+    assert "<h1>dog" not in html

@@ -18,6 +18,10 @@ def run_job(job_id: str) -> str:
 
     settings = get_settings()
     limit_memory(settings)
+    if settings.worker_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker_threads)
     with job_context(job_id):
         return run(settings, job_id)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +105,28 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     return "\n\n".join(text for text in (section(card) for section in sections) if text) + "\n"
 
 
+def _code(text: Any) -> str:
+    """`text` as an inline code span nothing in it can close: control characters (line breaks) become spaces,
+    and the fence is one backtick longer than the longest run of backticks inside (CommonMark)."""
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _text(text: Any) -> str:
+    """`text` (a user's names: classes, datasets) as plain Markdown text within a line: the characters that
+    could start inline markup or HTML escaped, line breaks as spaces (so no line-start markup can begin)."""
+    return re.sub(r"([\\`*_\[\]<>&~|])", r"\\\1", re.sub(r"[\x00-\x1f\x7f]", " ", str(text)))
+
+
 def _md_title(card: dict[str, Any]) -> str:
     arch, data = card["architecture"], card["dataset"]
     peer = f" with a `{arch['peer']}` peer" if arch.get("peer") else ""
     return (
-        f"# {arch['student']} trained with {_method(card)} on {data['name']}\n\n"
+        f"# {arch['student']} trained with {_method(card)} on {_text(data['name'])}\n\n"
         f"An adversarially trained image classifier: a `{arch['student']}` student trained with {_method(card)}{peer} "
-        f"on the dataset `{data['name']}`. Created {card['created']}."
+        f"on the dataset {_code(data['name'])}. Created {card['created']}."
     )
 
 
@@ -118,13 +134,13 @@ def _md_warnings(card: dict[str, Any]) -> str:
     if not card["warnings"]:
         return ""
     advice = dict.fromkeys(w["advice"] for w in card["warnings"])
-    warnings = [f"- **Warning**: {w['message']}." for w in card["warnings"]]
-    return "\n".join(["## Warnings", "", *warnings, "", *(f"What to try: {a}." for a in advice)])
+    warnings = [f"- **Warning**: {_text(w['message'])}." for w in card["warnings"]]
+    return "\n".join(["## Warnings", "", *warnings, "", *(f"What to try: {_text(a)}." for a in advice)])
 
 
 def _md_intended_use(card: dict[str, Any]) -> str:
     classes, eps = card["classes"], card["threat_model"]["epsilon"]
-    listed = ", ".join(f"`{c}`" for c in classes[:MAX_LISTED_CLASSES])
+    listed = ", ".join(_code(c) for c in classes[:MAX_LISTED_CLASSES])
     if len(classes) > MAX_LISTED_CLASSES:
         listed += f", … ({len(classes) - MAX_LISTED_CLASSES} more)"
     low, high = card["input_range"]
@@ -132,7 +148,7 @@ def _md_intended_use(card: dict[str, Any]) -> str:
         [
             "## Intended use and threat model",
             "",
-            f"- **Task**: classify images from the distribution of `{card['dataset']['name']}` into {len(classes)} classes: {listed}.",
+            f"- **Task**: classify images from the distribution of {_code(card['dataset']['name'])} into {len(classes)} classes: {listed}.",
             f"- **Input**: float32 tensor N×{_shape(card)} (N×C×H×W), pixel values in [{low:g}, {high:g}], "
             "no mean/std normalisation (the network takes raw scaled pixels).",
             f"- **Output**: {len(classes)} logits per image, in the class order above.",
@@ -290,7 +306,7 @@ def _md_dataset(card: dict[str, Any]) -> str:
     lines = [
         "## Dataset",
         "",
-        f"- **Name**: `{d['name']}`",
+        f"- **Name**: {_code(d['name'])}",
         f"- **Fingerprint**: `{d['fingerprint']}`",
         f"- **Splits**: {d['train_examples']} training, {d['validation_examples']} validation, {d['test_examples']} test "
         f"images ({d['test_examples_evaluated']} test images evaluated)",
@@ -314,7 +330,7 @@ def _md_limitations(card: dict[str, Any]) -> str:
         errors = " and ".join(f"{50 / math.sqrt(n):.1f} points with {n} images" for n in counts)
         lines += [
             f"- Robustness was measured only against {_norm(card)} attacks with ε = {eps}, on at most {counts[-1]} images of "
-            f"the test split of `{card['dataset']['name']}`. Other threat models (L2, patches, larger ε), corruptions and "
+            f"the test split of {_code(card['dataset']['name'])}. Other threat models (L2, patches, larger ε), corruptions and "
             "distribution shift were not evaluated.",
             "- Attack accuracies are upper bounds on the true robust accuracy: a stronger or adaptive attack may lower them "
             "(AutoAttack, where reported, is the most reliable figure).",

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from peeraid_models import create_model
 
 from bench.train_step import VARIANTS, measure_epoch, measure_step, sync
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint, split_validation
@@ -40,7 +41,6 @@ from core.engine.evaluation import accuracies, pgd_attack
 from core.engine.execution import Execution, StepRunner
 from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
-from core.engine.models import create_model
 from core.engine.sources import load_digits
 from core.engine.spec import build_spec
 from core.engine.trainer import Trainer

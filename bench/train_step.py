@@ -24,12 +24,12 @@ import time
 from dataclasses import replace
 
 import torch
+from peeraid_models import create_model
 
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint
 from core.engine.execution import Execution, StepRunner
 from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
-from core.engine.models import create_model
 
 VARIANTS = {
     "reference": (Execution("tf32", False, False), 2),

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from peeraid_models import create_model
 
 from core.engine.attacks import fgsm, kl_attack, pgd
-from core.engine.models import create_model
 
 EPS = 8 / 255
 

@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
+from peeraid_models import create_model
 
 from core.engine.errors import SpecError
 from core.engine.execution import Execution, StepRunner
 from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
-from core.engine.models import create_model
 
 W = PAPER_WEIGHTS["cifar100"]
 

@@ -8,6 +8,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from peeraid_models import create_model, list_models
 from torch import nn
 
 from core.engine import job as job_module
@@ -23,7 +24,6 @@ from core.engine.export import (
 )
 from core.engine.job import ARTIFACTS, run_job
 from core.engine.model_card import model_card_markdown
-from core.engine.models import create_model, list_models
 from core.engine.spec import build_spec
 
 from .conftest import tiny_spec

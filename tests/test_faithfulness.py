@@ -110,7 +110,7 @@ def test_per_epoch_validation_runs_in_eval_mode(tiny_splits, tmp_path):
 
 def test_validation_and_final_report_leave_batchnorm_alone_and_the_mode_as_found(tiny_splits):
     torch.manual_seed(0)
-    from core.engine.models import create_model
+    from peeraid_models import create_model
 
     model = create_model("small_cnn", num_classes=10, in_channels=1).train()
     before = batchnorm_state(model)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from core.engine.models import create_model
-from core.engine.models.wide_resnet import WideResNet
+from peeraid_models import create_model
+from peeraid_models.wide_resnet import WideResNet
 
 from .test_models import _mobilenetv2_layout, _preact_layout, _random_state_dict, _resnet_layout, _wrn_layout
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from core.engine.errors import DatasetError, EngineError
-from core.engine.models import (
+from peeraid_models import (
     ArchitectureError,
     ArchitectureInfo,
+    InputTooSmallError,
     UnknownArchitectureError,
     create_model,
     get_model_info,
@@ -81,12 +81,14 @@ def test_both_sides_of_the_minimum_input_size(name):
     info = get_model_info(name)
     info.check_input_size(size, size + 7)
     for height, width in ((size - 1, size - 1), (size, size - 1), (size - 1, 64)):
-        with pytest.raises(DatasetError, match=f"{name} needs inputs of at least {size}×{size}"):
+        with pytest.raises(InputTooSmallError, match=f"{name} needs inputs of at least {size}×{size}") as e:
             info.check_input_size(height, width)
+        assert (e.value.architecture, e.value.min_size, e.value.height, e.value.width) == (name, size, height, width)
 
 
 def test_trainer_refuses_images_smaller_than_an_architecture_needs(tiny_splits, tmp_path):
     from core.engine.datasets import DatasetSplits, ImageDataset
+    from core.engine.errors import DatasetError
     from core.engine.trainer import Trainer
 
     from .conftest import tiny_spec
@@ -286,7 +288,7 @@ def test_unknown_name():
         create_model("resnet19", num_classes=10)
     msg = str(e.value)
     assert "resnet19" in msg and "resnet18" in msg and "wrn34_10" in msg
-    assert isinstance(e.value, ValueError) and isinstance(e.value, EngineError)
+    assert isinstance(e.value, ArchitectureError) and isinstance(e.value, ValueError)
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ import pytest
 
 import torch
 import torch.nn.functional as F
+from peeraid_models import create_model
 from torch import nn
 
 from core.engine.losses import PeerAiDWeights
 from core.engine.methods import AttackSettings, Networks, PeerAiD
-from core.engine.models import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. .mean. divides")  # the script uses the legacy reduction
 

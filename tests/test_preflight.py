@@ -3,9 +3,9 @@ built-in shapes as the sources load them."""
 
 import pytest
 import torch
+from peeraid_models import create_model
 
 from core.engine.errors import DatasetError
-from core.engine.models import create_model
 from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, preflight, step_flops
 from core.engine.sources import load_digits
 from core.engine.spec import build_spec

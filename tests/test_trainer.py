@@ -162,7 +162,8 @@ def test_baselines_train_under_the_same_interface(tiny_splits, tmp_path, method)
 
 
 def test_batchnorm_recalibration_restores_mode_and_momenta_even_when_a_batch_fails():
-    from core.engine.models import create_model
+    from peeraid_models import create_model
+
     from core.engine.trainer import recalibrate_batchnorm
 
     model = create_model("small_cnn", num_classes=3, in_channels=1).eval()

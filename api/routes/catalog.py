@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import cache
 
 from fastapi import APIRouter
+from peeraid_models import list_models
 
-from core.engine.models import list_models
 from core.engine.spec import PRESETS
 
 from ..deps import TenantDep

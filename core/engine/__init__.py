@@ -8,11 +8,12 @@ and nothing of the service: the API, the workers, the benchmarks and notebooks s
     result = run_job(spec, load_splits(spec.dataset, val_fraction=spec.val_fraction), "runs/demo")
 """
 
+from peeraid_models import create_model, list_models
+
 from .sources import load_splits
 from .export import load_model
 from .errors import EngineError
 from .job import run_job
-from .models import create_model, list_models
 from .spec import PRESETS, JobSpec, build_spec
 
 __all__ = ["EngineError", "JobSpec", "PRESETS", "build_spec", "create_model", "list_models", "load_model", "load_splits", "run_job"]

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peeraid_models import list_models
 from tqdm import tqdm
 
 from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 from .errors import DatasetError, SpecError
 from .evaluation import metric_label
 from .job import JobResult, run_job
-from .models import list_models
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec, merge_overrides
 

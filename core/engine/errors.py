@@ -18,14 +18,6 @@ class SpecError(EngineError, ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors))
 
 
-class ArchitectureError(EngineError, ValueError):
-    """A network cannot be built as asked: bad num_classes or in_channels, or a broken registration."""
-
-
-class UnknownArchitectureError(ArchitectureError):
-    """No architecture is registered under the requested name."""
-
-
 class DatasetError(EngineError, ValueError):
     """A dataset could not be loaded; the message names the file, folder or field at fault."""
 

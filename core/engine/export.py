@@ -16,14 +16,13 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import peeraid_models
 import torch
 from torch import nn
 
 from .errors import CheckpointError, ExportError
-from .models import create_model
-from .state_io import atomic_write, load_tensors, save_tensors
+from .state_io import atomic_write, save_tensors
 
-WEIGHTS_FORMAT = "peeraid-service/weights-v1"
 ONNX_OPSET = 17
 VERIFY_ATOL = 1e-4  # max |logit difference| allowed between an export and the fp32 PyTorch model
 VERIFY_BATCH_SIZES = (1, 8)
@@ -35,7 +34,7 @@ def save_weights(model: nn.Module, path: Path, *, architecture: str, num_classes
         path,
         model.state_dict(),
         {
-            "format": WEIGHTS_FORMAT,
+            "format": peeraid_models.WEIGHTS_FORMAT,
             "architecture": architecture,
             "num_classes": num_classes,
             "in_channels": in_channels,
@@ -46,13 +45,12 @@ def save_weights(model: nn.Module, path: Path, *, architecture: str, num_classes
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network a weights file describes and load it (strict), in eval mode."""
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise CheckpointError(f"{path} is not a weights file of this service (format {meta.get('format')!r})")
-    model = create_model(meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"])
-    model.load_state_dict(tensors, strict=True)
-    return model.to(device).eval(), meta
+    """Rebuild the network a weights file describes and load it (strict), in eval mode: `peeraid_models.load_model`,
+    whose errors, and a file that cannot be read, are the engine's CheckpointError."""
+    try:
+        return peeraid_models.load_model(path, device)
+    except (peeraid_models.WeightsError, OSError) as err:
+        raise CheckpointError(f"cannot load {path}: {err}") from err
 
 
 def library_versions() -> dict[str, str]:

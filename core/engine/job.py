@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peeraid_models import create_model
 from torch import nn
 
 from .attacks import AutoAttackSet
@@ -22,7 +23,6 @@ from .errors import CheckpointError
 from .evaluation import AUTOATTACK_KEY, final_report, report_keys
 from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
-from .models import create_model
 from .spec import JobSpec, build_spec
 from .state_io import load_tensors, unprefixed
 from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_NAME, Trainer

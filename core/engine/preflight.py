@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from peeraid_models import InputTooSmallError, create_model, get_model_info
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DatasetError
-from .models import create_model, get_model_info
 from .spec import JobSpec
 
 AUTOATTACK_FORWARDS_PER_IMAGE = 3000  # APGD-CE/T, FAB-T and Square on a robust point: ~thousands of passes
@@ -123,7 +123,16 @@ def check_fits(spec: JobSpec, shape: DataShape) -> None:
     if shape.num_classes < 2:
         raise DatasetError(f"the dataset has {shape.num_classes} class; a classifier needs at least 2")
     for architecture in filter(None, (spec.student, spec.peer_architecture)):
-        get_model_info(architecture).check_input_size(shape.height, shape.width)
+        check_input_size(architecture, shape.height, shape.width)
+
+
+def check_input_size(architecture: str, height: int, width: int) -> None:
+    """The models package's InputTooSmallError as the engine's DatasetError: the data does not fit the spec
+    (the API answers 422, the worker and the CLI report a dataset error)."""
+    try:
+        get_model_info(architecture).check_input_size(height, width)
+    except InputTooSmallError as err:
+        raise DatasetError(str(err)) from err
 
 
 def preflight(spec: JobSpec, shape: DataShape) -> Estimate:

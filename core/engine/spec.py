@@ -6,11 +6,11 @@ import copy
 import math
 from typing import Any, Literal
 
+from peeraid_models import list_models
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 from .losses import PAPER_WEIGHTS, PeerAiDWeights
-from .models import list_models
 
 METHODS = ("peeraid", "pgd_at", "trades", "natural")
 

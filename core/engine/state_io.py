@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peeraid_models.weights import METADATA_KEY
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .faults import fault_point
 
-METADATA_KEY = "peeraid"
 TEMP_SUFFIX = ".tmp"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peeraid_models import create_model
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -24,7 +25,7 @@ from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
-from .models import create_model, get_model_info
+from .preflight import check_input_size
 from .spec import JobSpec, build_spec
 from .state_io import (
     load_optimizer_state,
@@ -133,7 +134,7 @@ class Trainer:
         in_channels, height, width = splits.input_shape
         for architecture in (spec.student, spec.peer_architecture if self.method.uses_peer else None):
             if architecture is not None:
-                get_model_info(architecture).check_input_size(height, width)
+                check_input_size(architecture, height, width)
         self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels)
         torch.manual_seed(spec.seed)
         student = create_model(spec.student, **self.model_kwargs).to(self.device)

@@ -5,14 +5,14 @@ its last feature map adaptively, so it takes any input at least `min_input_size`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, DatasetError, UnknownArchitectureError
+from .errors import ArchitectureError, InputTooSmallError, UnknownArchitectureError
 
 Factory = Callable[[int, int], nn.Module]
 _LARGEST_MINIMUM_SEARCHED = 256
@@ -50,10 +50,9 @@ class ArchitectureInfo:
         return sum(p.numel() for p in model.parameters())
 
     def check_input_size(self, height: int, width: int) -> None:
-        """Raise DatasetError if images of height × width are too small for this architecture."""
+        """Raise InputTooSmallError if images of height × width are too small for this architecture."""
         if min(height, width) < self.min_input_size:
-            m = self.min_input_size
-            raise DatasetError(f"{self.name} needs inputs of at least {m}×{m}; the images are {height}×{width}")
+            raise InputTooSmallError(self.name, self.min_input_size, height, width)
 
 
 _REGISTRY: dict[str, ArchitectureInfo] = {}
@@ -77,9 +76,7 @@ def get_model_info(name: str) -> ArchitectureInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownArchitectureError(
-            f"unknown architecture {name!r}; known architectures: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise UnknownArchitectureError(f"unknown architecture {name!r}; known architectures: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def _check_int(arg: str, value: object, minimum: int) -> None:

@@ -27,6 +27,8 @@ class SmallCNN(nn.Module):
         return self.linear(out)
 
 
-@register_model("small_cnn", description="Small 3-layer CNN (16-32-64 channels, 24k parameters) for CPU tests and demos", family="small_cnn")
+@register_model(
+    "small_cnn", description="Small 3-layer CNN (16-32-64 channels, 24k parameters) for CPU tests and demos", family="small_cnn"
+)
 def small_cnn(num_classes: int, in_channels: int) -> nn.Module:
     return SmallCNN(num_classes, in_channels)

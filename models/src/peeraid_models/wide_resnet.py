@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ArchitectureError
+from .errors import ArchitectureError
 from .registry import register_model
 
 
@@ -20,8 +20,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.equal_in_out = in_planes == out_planes
         self.convShortcut = (
-            None if self.equal_in_out
-            else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
         )
 
     def forward(self, x):

@@ -128,7 +128,7 @@ def test_a_failing_cuda_graph_falls_back_to_eager_steps(runner_class, phase, cap
 
     def run(make_runner):
         torch.manual_seed(0)
-        student = create_model("resnet18", num_classes=5)
+        student = create_model("small_cnn", num_classes=5)
         peer = create_model("small_cnn", num_classes=5)
         sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
         runner = make_runner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), Networks(student, sgd(student), peer, sgd(peer)))

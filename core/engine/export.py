@@ -50,7 +50,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Modul
     try:
         return peeraid_models.load_model(path, device)
     except (peeraid_models.WeightsError, OSError) as err:
-        raise CheckpointError(f"cannot load {path}: {err}") from err
+        raise CheckpointError(str(err)) from err  # each message names the file
 
 
 def library_versions() -> dict[str, str]:

@@ -142,12 +142,14 @@ def _check_back_to_back(header: dict[str, Any], body_size: int, where: str) -> N
 
 
 def decode_little_endian(raw: torch.Tensor, dtype: torch.dtype, shape: list[int], byteorder: str = sys.byteorder) -> torch.Tensor:
-    """Little-endian bytes (a uint8 tensor) as a tensor of dtype and shape: a view of them where alignment and byte order allow."""
+    """Little-endian bytes (a uint8 tensor) as a tensor of dtype and shape, in memory of its own: views of one
+    buffer would share a version counter, so autograd would take an in-place update of one (BatchNorm's running
+    statistics) for a change to every weight, and a view as another dtype needs an aligned offset."""
     if byteorder == "big" and dtype.itemsize > 1:
-        raw = raw.reshape(-1, dtype.itemsize).flip(1).reshape(-1)  # a copy, in this host's order
-    elif raw.storage_offset() % dtype.itemsize:
-        raw = raw.clone()  # view(dtype) needs an offset that is a multiple of the item size
-    return raw.view(dtype).reshape(shape)
+        own = raw.reshape(-1, dtype.itemsize).flip(1).reshape(-1)  # a copy, in this host's byte order
+    else:
+        own = raw.clone()
+    return own.view(dtype).reshape(shape)
 
 
 def _service_metadata(metadata: dict[str, str], where: str) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def _service_metadata(metadata: dict[str, str], where: str) -> dict[str, Any]:
         raise WeightsError(f"{where} is not a weights file of the PeerAiD service (format {found!r}, expected {WEIGHTS_FORMAT!r})")
     for key, kind in METADATA_FIELDS.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise WeightsError(f"{where}: its metadata's {key} must be a {kind.__name__}, got {meta.get(key)!r}")
+            raise WeightsError(f"{where}: its metadata's {key} should be of type {kind.__name__}, got {meta.get(key)!r}")
     classes = meta["classes"]
     if len(classes) != meta["num_classes"] or not all(isinstance(c, str) for c in classes):
         raise WeightsError(f"{where}: its metadata names {len(classes)} classes for {meta['num_classes']} outputs")

@@ -7,13 +7,14 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 peeraid
 
 COPY pyproject.toml README.md alembic.ini ./
+COPY models models
 COPY core core
 COPY api api
 COPY worker worker
 COPY service service
 COPY bench bench
 COPY migrations migrations
-RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[service]"
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ./models ".[service]"
 
 USER peeraid
 ENV PEERAID_DATA_DIR=/data PEERAID_API_HOST=0.0.0.0

@@ -5,14 +5,14 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | sha1sum | cut -c1-12)
+INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml models/pyproject.toml | sha1sum | cut -c1-12)
 
 .PHONY: install run demo demo-cli test clean gpu-wheels gpu-check
 
-$(INSTALLED): pyproject.toml client/pyproject.toml
+$(INSTALLED): pyproject.toml client/pyproject.toml models/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[service,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ./models -e ".[service,dev]"
 	$(PY) -m pip install -q --disable-pip-version-check -e ./client
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -58,4 +58,4 @@ gpu-check:
 	$(GPU_PY) -c 'import pydantic, pyautoattack' 2>/dev/null || \
 		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
 	mkdir -p $(dir $(GPU_CHECK_JSON))
-	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --json $(GPU_CHECK_JSON)
+	PYTHONPATH=$(GPU_SITE):models/src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check --json $(GPU_CHECK_JSON)

@@ -55,7 +55,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[nn.Module], num_blocks: list[int], num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, block: type[BasicBlock | Bottleneck], num_blocks: list[int], num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -24,12 +24,8 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x):
-        if self.equal_in_out:
-            out = F.relu(self.bn1(x))
-            shortcut = x
-        else:
-            out = F.relu(self.bn1(x))
-            shortcut = self.convShortcut(out)
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.convShortcut is None else self.convShortcut(out)
         out = F.relu(self.bn2(self.conv1(out)))
         return shortcut + self.conv2(out)
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from peeraid_models import (
     ArchitectureError,
     ArchitectureInfo,
@@ -13,8 +12,15 @@ from peeraid_models import (
 )
 
 NAMES = {
-    "resnet18", "resnet34", "resnet50", "preactresnet18",
-    "wrn28_10", "wrn34_10", "wrn70_16", "mobilenetv2", "small_cnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "preactresnet18",
+    "wrn28_10",
+    "wrn34_10",
+    "wrn70_16",
+    "mobilenetv2",
+    "small_cnn",
 }
 BIG = ["resnet50", "wrn28_10", "wrn34_10", "wrn70_16"]
 SMALL = sorted(NAMES - set(BIG))
@@ -27,7 +33,7 @@ def _check_forward_backward(model, num_classes, in_channels, size, batch=2):
     out = model(x)
     assert out.shape == (batch, num_classes)
     assert torch.isfinite(out).all()
-    grad, = torch.autograd.grad(out.logsumexp(1).sum() - out[:, 0].sum(), x)
+    (grad,) = torch.autograd.grad(out.logsumexp(1).sum() - out[:, 0].sum(), x)
     assert torch.isfinite(grad).all()
     assert grad.abs().sum() > 0
 
@@ -56,13 +62,20 @@ def test_small_models_forward_backward(name, num_classes, in_channels, size):
 # BatchNorm in train mode needs more than one value per channel, so the deepest feature map,
 # ceil(size / downsampling) on a side, must be at least 2 pixels.
 DOWNSAMPLING = {
-    "resnet18": 8, "resnet34": 8, "resnet50": 8, "preactresnet18": 8, "mobilenetv2": 8,
-    "wrn28_10": 4, "wrn34_10": 4, "wrn70_16": 4, "small_cnn": 4,
+    "resnet18": 8,
+    "resnet34": 8,
+    "resnet50": 8,
+    "preactresnet18": 8,
+    "mobilenetv2": 8,
+    "wrn28_10": 4,
+    "wrn34_10": 4,
+    "wrn70_16": 4,
+    "small_cnn": 4,
 }
 
 
 def test_min_input_size_follows_the_strides():
-    assert MIN_SIZE == {name: factor + 1 for name, factor in DOWNSAMPLING.items()}
+    assert {name: factor + 1 for name, factor in DOWNSAMPLING.items()} == MIN_SIZE
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
@@ -93,7 +106,7 @@ def test_trainer_refuses_images_smaller_than_an_architecture_needs(tiny_splits, 
 
     from .conftest import tiny_spec
 
-    crop = lambda d: ImageDataset(d.images[:, :, :8, :8].contiguous(), d.labels, d.classes)  # noqa: E731
+    crop = lambda d: ImageDataset(d.images[:, :, :8, :8].contiguous(), d.labels, d.classes)
     small = DatasetSplits("digits-8px", crop(tiny_splits.train), crop(tiny_splits.val), crop(tiny_splits.test), "x")
     Trainer(tiny_spec(), small, workdir=tmp_path / "small_cnn")  # 8 ≥ 5
     with pytest.raises(DatasetError, match="resnet18 needs inputs of at least 9×9; the images are 8×8"):
@@ -109,6 +122,7 @@ def test_num_params():
 
 # ---- the authors' checkpoint layout, written out independently of the implementation ----
 
+
 def _bn(sd, prefix, c):
     sd[f"{prefix}.weight"] = (c,)
     sd[f"{prefix}.bias"] = (c,)
@@ -122,7 +136,7 @@ def _resnet_layout(blocks, bottleneck, num_classes, in_channels):
     _bn(sd, "bn1", 64)
     expansion = 4 if bottleneck else 1
     cin = 64
-    for li, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)), 1):
+    for li, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2), strict=True), 1):
         for b in range(n):
             s = stride if b == 0 else 1
             p = f"layer{li}.{b}"
@@ -151,7 +165,7 @@ def _resnet_layout(blocks, bottleneck, num_classes, in_channels):
 def _preact_layout(num_classes, in_channels):
     sd = {"conv1.weight": (64, in_channels, 3, 3)}
     cin = 64
-    for li, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), 1):
+    for li, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), strict=True), 1):
         for b in range(2):
             s = stride if b == 0 else 1
             p = f"layer{li}.{b}"
@@ -171,7 +185,7 @@ def _wrn_layout(depth, k, num_classes, in_channels):
     n = (depth - 4) // 6
     sd = {"conv1.weight": (16, in_channels, 3, 3)}
     cin = 16
-    for g, (cout, stride) in enumerate(zip((16 * k, 32 * k, 64 * k), (1, 2, 2)), 1):
+    for g, cout in enumerate((16 * k, 32 * k, 64 * k), 1):  # the stride changes no shape
         for b in range(n):
             p = f"block{g}.layer.{b}"
             _bn(sd, f"{p}.bn1", cin)
@@ -230,7 +244,7 @@ def _random_state_dict(layout, seed):
             fan_in = 1
             for d in shape[1:]:
                 fan_in *= d
-            sd[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+            sd[key] = torch.randn(shape, generator=g) / fan_in**0.5
     return sd
 
 
@@ -282,6 +296,7 @@ def test_authors_state_dict_loads_strict(name, num_classes, in_channels, layout)
 
 
 # ---- arguments ----
+
 
 def test_unknown_name():
     with pytest.raises(UnknownArchitectureError) as e:

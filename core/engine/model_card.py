@@ -183,7 +183,7 @@ def _md_loading(card: dict[str, Any]) -> str:
             f"PyTorch, from the safetensors weights (`{weights[0]}`{others}):",
             "",
             "```python",
-            "from core.engine import load_model",
+            "from peeraid_models import load_model  # pip install ./models, from the service's repository (PyTorch alone)",
             f'model, meta = load_model("{weights[0]}")  # eval mode; meta["classes"] names the outputs',
             f"logits = model(x)  # x: float32 N×{_shape(card)} in [0, 1]",
             "```",

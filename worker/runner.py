@@ -23,7 +23,7 @@ from core.engine.errors import (
 )
 from core.engine.job import JobResult, export_checkpoint_student, run_job
 from core.engine.sources import load_splits
-from core.engine.spec import JobSpec
+from core.engine.spec import build_spec
 from core.settings import Settings
 from core.storage import Storage, sha256_file
 
@@ -90,7 +90,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
     storage = Storage(settings.data_dir)
     splits = None
     try:
-        spec = JobSpec.model_validate(job.spec)
+        spec = build_spec(None, job.spec)  # a stored spec that no longer validates is a SpecError, said as such
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
         source, resize = _dataset_source(db, storage, spec.dataset)
         splits = load_splits(

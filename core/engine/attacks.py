@@ -37,13 +37,12 @@ def pgd(
     steps: int,
     random_start: bool = True,
 ) -> torch.Tensor:
-    """PGD-k on cross-entropy with a uniform random start in the ε-ball (Madry et al.)."""
+    """PGD-k on cross-entropy with a uniform random start in the ε-ball (Madry et al.). As the authors'
+    LinfPGDAttack, the start itself is not clipped to [0, 1]; every step's result is."""
     x = x.detach()
     # noise drawn in logical (NCHW) order, so the same seed gives the same start in any memory format
     noise = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     x_adv = x + noise.uniform_(-epsilon, epsilon) if random_start and steps > 0 else x
-    if random_start and steps > 0:
-        x_adv = x_adv.clamp(0, 1)
     for _ in range(steps):
         step = _ascend(model, x_adv, lambda logits: F.cross_entropy(logits, y))
         x_adv = project(x_adv.detach() + step_size * step, x, epsilon)

@@ -62,7 +62,13 @@ def build_model_card(
             "test_examples_evaluated": n_evaluated,
             "protocol": splits.protocol,
         },
-        "training": {"epochs": spec.epochs, "epochs_completed": len(history), "stopped": stopped},
+        "training": {
+            "epochs": spec.epochs,
+            "epochs_completed": len(history),
+            "stopped": stopped,
+            "lr_decay_epochs": spec.decay_epochs,  # as epochs, where the spec gives fractions of training
+            "swa_start": spec.resolved_swa_start if spec.swa else None,
+        },
         "hyperparameters": spec.model_dump(mode="json"),
         "metrics": metrics,
         "warnings": list(warnings or []),
@@ -275,7 +281,7 @@ def _md_training(card: dict[str, Any]) -> str:
         ("Batch size", hp["batch_size"]),
         ("Optimiser", f"SGD, momentum {hp['momentum']:g}, weight decay {hp['weight_decay']:g}"),
         ("Learning rate", f"{hp['lr']:g}" + (f" (peer {hp['peer_lr']:g})" if hp.get("peer_lr") else "")),
-        ("LR schedule", f"step, ×{hp['lr_decay_factor']:g} at `lr_decay_epochs` = {hp['lr_decay_epochs']}"),
+        ("LR schedule", f"step, ×{hp['lr_decay_factor']:g} after epochs {training.get('lr_decay_epochs', hp['lr_decay_epochs'])}"),
         ("Training attack", f"PGD, ε = {_per255(eps)}, step α = {_per255(hp['attack_step_size'])}, K = {hp['attack_steps']} steps"),
         ("Validation attack (per epoch)", f"PGD-{hp['eval_pgd_steps']}"),
     ]
@@ -290,9 +296,9 @@ def _md_training(card: dict[str, Any]) -> str:
         )
     if hp["method"] == "trades":
         rows.append(("TRADES β", f"{hp['trades_beta']:g}"))
-    swa_start = hp["swa_start"] if hp.get("swa_start") is not None else "the first LR decay epoch"
+    swa_start = training.get("swa_start", hp.get("swa_start"))
     rows += [
-        ("SWA student", f"averaged from `swa_start` = {swa_start}" if hp["swa"] else "off"),
+        ("SWA student", f"averaged after epoch {swa_start}" if hp["swa"] else "off"),
         ("Augmentation", f"random crop (padding {hp['crop_padding']}) + horizontal flip" if hp["augment"] else "none"),
         ("Validation fraction", f"{hp['val_fraction']:g}"),
         ("Seed", hp["seed"]),

@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml models/pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run demo demo-cli test clean gpu-wheels gpu-check
+.PHONY: install run demo demo-cli test test-fast lint clean gpu-wheels gpu-check
 
 $(INSTALLED): pyproject.toml client/pyproject.toml models/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,19 @@ demo: install
 demo-cli: install
 	$(PY) -m core.engine.cli train --preset digits-demo --workdir runs/digits-demo --device cpu --threads 1
 
-test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Lint, type check, and every test: the unit and in-process API tiers, then the real stacks (API and Celery
+# worker processes on SQLite and on PostgreSQL + Redis), two pytest workers, one stack each.
+test: install lint
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The quick tier: engine units and the API in process (TestClient), no servers, no long training.
+test-fast: install
+	$(PY) -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf runs var .pytest_cache

@@ -29,8 +29,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from peeraid_models import create_model
@@ -54,15 +55,46 @@ SPEED_TARGETS = {"tf32-graph": 2.0, "bf16-graph": 3.0}
 def sizes(gpu: bool) -> dict[str, Any]:
     """Full sizes on a GPU; tiny ones on a CPU, so that the whole run stays well under a minute there."""
     if gpu:
-        return dict(arch="resnet18", bench_archs=["resnet18", "wrn34_10"], batch=128, classes=100, size=32, steps=20,
-                    warmup=5, compare_steps=12, train_images=None, image_size=32, epochs=15, attack_steps=10,
-                    eval_steps=10, report_steps=20, epoch_images=10_000, epoch_val_images=2_000)
-    return dict(arch="small_cnn", bench_archs=["small_cnn"], batch=16, classes=10, size=32, steps=2, warmup=1,
-                compare_steps=3, train_images=160, image_size=16, epochs=2, attack_steps=2, eval_steps=2,
-                report_steps=2, epoch_images=64, epoch_val_images=16)
+        return dict(
+            arch="resnet18",
+            bench_archs=["resnet18", "wrn34_10"],
+            batch=128,
+            classes=100,
+            size=32,
+            steps=20,
+            warmup=5,
+            compare_steps=12,
+            train_images=None,
+            image_size=32,
+            epochs=15,
+            attack_steps=10,
+            eval_steps=10,
+            report_steps=20,
+            epoch_images=10_000,
+            epoch_val_images=2_000,
+        )
+    return dict(
+        arch="small_cnn",
+        bench_archs=["small_cnn"],
+        batch=16,
+        classes=10,
+        size=32,
+        steps=2,
+        warmup=1,
+        compare_steps=3,
+        train_images=160,
+        image_size=16,
+        epochs=2,
+        attack_steps=2,
+        eval_steps=2,
+        report_steps=2,
+        epoch_images=64,
+        epoch_val_images=16,
+    )
 
 
 # ---- graph against eager ----
+
 
 def run_steps(execution: Execution, arch: str, device: torch.device, s: dict) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """N PeerAiD steps from a fixed start on fixed batches; the student's start and end, and the runner's report."""
@@ -71,7 +103,7 @@ def run_steps(execution: Execution, arch: str, device: torch.device, s: dict) ->
     student = create_model(arch, num_classes=s["classes"]).to(device)
     peer = create_model(arch, num_classes=s["classes"]).to(device)
     start = {k: v.detach().clone() for k, v in student.named_parameters()}
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     method = PeerAiD(AttackSettings(8 / 255, 2 / 255, s["attack_steps"]), PAPER_WEIGHTS["cifar100"])
     runner = StepRunner(method, Networks(student, sgd(student), peer, sgd(peer)), execution, device)
     g = torch.Generator().manual_seed(1)
@@ -97,8 +129,12 @@ def check_graph_vs_eager(precision: str, device: torch.device, s: dict) -> dict:
     worst = max(diffs, key=diffs.get)
     tolerance = GRAPH_TOLERANCE[precision]
     result = {
-        "steps": s["compare_steps"], "architecture": s["arch"], "tolerance": tolerance,
-        "max_relative_difference": diffs[worst], "worst_tensor": worst, "graph_runner": report,
+        "steps": s["compare_steps"],
+        "architecture": s["arch"],
+        "tolerance": tolerance,
+        "max_relative_difference": diffs[worst],
+        "worst_tensor": worst,
+        "graph_runner": report,
         "criterion": f"every parameter tensor within {tolerance:.0%} of its own update after {s['compare_steps']} steps; graph used",
     }
     if precision == "tf32":
@@ -111,10 +147,11 @@ def check_graph_vs_eager(precision: str, device: torch.device, s: dict) -> dict:
 
 # ---- a short real training per precision ----
 
+
 def digits_rgb(image_size: int, train_images: int | None) -> DatasetSplits:
     """The built-in digits upscaled to image_size and repeated to 3 channels; 10% of train held out."""
     train, test = load_digits(size=image_size)
-    rgb = lambda d: ImageDataset(d.images.repeat(1, 3, 1, 1), d.labels, d.classes)  # noqa: E731
+    rgb = lambda d: ImageDataset(d.images.repeat(1, 3, 1, 1), d.labels, d.classes)
     train, test = rgb(train), rgb(test)
     if train_images is not None:
         train, test = train.subset(torch.arange(train_images)), test.subset(torch.arange(train_images // 4))
@@ -123,12 +160,25 @@ def digits_rgb(image_size: int, train_images: int | None) -> DatasetSplits:
 
 
 def train_one(precision: str, device: torch.device, splits: DatasetSplits, s: dict) -> dict:
-    spec = build_spec(None, {
-        "dataset": "digits", "method": "peeraid", "student": s["arch"], "epochs": s["epochs"],
-        "lr_decay_epochs": [2 / 3], "batch_size": s["batch"] if device.type == "cuda" else 64, "lr": 0.1,
-        "attack_steps": s["attack_steps"], "eval_pgd_steps": s["eval_steps"], "crop_padding": 4,
-        "peeraid": {"lambda1": 0.5}, "precision": precision, "cuda_graph": "auto", "swa": False,
-    })
+    spec = build_spec(
+        None,
+        {
+            "dataset": "digits",
+            "method": "peeraid",
+            "student": s["arch"],
+            "epochs": s["epochs"],
+            "lr_decay_epochs": [2 / 3],
+            "batch_size": s["batch"] if device.type == "cuda" else 64,
+            "lr": 0.1,
+            "attack_steps": s["attack_steps"],
+            "eval_pgd_steps": s["eval_steps"],
+            "crop_padding": 4,
+            "peeraid": {"lambda1": 0.5},
+            "precision": precision,
+            "cuda_graph": "auto",
+            "swa": False,
+        },
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -139,12 +189,18 @@ def train_one(precision: str, device: torch.device, splits: DatasetSplits, s: di
     model = create_model(s["arch"], **trainer.model_kwargs).to(device)
     model.load_state_dict(trainer.best_student.state)
     report_pgd = f"pgd{s['report_steps']}_acc"
-    test = accuracies(model, splits.test, {"clean_acc": None, report_pgd: pgd_attack(8 / 255, 2 / 255, s["report_steps"])},
-                      batch_size=500, device=device)
+    test = accuracies(
+        model, splits.test, {"clean_acc": None, report_pgd: pgd_attack(8 / 255, 2 / 255, s["report_steps"])}, batch_size=500, device=device
+    )
     return {
-        "precision": trainer.execution.precision, "epochs": spec.epochs, "best_epoch": trainer.best_student.epoch,
-        "test_clean_acc": test["clean_acc"], "test_pgd_acc": test[report_pgd], "pgd_steps": s["report_steps"],
-        "seconds": seconds, "images_per_sec_last_epoch": trainer.history[-1].images_per_sec,
+        "precision": trainer.execution.precision,
+        "epochs": spec.epochs,
+        "best_epoch": trainer.best_student.epoch,
+        "test_clean_acc": test["clean_acc"],
+        "test_pgd_acc": test[report_pgd],
+        "pgd_steps": s["report_steps"],
+        "seconds": seconds,
+        "images_per_sec_last_epoch": trainer.history[-1].images_per_sec,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "execution": trainer.execution_report(),
     }
@@ -156,13 +212,15 @@ def check_training(device: torch.device, s: dict) -> dict:
     runs = {p: train_one(p, device, splits, s) for p in precisions}
     fp32 = runs["fp32"]
     agree = {
-        p: abs(r["test_clean_acc"] - fp32["test_clean_acc"]) <= ACCURACY_AGREEMENT and abs(r["test_pgd_acc"] - fp32["test_pgd_acc"]) <= ACCURACY_AGREEMENT
+        p: abs(r["test_clean_acc"] - fp32["test_clean_acc"]) <= ACCURACY_AGREEMENT
+        and abs(r["test_pgd_acc"] - fp32["test_pgd_acc"]) <= ACCURACY_AGREEMENT
         for p, r in runs.items()
     }
     result = {
         "dataset": f"built-in digits, 3×{s['image_size']}×{s['image_size']}, {len(splits.train)} train / "
-                   f"{len(splits.val)} validation / {len(splits.test)} test",
-        "runs": runs, "within_5_points_of_fp32": agree,
+        f"{len(splits.val)} validation / {len(splits.test)} test",
+        "runs": runs,
+        "within_5_points_of_fp32": agree,
         "criterion": f"clean ≥ 50% and clean and PGD within {ACCURACY_AGREEMENT:.0%} of fp32, for each precision",
     }
     if device.type != "cuda":
@@ -174,6 +232,7 @@ def check_training(device: torch.device, s: dict) -> dict:
 
 
 # ---- speed ----
+
 
 def check_step_benchmark(device: torch.device, s: dict) -> dict:
     per_arch = {}
@@ -187,8 +246,12 @@ def check_step_benchmark(device: torch.device, s: dict) -> dict:
         return result
     r18 = per_arch["resnet18"]
     met = {v: r18[v]["ratio_to_reference"] >= target for v, target in SPEED_TARGETS.items()}
-    result.update(targets=SPEED_TARGETS, targets_met=met, criterion="ResNet-18: TF32 graph ≥ 2×, bf16 graph ≥ 3× the reference",
-                  status="passed" if all(met.values()) else "failed")
+    result.update(
+        targets=SPEED_TARGETS,
+        targets_met=met,
+        criterion="ResNet-18: TF32 graph ≥ 2×, bf16 graph ≥ 3× the reference",
+        status="passed" if all(met.values()) else "failed",
+    )
     return result
 
 
@@ -202,8 +265,13 @@ def check_epoch_overhead(device: torch.device, s: dict, steps: dict) -> dict:
         step_rate = steps["architectures"][arch][variant]["images_per_sec"]
         steps_only = s["epoch_images"] / step_rate
         per_mode[variant] = {**e, "steps_only_s": steps_only, "overhead": (e["total_s"] - steps_only) / steps_only}
-    result = {"architecture": arch, "train_images": s["epoch_images"], "validation_images": s["epoch_val_images"],
-              "modes": per_mode, "criterion": f"data loading + validation ≤ {OVERHEAD_TARGET:.0%} of the step time"}
+    result = {
+        "architecture": arch,
+        "train_images": s["epoch_images"],
+        "validation_images": s["epoch_val_images"],
+        "modes": per_mode,
+        "criterion": f"data loading + validation ≤ {OVERHEAD_TARGET:.0%} of the step time",
+    }
     if not gpu:
         result.update(status="info", reason="the overhead target is for the GPU")
         return result
@@ -213,11 +281,12 @@ def check_epoch_overhead(device: torch.device, s: dict, steps: dict) -> dict:
 
 # ---- the run ----
 
+
 def run_check(name: str, fn: Callable[[], dict], checks: dict) -> dict:
     started = time.perf_counter()
     try:
         result = fn()
-    except Exception as err:  # noqa: BLE001 - one broken check must not hide the others' figures
+    except Exception as err:
         result = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
     result["seconds"] = time.perf_counter() - started
     checks[name] = result
@@ -234,18 +303,23 @@ def summary_line(name: str, r: dict) -> str:
     if name.startswith("graph_vs_eager"):
         return head + f"max ‖Δθ‖/‖update‖ = {r['max_relative_difference']:.4f} (≤ {r['tolerance']}) over {r['steps']} steps"
     if name == "training":
-        return head + "  ".join(f"{p}: clean {x['test_clean_acc']:.1%} PGD-{x['pgd_steps']} {x['test_pgd_acc']:.1%}"
-                                for p, x in r["runs"].items())
+        return head + "  ".join(
+            f"{p}: clean {x['test_clean_acc']:.1%} PGD-{x['pgd_steps']} {x['test_pgd_acc']:.1%}" for p, x in r["runs"].items()
+        )
     if name == "step_benchmark":
-        return head + "  ".join(f"{arch}: " + ", ".join(f"{v} {x['images_per_sec']:.0f}/s ({x['ratio_to_reference']:.2f}×)"
-                                                        for v, x in per.items()) for arch, per in r["architectures"].items())
+        return head + "  ".join(
+            f"{arch}: " + ", ".join(f"{v} {x['images_per_sec']:.0f}/s ({x['ratio_to_reference']:.2f}×)" for v, x in per.items())
+            for arch, per in r["architectures"].items()
+        )
     if name == "epoch_overhead":
         return head + "  ".join(f"{v}: +{m['overhead']:.1%} over the step" for v, m in r["modes"].items())
     return head
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
@@ -265,10 +339,13 @@ def run_all(device: torch.device, json_path: Path | None) -> int:
     s = sizes(gpu)
     started = time.perf_counter()
     out: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if gpu else (platform.processor() or "CPU"),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "cuda": torch.version.cuda if gpu else None, "sizes": s, "checks": {},
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda if gpu else None,
+        "sizes": s,
+        "checks": {},
     }
     print(f"# gpu_check {out['date']}  {out['device']}  torch {out['torch']}" + ("" if gpu else "  (CPU: tiny sizes)"), flush=True)
     checks = out["checks"]
@@ -283,9 +360,11 @@ def run_all(device: torch.device, json_path: Path | None) -> int:
     out["seconds"] = time.perf_counter() - started
     out["skipped"] = [name for name, r in checks.items() if r["status"] == "skipped"]
     out["failed"] = [name for name, r in checks.items() if r["status"] == "failed"]
-    print(f"# {len(checks)} checks in {out['seconds']:.0f}s: {len(out['failed'])} failed"
-          + (f" ({', '.join(out['failed'])})" if out["failed"] else "")
-          + (f"; skipped: {', '.join(out['skipped'])}" if out["skipped"] else ""))
+    print(
+        f"# {len(checks)} checks in {out['seconds']:.0f}s: {len(out['failed'])} failed"
+        + (f" ({', '.join(out['failed'])})" if out["failed"] else "")
+        + (f"; skipped: {', '.join(out['skipped'])}" if out["skipped"] else "")
+    )
     if json_path:
         json_path.write_text(json.dumps(_finite(out), indent=1, default=str) + "\n")
         print(f"# all figures in {json_path}")

@@ -57,7 +57,7 @@ def measure_step(arch: str, variant: str, device: torch.device, batch: int, clas
     memory_format = torch.channels_last if execution.channels_last else torch.contiguous_format
     student = create_model(arch, num_classes=classes).to(device, memory_format=memory_format)
     peer = create_model(arch, num_classes=classes).to(device, memory_format=memory_format)
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     nets = Networks(student, sgd(student), peer, sgd(peer))
     method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 10), PAPER_WEIGHTS["cifar100"], student_adv_forwards=forwards)
     runner = StepRunner(method, nets, execution, device)
@@ -85,9 +85,10 @@ def sync(device: torch.device) -> None:
 
 def synthetic_cifar(n_train: int, classes: int, n_val: int) -> DatasetSplits:
     g = torch.Generator().manual_seed(0)
-    make = lambda n: ImageDataset(  # noqa: E731
+    make = lambda n: ImageDataset(
         torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-        torch.randint(0, classes, (n,), generator=g), [str(c) for c in range(classes)],
+        torch.randint(0, classes, (n,), generator=g),
+        [str(c) for c in range(classes)],
     )
     train, val, test = make(n_train), make(n_val), make(16)
     return DatasetSplits("synthetic-cifar", train, val, test, fingerprint(train, val, test))
@@ -97,10 +98,21 @@ def measure_epoch(arch: str, device: torch.device, batch: int, classes: int, n_t
     from core.engine.spec import build_spec
     from core.engine.trainer import Trainer
 
-    spec = build_spec("cifar100-resnet18", {
-        "student": arch, "peer": arch, "epochs": 2, "lr_decay_epochs": [1], "batch_size": batch, "swa": False,
-        "precision": precision, "cuda_graph": graph, "selection": "validation", "student_adv_forwards": 1,
-    })
+    spec = build_spec(
+        "cifar100-resnet18",
+        {
+            "student": arch,
+            "peer": arch,
+            "epochs": 2,
+            "lr_decay_epochs": [1],
+            "batch_size": batch,
+            "swa": False,
+            "precision": precision,
+            "cuda_graph": graph,
+            "selection": "validation",
+            "student_adv_forwards": 1,
+        },
+    )
     splits = synthetic_cifar(n_train, classes, n_val)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(spec, splits, workdir=workdir, device=device, eval_batch_size=1024)
@@ -114,7 +126,9 @@ def measure_epoch(arch: str, device: torch.device, batch: int, classes: int, n_t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--archs", default="resnet18,wrn34_10")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -128,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"# {dt.date.today()}  {name}  torch {torch.__version__}  batch {args.batch}, {args.classes} classes, "
-          f"{args.size}×{args.size}, PeerAiD K=10 (student and peer the same architecture)")
+    print(
+        f"# {dt.date.today()}  {name}  torch {torch.__version__}  batch {args.batch}, {args.classes} classes, "
+        f"{args.size}×{args.size}, PeerAiD K=10 (student and peer the same architecture)"
+    )
     for arch in args.archs.split(","):
         results = {}
         for variant in args.variants.split(","):
@@ -142,12 +158,16 @@ def main(argv: list[str] | None = None) -> None:
             modes = (("tf32", "on", "tf32-graph"), ("bf16", "on", "bf16-graph")) if device.type == "cuda" else (("fp32", "off", "eager"),)
             for precision, graph, variant in modes:
                 e = measure_epoch(arch, device, args.batch, args.classes, args.epoch_images, args.epoch_val_images, precision, graph)
-                line = (f"epoch {precision}, graph {graph}: {args.epoch_images} images in {e['total_s']:.1f}s = "
-                        f"training {e['train_s']:.1f}s (incl. data loading) + validation {e['eval_s']:.1f}s")
+                line = (
+                    f"epoch {precision}, graph {graph}: {args.epoch_images} images in {e['total_s']:.1f}s = "
+                    f"training {e['train_s']:.1f}s (incl. data loading) + validation {e['eval_s']:.1f}s"
+                )
                 if variant in results:
                     steps_only = args.epoch_images / results[variant]["images_per_sec"]
-                    line += (f"; the step alone would take {steps_only:.1f}s, so data loading and validation "
-                             f"add {(e['total_s'] - steps_only) / steps_only:.1%}")
+                    line += (
+                        f"; the step alone would take {steps_only:.1f}s, so data loading and validation "
+                        f"add {(e['total_s'] - steps_only) / steps_only:.1%}"
+                    )
                 print(line)
 
 

@@ -36,7 +36,7 @@ def test_validation_split_partitions_the_training_data():
     images[:, 0, 0, 0], images[:, 0, 0, 1] = (ids % 256).to(torch.uint8), (ids // 256).to(torch.uint8)
     data = ImageDataset(images, ids % 3, ["a", "b", "c"])
     train, val = split_validation(data, 0.2, seed=0)
-    decode = lambda d: set((d.images[:, 0, 0, 0].long() + 256 * d.images[:, 0, 0, 1].long()).tolist())  # noqa: E731
+    decode = lambda d: set((d.images[:, 0, 0, 0].long() + 256 * d.images[:, 0, 0, 1].long()).tolist())
     assert decode(train).isdisjoint(decode(val)) and decode(train) | decode(val) == set(range(n))
     assert len(val) == 120 and torch.bincount(val.labels).tolist() == [40, 40, 40]
 
@@ -77,10 +77,10 @@ def test_training_batches_depend_only_on_seed_and_epoch():
     other = [x for x, _ in loader]
     fresh = BatchLoader(train, 100, train=True, seed=7)
     fresh.set_epoch(3)
-    assert all(torch.equal(a, b) for a, (b, _) in zip(first, fresh))
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, fresh, strict=True))
     assert not torch.equal(first[0], other[0])
     assert len(first) == 15 and first[-1].shape[0] == len(train) - 1400  # last partial batch kept
-    assert first[0].dtype == torch.float32 and 0 <= first[0].min() and first[0].max() <= 1
+    assert first[0].dtype == torch.float32 and first[0].min() >= 0 and first[0].max() <= 1
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -246,7 +246,7 @@ def test_tar_gz_class_tree_split_is_deterministic(tmp_path):
     first = load_dataset_file(write_tar(tmp_path / "d.tar.gz", entries))
     shuffled = dict(reversed(list(entries.items())))
     second = load_dataset_file(write_tar(tmp_path / "again.tgz", shuffled))
-    for one, two in zip(first, second):
+    for one, two in zip(first, second, strict=True):
         assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
     train, test = first
     assert train.classes == ["a", "b", "c"]
@@ -417,7 +417,12 @@ def test_path_traversal_in_tar(tmp_path, name):
 
 @pytest.mark.parametrize(
     "kind, match",
-    [(tarfile.SYMTYPE, "is a symbolic link"), (tarfile.LNKTYPE, "is a hard link"), (tarfile.CHRTYPE, "is a device"), (tarfile.FIFOTYPE, "is a device")],
+    [
+        (tarfile.SYMTYPE, "is a symbolic link"),
+        (tarfile.LNKTYPE, "is a hard link"),
+        (tarfile.CHRTYPE, "is a device"),
+        (tarfile.FIFOTYPE, "is a device"),
+    ],
 )
 def test_links_and_devices_in_tar(tmp_path, kind, match):
     member = tarfile.TarInfo("a/link.png")
@@ -494,7 +499,9 @@ def test_bad_layouts(tmp_path):
     with raises(r"the test/ folder is missing"):
         load_dataset_file(write_zip(tmp_path / "d.zip", {**class_tree(prefix="train/"), "train/": b"", "test/": b""}))
     with raises(r"entry 'other/x\.png' is not at train/<class>/<image>"):
-        load_dataset_file(write_zip(tmp_path / "d.zip", {**class_tree(prefix="train/"), **class_tree(prefix="test/"), "other/x.png": png(rgb())}))
+        load_dataset_file(
+            write_zip(tmp_path / "d.zip", {**class_tree(prefix="train/"), **class_tree(prefix="test/"), "other/x.png": png(rgb())})
+        )
     with raises(r"entry 'loose\.png' is not at <class>/<image>"):
         load_dataset_file(write_zip(tmp_path / "d.zip", {**class_tree(), "loose.png": png(rgb())}))
     with raises(r"each class needs at least 2 images"):
@@ -571,8 +578,10 @@ def test_decompression_bomb_of_small_pngs_is_refused_before_decoding(tmp_path, p
     # 40 single-colour 256×256 PNGs: their files are tiny, their pixels 7.5 MiB
     entries = {f"{c}/{i:02d}.png": solid_png(256, (i, 0, 0)) for c in "ab" for i in range(20)}
     path = write_zip(tmp_path / "d.zip", entries)
-    with raises(r"d\.zip: entry '.*': the images decode to .* from a file of .* KiB, a ratio of \d+:1 over the limit "
-                r"of 200:1 \(this looks like a decompression bomb\)"):
+    with raises(
+        r"d\.zip: entry '.*': the images decode to .* from a file of .* KiB, a ratio of \d+:1 over the limit "
+        r"of 200:1 \(this looks like a decompression bomb\)"
+    ):
         load_dataset_file(path)
     assert pixel_loads == []
 

@@ -20,7 +20,7 @@ def train(execution: Execution, batches):
     fmt = torch.channels_last if execution.channels_last else torch.contiguous_format
     student = create_model("resnet18", num_classes=5).to(memory_format=fmt)
     peer = create_model("small_cnn", num_classes=5).to(memory_format=fmt)
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
     nets = Networks(student, sgd(student), peer, sgd(peer))
     runner = StepRunner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), nets, execution, torch.device("cpu"))
     torch.manual_seed(1)
@@ -35,8 +35,8 @@ def batches(sizes):
 
 
 def assert_same_parameters(nets_a, nets_b, **tolerance):
-    for a, b in zip(nets_a, nets_b):
-        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+    for a, b in zip(nets_a, nets_b, strict=True):
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             if tolerance:
                 torch.testing.assert_close(ta, tb, msg=name, **tolerance)
             else:
@@ -49,7 +49,7 @@ def test_fast_path_without_capture_matches_eager_fp32_after_n_steps():
     torch.manual_seed(0)
     student = create_model("resnet18", num_classes=5)
     peer = create_model("small_cnn", num_classes=5)
-    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
     nets = Networks(student, sgd(student), peer, sgd(peer))
     method = PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W)
     torch.manual_seed(1)
@@ -86,15 +86,34 @@ def test_bf16_autocast_step_runs_and_stays_close_on_cpu():
     data = batches((16,))
     fp32, _ = train(Execution("fp32", False, False), data)
     bf16, _ = train(Execution("bf16", False, False), data)
-    drift = max((a - b).abs().max().item() for a, b in zip(fp32.parameters(), bf16.parameters()))
+    drift = max((a - b).abs().max().item() for a, b in zip(fp32.parameters(), bf16.parameters(), strict=True))
     assert 0 < drift < 0.05
 
 
 def test_benchmark_command_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "bench.train_step", "--device", "cpu", "--archs", "small_cnn", "--batch", "16",
-         "--steps", "2", "--warmup", "1", "--epoch-images", "64", "--epoch-val-images", "32"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bench.train_step",
+            "--device",
+            "cpu",
+            "--archs",
+            "small_cnn",
+            "--batch",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--epoch-images",
+            "64",
+            "--epoch-val-images",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     for word in ("reference", "eager", "tf32-graph", "bf16-graph", "images/s", "× ref", "epoch fp32"):
@@ -130,7 +149,7 @@ def test_a_failing_cuda_graph_falls_back_to_eager_steps(runner_class, phase, cap
         torch.manual_seed(0)
         student = create_model("small_cnn", num_classes=5)
         peer = create_model("small_cnn", num_classes=5)
-        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)  # noqa: E731
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
         runner = make_runner(PeerAiD(AttackSettings(8 / 255, 2 / 255, 3), W), Networks(student, sgd(student), peer, sgd(peer)))
         torch.manual_seed(1)
         losses = [runner(x, y) for x, y in data]
@@ -149,8 +168,14 @@ def test_a_failing_cuda_graph_falls_back_to_eager_steps(runner_class, phase, cap
     assert report["fallback"]["step"] == 1 and report["fallback"]["reason"].startswith(f"{phase} failed: RuntimeError: CUDA error")
     assert report["graph_captures"] == (1 if phase == "first replay" else 0)
     assert f"CUDA graph {phase} failed" in caplog.text and "continuing with eager steps" in caplog.text
-    assert eager.report() == {"precision": "fp32", "channels_last": False, "cuda_graph_requested": False,
-                              "cuda_graph": False, "graph_captures": 0, "fallback": None}
+    assert eager.report() == {
+        "precision": "fp32",
+        "channels_last": False,
+        "cuda_graph_requested": False,
+        "cuda_graph": False,
+        "graph_captures": 0,
+        "fallback": None,
+    }
 
 
 def test_the_trainer_reports_the_execution_it_used(tiny_splits, tmp_path):
@@ -160,6 +185,11 @@ def test_the_trainer_reports_the_execution_it_used(tiny_splits, tmp_path):
 
     trainer = Trainer(tiny_spec(precision="bf16"), tiny_splits, workdir=tmp_path)
     assert trainer.execution_report() == {
-        "device": "cpu", "precision": "bf16", "channels_last": False, "cuda_graph_requested": False, "cuda_graph": False,
-        "graph_captures": 0, "fallback": None,
+        "device": "cpu",
+        "precision": "bf16",
+        "channels_last": False,
+        "cuda_graph_requested": False,
+        "cuda_graph": False,
+        "graph_captures": 0,
+        "fallback": None,
     }

@@ -63,6 +63,7 @@ def test_evaluation_defaults_are_the_scripts():
 
 # ---- the optimizers ----
 
+
 def paper_trainer(tiny_splits, tmp_path, **overrides) -> Trainer:
     """The cifar10-resnet18 preset's optimisation settings on small networks and the tiny digits."""
     spec = build_spec("cifar10-resnet18", {"student": "small_cnn", "peer": "small_cnn", "selection": "validation", **overrides})
@@ -90,6 +91,7 @@ def test_the_peer_learning_rate_follows_the_same_schedule(tiny_splits, tmp_path)
 
 # ---- eval mode wherever the script evaluates ----
 
+
 def batchnorm_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
 
@@ -116,8 +118,7 @@ def test_validation_and_final_report_leave_batchnorm_alone_and_the_mode_as_found
     before = batchnorm_state(model)
     data = tiny_splits.val
     validation_metrics(model, data, epsilon=8 / 255, step_size=2 / 255, steps=2, batch_size=32, device="cpu")
-    final_report(model, data, epsilon=8 / 255, step_size=2 / 255, pgd_steps=2, run_autoattack=False, batch_size=32,
-                 device="cpu", seed=0)
+    final_report(model, data, epsilon=8 / 255, step_size=2 / 255, pgd_steps=2, run_autoattack=False, batch_size=32, device="cpu", seed=0)
     after = batchnorm_state(model)
     for key in before:
         assert torch.equal(before[key], after[key]), key
@@ -125,6 +126,7 @@ def test_validation_and_final_report_leave_batchnorm_alone_and_the_mode_as_found
 
 
 # ---- ε, α and K reach the attacks ----
+
 
 class AttackRecorder:
     """Records every forward of a real network: its mode, whether the input needs a gradient (an
@@ -144,8 +146,7 @@ class AttackRecorder:
 
 def test_training_attack_uses_the_specs_epsilon_alpha_and_steps(tiny_splits, tmp_path):
     eps, alpha, k = 3 / 255, 2 / 255, 4
-    trainer = Trainer(tiny_spec(epsilon=eps, attack_step_size=alpha, attack_steps=k, student_adv_forwards=2), tiny_splits,
-                      workdir=tmp_path)
+    trainer = Trainer(tiny_spec(epsilon=eps, attack_step_size=alpha, attack_steps=k, student_adv_forwards=2), tiny_splits, workdir=tmp_path)
     recorder = AttackRecorder(trainer.nets.student)
     g = torch.Generator().manual_seed(0)
     x = 0.25 + 0.5 * torch.rand(32, 1, 16, 16, generator=g)  # away from 0 and 1: no clipping to the image range
@@ -159,7 +160,7 @@ def test_training_attack_uses_the_specs_epsilon_alpha_and_steps(tiny_splits, tmp
     x_adv = train_inputs[0]
     assert torch.equal(train_inputs[1], x_adv) and torch.equal(train_inputs[2], x)
     assert (iterates[0] - x).abs().max() < 0.01  # the start: x + 0.001·N(0, I)
-    for a, b in zip(iterates[1:] + [x_adv], iterates):
+    for a, b in zip([*iterates[1:], x_adv], iterates, strict=True):
         assert (a - b).abs().max() <= alpha + 1e-6  # each step moves at most α ...
     assert (x_adv - x).abs().max() <= eps + 1e-6  # ... inside the ε-ball,
     assert (x_adv - x).abs().max() >= eps - 1e-6  # whose edge K·α > ε reaches
@@ -188,11 +189,23 @@ def test_the_model_card_states_the_protocol_the_execution_and_the_report_attack(
 
     train, test = tiny_splits.train, tiny_splits.test
     paper = DatasetSplits("digits-tiny", train, test, test, fingerprint(train, test, test), selection="test")
-    spec = tiny_spec(epochs=1, lr_decay_epochs=[], swa=False, selection="test",
-                     evaluation=dict(n_examples=16, autoattack=False, batch_size=64, pgd_steps=3))
+    spec = tiny_spec(
+        epochs=1,
+        lr_decay_epochs=[],
+        swa=False,
+        selection="test",
+        evaluation=dict(n_examples=16, autoattack=False, batch_size=64, pgd_steps=3),
+    )
     card = run_job(spec, paper, tmp_path).model_card
     assert card["dataset"]["protocol"].startswith("paper protocol") and "selected on the test set" in card["dataset"]["protocol"]
     assert card["hyperparameters"]["selection"] == "test"
-    assert card["execution"] == {"device": "cpu", "precision": "fp32", "channels_last": False, "cuda_graph_requested": False,
-                                 "cuda_graph": False, "graph_captures": 0, "fallback": None}
+    assert card["execution"] == {
+        "device": "cpu",
+        "precision": "fp32",
+        "channels_last": False,
+        "cuda_graph_requested": False,
+        "cuda_graph": False,
+        "graph_captures": 0,
+        "fallback": None,
+    }
     assert "pgd3_acc" in card["metrics"]["student"]["test"]  # the report's PGD runs evaluation.pgd_steps steps

@@ -99,7 +99,13 @@ def test_a_cancelled_job_still_leaves_loadable_students_and_a_card(tiny_splits, 
         want = unprefixed(prefix, tensors)
         assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items()), name
     card = json.loads(artifacts["model_card"].read_text())
-    assert card["training"] == {"epochs": 3, "epochs_completed": 2, "stopped": "cancelled after epoch 2"}
+    assert card["training"] == {
+        "epochs": 3,
+        "epochs_completed": 2,
+        "stopped": "cancelled after epoch 2",
+        "lr_decay_epochs": [1],
+        "swa_start": 1,
+    }
     assert card["evaluation"]["status"] == "not run" and card["metrics"]["student"]["best_epoch"] == meta["best_student"]["epoch"]
     md = artifacts["model_card_markdown"].read_text()
     assert "Not evaluated on the test set: cancelled after epoch 2" in md and "| Epochs | 2 of 3 (cancelled after epoch 2) |" in md

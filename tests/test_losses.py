@@ -22,13 +22,13 @@ def softmax(z, t=1.0):
 def kl_mean_by_hand(student_logits, target_logits, t):
     """Σ over batch and classes of q·(log q − log p), divided by batch × classes (legacy 'mean')."""
     p, q = softmax(student_logits, t), softmax(target_logits, t)
-    terms = [qi * (math.log(qi) - math.log(pi)) for prow, qrow in zip(p, q) for pi, qi in zip(prow, qrow)]
+    terms = [qi * (math.log(qi) - math.log(pi)) for prow, qrow in zip(p, q, strict=True) for pi, qi in zip(prow, qrow, strict=True)]
     return sum(terms) / len(terms)
 
 
 def ce_by_hand(logits, y):
     p = softmax(logits)
-    return -sum(math.log(row[label]) for row, label in zip(p, y.tolist())) / len(p)
+    return -sum(math.log(row[label]) for row, label in zip(p, y.tolist(), strict=True)) / len(p)
 
 
 def test_kl_mean_divides_by_batch_times_classes():

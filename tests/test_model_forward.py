@@ -35,7 +35,7 @@ def seeded_model(name: str, num_classes: int = 10) -> torch.nn.Module:
         for key, tensor in model.state_dict().items():
             if key.endswith("num_batches_tracked"):
                 continue
-            if key.endswith("running_var") or key.endswith(".weight") and tensor.dim() == 1:
+            if key.endswith("running_var") or (key.endswith(".weight") and tensor.dim() == 1):
                 tensor.copy_(torch.rand(tensor.shape, generator=g) * 0.5 + 0.75)
             elif tensor.dim() == 1:
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=g))
@@ -65,6 +65,7 @@ def test_forward_matches_the_stored_reference_logits(name):
 
 # ---- an independent functional transcription of the authors' modules ----
 
+
 def bn(sd, p, x):
     return F.batch_norm(x, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"], False, 0.0, 1e-5)
 
@@ -76,7 +77,7 @@ def conv(sd, p, x, stride=1, groups=1):
 
 def resnet_reference(sd, x, blocks, bottleneck):
     out = F.relu(bn(sd, "bn1", conv(sd, "conv1", x)))
-    for li, (n, stride) in enumerate(zip(blocks, (1, 2, 2, 2)), 1):
+    for li, (n, stride) in enumerate(zip(blocks, (1, 2, 2, 2), strict=True), 1):
         for b in range(n):
             p, s = f"layer{li}.{b}", stride if b == 0 else 1
             if bottleneck:
@@ -162,10 +163,18 @@ def _small_cnn_layout(num_classes, in_channels):
 
 
 FAMILIES = [
-    ("resnet18", lambda: create_model("resnet18", num_classes=10), lambda nc: _resnet_layout([2, 2, 2, 2], False, nc, 3),
-     lambda sd, x: resnet_reference(sd, x, [2, 2, 2, 2], False)),
-    ("resnet50", lambda: create_model("resnet50", num_classes=10), lambda nc: _resnet_layout([3, 4, 6, 3], True, nc, 3),
-     lambda sd, x: resnet_reference(sd, x, [3, 4, 6, 3], True)),
+    (
+        "resnet18",
+        lambda: create_model("resnet18", num_classes=10),
+        lambda nc: _resnet_layout([2, 2, 2, 2], False, nc, 3),
+        lambda sd, x: resnet_reference(sd, x, [2, 2, 2, 2], False),
+    ),
+    (
+        "resnet50",
+        lambda: create_model("resnet50", num_classes=10),
+        lambda nc: _resnet_layout([3, 4, 6, 3], True, nc, 3),
+        lambda sd, x: resnet_reference(sd, x, [3, 4, 6, 3], True),
+    ),
     ("preactresnet18", lambda: create_model("preactresnet18", num_classes=10), lambda nc: _preact_layout(nc, 3), preact_reference),
     # the registry's WRN-28-10/34-10/70-16 are this class at other depths and widths (their layouts are tested)
     ("wrn16_2", lambda: WideResNet(16, 2, 10, 3), lambda nc: _wrn_layout(16, 2, nc, 3), lambda sd, x: wrn_reference(sd, x, 16)),

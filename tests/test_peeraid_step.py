@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 from peeraid_models import create_model
@@ -31,9 +30,7 @@ def reference_step(student, peer, opt_s, opt_p, inputs, targets):
     for _ in range(K):
         x.requires_grad_()
         with torch.enable_grad():
-            loss_kl = torch.sum(
-                nn.KLDivLoss(reduction="none")(F.log_softmax(student(x), dim=1), F.softmax(peer_logits, dim=1))
-            )
+            loss_kl = torch.sum(nn.KLDivLoss(reduction="none")(F.log_softmax(student(x), dim=1), F.softmax(peer_logits, dim=1)))
         grad = torch.autograd.grad(loss_kl, [x])[0]
         x = x.detach() + ALPHA * torch.sign(grad.detach())
         x = torch.min(torch.max(x, inputs - EPS), inputs + EPS)
@@ -43,9 +40,10 @@ def reference_step(student, peer, opt_s, opt_p, inputs, targets):
     student_logit_target = student(x)
     kl = nn.KLDivLoss(reduction="mean")
     tp, t = W.tau_peer, W.tau
-    loss_peer = F.cross_entropy(adv_outputs, targets) * W.gamma1 + kl(
-        F.log_softmax(adv_outputs / tp, dim=1), F.softmax(student_logit_target / tp, dim=1)
-    ) * W.gamma2 * tp * tp
+    loss_peer = (
+        F.cross_entropy(adv_outputs, targets) * W.gamma1
+        + kl(F.log_softmax(adv_outputs / tp, dim=1), F.softmax(student_logit_target / tp, dim=1)) * W.gamma2 * tp * tp
+    )
     peer_outputs = adv_outputs.clone().detach()
     student_outputs = student(x)
     logit_nat = student(inputs)
@@ -95,7 +93,7 @@ def run_reference(data):
 
 
 def assert_same(a: nn.Module, b: nn.Module, which):
-    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         if which(name):
             torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -22,8 +22,14 @@ def test_paper_presets_reproduce_the_paper_settings():
     assert (tiny.epochs, tiny.decay_epochs) == (200, [99, 149])
     assert tiny.peeraid.model_dump() == dict(tau=1, gamma1=1, gamma2=100, tau_peer=1, lambda1=0.035, lambda2=35, lambda3=20)
     assert c10.epsilon == 8 / 255 and c10.attack_step_size == 2 / 255 and c10.attack_steps == 10
-    assert {"cifar10-resnet18", "cifar10-wrn34-10", "cifar100-resnet18", "cifar100-wrn34-10",
-            "tinyimagenet-resnet18", "tinyimagenet-wrn34-10"} <= set(PRESETS)
+    assert {
+        "cifar10-resnet18",
+        "cifar10-wrn34-10",
+        "cifar100-resnet18",
+        "cifar100-wrn34-10",
+        "tinyimagenet-resnet18",
+        "tinyimagenet-wrn34-10",
+    } <= set(PRESETS)
 
 
 def test_overrides_merge_into_nested_fields():
@@ -87,7 +93,10 @@ def test_spec_round_trips_through_json():
 
 def test_cli_overrides_parse_json_values():
     assert parse_overrides(["epochs=5", "peeraid.tau=2.5", "lr_decay_epochs=[3,4]", "dataset=my.zip"]) == {
-        "epochs": 5, "peeraid": {"tau": 2.5}, "lr_decay_epochs": [3, 4], "dataset": "my.zip",
+        "epochs": 5,
+        "peeraid": {"tau": 2.5},
+        "lr_decay_epochs": [3, 4],
+        "dataset": "my.zip",
     }
     with pytest.raises(SpecError, match="KEY=VALUE"):
         parse_overrides(["epochs"])

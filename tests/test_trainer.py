@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
+from core.engine.callbacks import TrainingCallbacks
+from core.engine.errors import CheckpointError, TrainingCancelled, TrainingDiverged
 from core.engine.loader import BatchLoader
 from core.engine.state_io import load_tensors
-from core.engine.errors import CheckpointError, TrainingCancelled, TrainingDiverged
-from core.engine.callbacks import TrainingCallbacks
 from core.engine.trainer import CHECKPOINT_NAME, Trainer
 
 from .conftest import tiny_spec
@@ -197,7 +197,7 @@ def test_a_v1_checkpoint_resumes_like_an_uninterrupted_run(tiny_splits, tmp_path
 
     path = tmp_path / "v1" / CHECKPOINT_NAME
     tensors, meta = load_tensors(path)
-    zero_based = lambda entry: {**entry, "epoch": entry["epoch"] - 1}  # noqa: E731
+    zero_based = lambda entry: {**entry, "epoch": entry["epoch"] - 1}
     meta["format"] = CHECKPOINT_FORMAT_V1
     meta["history"] = [{**zero_based(r), "best": {k: zero_based(b) for k, b in r["best"].items()}} for r in meta["history"]]
     for name in ("best_student", "best_swa"):

@@ -10,10 +10,10 @@ and nothing of the service: the API, the workers, the benchmarks and notebooks s
 
 from peeraid_models import create_model, list_models
 
-from .sources import load_splits
-from .export import load_model
 from .errors import EngineError
+from .export import load_model
 from .job import run_job
+from .sources import load_splits
 from .spec import PRESETS, JobSpec, build_spec
 
-__all__ = ["EngineError", "JobSpec", "PRESETS", "build_spec", "create_model", "list_models", "load_model", "load_splits", "run_job"]
+__all__ = ["PRESETS", "EngineError", "JobSpec", "build_spec", "create_model", "list_models", "load_model", "load_splits", "run_job"]

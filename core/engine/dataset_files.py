@@ -93,7 +93,14 @@ _RESIZE_TEXT = re.compile(r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$")
 # What a broken archive raises while being read (gzip.BadGzipFile and bz2 errors are OSErrors;
 # zipfile raises NotImplementedError for a garbled "version needed to extract").
 _CORRUPT = (
-    zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, struct.error, OSError, ValueError,
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    OSError,
+    ValueError,
     NotImplementedError,
 )
 
@@ -158,7 +165,8 @@ def _resize_size(resize, limits: FileLimits, source: str) -> tuple[int, int] | N
         return None
     side = limits.max_image_side
     if (
-        not isinstance(resize, (tuple, list)) or len(resize) != 2
+        not isinstance(resize, (tuple, list))
+        or len(resize) != 2
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= side for v in resize)
     ):
         raise DatasetError(f"{source}: resize={resize!r} is not a size; give (height, width) in pixels, each from 1 to {side}")
@@ -182,8 +190,7 @@ def _detect_format(path: Path) -> str:
         return "tar"
     if head.startswith(b"\x93NUMPY"):
         raise DatasetError(
-            f"{source}: this is a single .npy array; save x_train, y_train, x_test and y_test together "
-            f"with numpy.savez into one .npz file"
+            f"{source}: this is a single .npy array; save x_train, y_train, x_test and y_test together with numpy.savez into one .npz file"
         )
     raise DatasetError(f"{source}: unrecognised file format; accepted formats: {ACCEPTED_FORMATS}")
 
@@ -363,8 +370,7 @@ def _open_npy(zf: zipfile.ZipFile, member: str, key: str, source: str) -> tuple[
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
         else:
             raise DatasetError(
-                f"{source}: array {key} uses .npy format version {version}, which is not supported; "
-                f"save it with numpy.savez"
+                f"{source}: array {key} uses .npy format version {version}, which is not supported; save it with numpy.savez"
             )
     except BaseException:
         f.close()
@@ -392,9 +398,7 @@ def _npz_chw(key: str, shape: tuple[int, ...], source: str) -> tuple[int, int, i
         return (shape[3], shape[1], shape[2])
     if len(shape) == 4 and shape[1] in (1, 3):
         return (shape[1], shape[2], shape[3])
-    raise DatasetError(
-        f"{source}: {key} has shape {shape}; expected N×H×W×C or N×C×H×W with 1 or 3 channels, or N×H×W greyscale"
-    )
+    raise DatasetError(f"{source}: {key} has shape {shape}; expected N×H×W×C or N×C×H×W with 1 or 3 channels, or N×H×W greyscale")
 
 
 def _check_npz_headers(headers: dict[str, _NpyHeader], source: str, limits: FileLimits, resize) -> tuple[int, int, int]:
@@ -408,9 +412,7 @@ def _check_npz_headers(headers: dict[str, _NpyHeader], source: str, limits: File
         if shape[0] == 0 or chw[1] == 0 or chw[2] == 0:
             raise DatasetError(f"{source}: {key} is empty (shape {shape})")
         if max(chw[1:]) > limits.max_image_side:
-            raise DatasetError(
-                f"{source}: {key} images are {chw[2]}×{chw[1]} pixels; the limit is {limits.max_image_side} a side"
-            )
+            raise DatasetError(f"{source}: {key} images are {chw[2]}×{chw[1]} pixels; the limit is {limits.max_image_side} a side")
         shapes[key] = chw
         num_images += shape[0]
     for key in ("y_train", "y_test"):
@@ -424,8 +426,10 @@ def _check_npz_headers(headers: dict[str, _NpyHeader], source: str, limits: File
             raise DatasetError(f"{source}: {x_key} has {n} images but {key} has {shape[0]} labels; they must match one to one")
     train_chw, test_chw = shapes["x_train"], shapes["x_test"]
     if train_chw[0] != test_chw[0] or (resize is None and train_chw != test_chw):
-        fix = "save them with one channel count" if train_chw[0] != test_chw[0] else (
-            f"save them at one size, or upload again with resize={_wh(*train_chw[1:])} to have them resized"
+        fix = (
+            "save them with one channel count"
+            if train_chw[0] != test_chw[0]
+            else (f"save them at one size, or upload again with resize={_wh(*train_chw[1:])} to have them resized")
         )
         raise DatasetError(
             f"{source}: train and test images differ in shape: x_train is {train_chw} and x_test is {test_chw} (C, H, W); {fix}"
@@ -437,9 +441,7 @@ def _check_npz_headers(headers: dict[str, _NpyHeader], source: str, limits: File
     return (train_chw[0], *(resize or train_chw[1:]))
 
 
-def _read_npz_images(
-    zf: zipfile.ZipFile, header: _NpyHeader, key: str, chw: tuple[int, int, int], source: str, resize
-) -> np.ndarray:
+def _read_npz_images(zf: zipfile.ZipFile, header: _NpyHeader, key: str, chw: tuple[int, int, int], source: str, resize) -> np.ndarray:
     """uint8 N×C×H×W, converted from integer 0-255 or float 0-1 a few MiB at a time as they are decompressed."""
     out = np.empty((header.shape[0], *chw), np.uint8)
     for start, chunk in _npy_chunks(zf, header, key, source):
@@ -501,9 +503,7 @@ def _to_uint8(x: np.ndarray, key: str, start: int, source: str) -> np.ndarray:
     if x.dtype != np.uint8:
         low, high = int(x.min()), int(x.max())
         if low < 0 or high > 255:
-            raise DatasetError(
-                f"{source}: {key} has dtype {x.dtype} with values from {low} to {high}; integer images must lie in 0..255"
-            )
+            raise DatasetError(f"{source}: {key} has dtype {x.dtype} with values from {low} to {high}; integer images must lie in 0..255")
         return x.astype(np.uint8)
     return x
 
@@ -547,9 +547,7 @@ def _check_zip_directory(infos: list[zipfile.ZipInfo], source: str, limits: File
             raise DatasetError(f"{source}: entry {entry!r} is encrypted; upload an archive without a password")
         mode = info.external_attr >> 16
         if info.create_system == 3 and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise DatasetError(
-                f"{source}: entry {entry!r} is a symbolic link or special file; only regular files and folders are allowed"
-            )
+            raise DatasetError(f"{source}: entry {entry!r} is a symbolic link or special file; only regular files and folders are allowed")
         _check_ratio(source, info.file_size, info.compress_size, limits, entry)
         declared += info.file_size
         _check_size(source, declared, limits, entry)
@@ -571,9 +569,7 @@ def _load_zip(path: Path, limits: FileLimits, resize) -> tuple[ImageDataset, Ima
         raise DatasetError(f"{source}: the zip archive is truncated or corrupt ({err}); re-create it and upload again") from err
 
 
-def _zip_entries(
-    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], source: str, limits: FileLimits, archive_bytes: int
-) -> _EntryStream:
+def _zip_entries(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], source: str, limits: FileLimits, archive_bytes: int) -> _EntryStream:
     budget = _Budget(source, limits, lambda: archive_bytes)
     for info in infos:
         parts = _safe_parts(info.filename, source)
@@ -628,9 +624,7 @@ def _load_tar(path: Path, gz: bool, limits: FileLimits, resize) -> tuple[ImageDa
         raise
     except _CORRUPT as err:
         kind = "tar.gz" if gz else "tar"
-        raise DatasetError(
-            f"{source}: the {kind} archive is truncated or corrupt ({err}); re-create it and upload again"
-        ) from err
+        raise DatasetError(f"{source}: the {kind} archive is truncated or corrupt ({err}); re-create it and upload again") from err
 
 
 def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> _EntryStream:
@@ -651,8 +645,7 @@ def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> _EntryStream:
                     raise DatasetError(f"{source}: entry {entry!r} is {kind}; only regular files and folders are allowed")
                 if not (member.isreg() or member.isdir()):
                     raise DatasetError(
-                        f"{source}: entry {entry!r} is a device or other special file; "
-                        f"only regular files and folders are allowed"
+                        f"{source}: entry {entry!r} is a device or other special file; only regular files and folders are allowed"
                     )
                 if not parts or _ignored(parts):
                     continue
@@ -695,9 +688,7 @@ def _image_errors(where: str):
     except DatasetError:
         raise
     except Image.UnidentifiedImageError as err:
-        raise DatasetError(
-            f"{where}: not an image file (accepted: {', '.join(IMAGE_FORMATS)}); remove it from the class folders"
-        ) from err
+        raise DatasetError(f"{where}: not an image file (accepted: {', '.join(IMAGE_FORMATS)}); remove it from the class folders") from err
     except Image.DecompressionBombError as err:
         raise DatasetError(f"{where}: the image is far too large ({err})") from err
     except Exception as err:  # Pillow decoders raise many types (OSError, SyntaxError, struct.error, ...)
@@ -825,8 +816,7 @@ def _layout(
     layout_help = "train/<class>/<image> and test/<class>/<image>, or <class>/<image>"
     if not names:
         raise DatasetError(
-            f"{source}: no images found (the archive is empty, or holds only folders or hidden files); "
-            f"expected {layout_help}"
+            f"{source}: no images found (the archive is empty, or holds only folders or hidden files); expected {layout_help}"
         )
     prefix = _wrapper_prefix(image_parts)
     paths = [p[len(prefix) :] for p in image_parts]
@@ -850,8 +840,7 @@ def _layout(
         for i, p in enumerate(paths):
             if len(p) != 2:
                 raise DatasetError(
-                    f"{source}: entry {names[i]!r} is not at <class>/<image> "
-                    f"(or train/<class>/<image>, test/<class>/<image>)"
+                    f"{source}: entry {names[i]!r} is not at <class>/<image> (or train/<class>/<image>, test/<class>/<image>)"
                 )
         keys = [("all", p[0]) for p in paths]
         declared = {("all", f[0]) for f in folders}
@@ -863,17 +852,14 @@ def _layout(
 
     classes = sorted({name for subset, name in keys if subset != "test"})
     if len(classes) < 2:
-        raise DatasetError(
-            f"{source}: only a single class ({classes[0]!r}) was found; a classifier needs at least 2 class folders"
-        )
+        raise DatasetError(f"{source}: only a single class ({classes[0]!r}) was found; a classifier needs at least 2 class folders")
     if len(classes) > limits.max_classes:
         raise DatasetError(f"{source}: {len(classes):,} classes is more than the limit of {limits.max_classes:,}")
     index = {name: k for k, name in enumerate(classes)}
     for _, name in keys:
         if name not in index:
             raise DatasetError(
-                f"{source}: test/{name} has no matching train/{name} folder; "
-                f"the test split may only use classes present in train/"
+                f"{source}: test/{name} has no matching train/{name} folder; the test split may only use classes present in train/"
             )
     labels = np.array([index[name] for _, name in keys], dtype=np.int64)
     order = sorted(range(len(paths)), key=lambda i: (labels[i], paths[i]))  # independent of archive order

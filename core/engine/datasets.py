@@ -28,7 +28,9 @@ class ImageDataset:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise DatasetError(f"images must be a uint8 N×C×H×W tensor, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise DatasetError(f"labels must be int64 of shape ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise DatasetError(
+                f"labels must be int64 of shape ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -42,7 +44,7 @@ class ImageDataset:
         c, h, w = self.images.shape[1:]
         return (int(c), int(h), int(w))
 
-    def subset(self, index: torch.Tensor) -> "ImageDataset":
+    def subset(self, index: torch.Tensor) -> ImageDataset:
         return ImageDataset(self.images[index], self.labels[index], self.classes)
 
 

@@ -30,7 +30,7 @@ class Execution:
     channels_last: bool
 
     @staticmethod
-    def resolve(precision: str, cuda_graph: str, device: torch.device) -> "Execution":
+    def resolve(precision: str, cuda_graph: str, device: torch.device) -> Execution:
         on_gpu = device.type == "cuda"
         if precision == "auto":
             precision = "tf32" if on_gpu else "fp32"
@@ -113,7 +113,7 @@ class StepRunner:
             out = self._replay(x, y)
             self._synchronize()  # a replay's asynchronous errors surface here, not steps later
             return out
-        except Exception as err:  # noqa: BLE001 - any failure of the graph path falls back to the eager step
+        except Exception as err:
             self._fall_back(phase, err)
             return self.eager(x, y)
 

@@ -2,8 +2,9 @@
 
 PEERAID_FAULTS="point:action[@n],..." triggers `action` on the n-th time (default the first) this
 process reaches `point`: `kill` (SIGKILL its whole process group — a Celery worker and its pool —
-as a crashed host would), `enospc` (raise "No space left on device"). Points: `write:<file name>` inside atomic writes (after the temporary file is
-written, before it replaces the target), `final-evaluation` (between the PGD and AutoAttack runs)."""
+as a crashed host would), `enospc` (raise "No space left on device"). Points: `write:<file name>`
+inside atomic writes (after the temporary file is written, before it replaces the target),
+`final-evaluation` (between the PGD and AutoAttack runs)."""
 
 from __future__ import annotations
 

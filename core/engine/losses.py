@@ -42,14 +42,10 @@ PAPER_WEIGHTS = {
 def peer_loss(p_adv: torch.Tensor, s_adv: torch.Tensor, y: torch.Tensor, w: PeerAiDWeights) -> torch.Tensor:
     """γ1·CE(p_adv, y) + γ2·τp²·KLmean(log_softmax(p_adv/τp), softmax(s_adv/τp)); s_adv is NOT detached."""
     t = w.tau_peer
-    return w.gamma1 * F.cross_entropy(p_adv, y) + w.gamma2 * t * t * kl_mean(
-        F.log_softmax(p_adv / t, dim=1), F.softmax(s_adv / t, dim=1)
-    )
+    return w.gamma1 * F.cross_entropy(p_adv, y) + w.gamma2 * t * t * kl_mean(F.log_softmax(p_adv / t, dim=1), F.softmax(s_adv / t, dim=1))
 
 
-def student_loss(
-    s_adv: torch.Tensor, p_adv: torch.Tensor, s_nat: torch.Tensor, y: torch.Tensor, w: PeerAiDWeights
-) -> torch.Tensor:
+def student_loss(s_adv: torch.Tensor, p_adv: torch.Tensor, s_nat: torch.Tensor, y: torch.Tensor, w: PeerAiDWeights) -> torch.Tensor:
     """λ1·CE(s_adv, y) + λ2·τ²·KLmean(s_adv/τ ‖ p_adv.detach()/τ) + λ3·τ²·KLmean(s_adv/τ ‖ s_nat/τ); s_nat NOT detached."""
     t = w.tau
     log_s_adv = F.log_softmax(s_adv / t, dim=1)

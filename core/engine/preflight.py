@@ -139,8 +139,11 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     check_fits(spec, shape)
     with torch.device("meta"):
         student = create_model(spec.student, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
-        peer = (create_model(spec.peer_architecture, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
-                if spec.peer_architecture else None)
+        peer = (
+            create_model(spec.peer_architecture, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
+            if spec.peer_architecture
+            else None
+        )
     student_flops, student_activations = forward_flops(student, shape)
     peer_flops, peer_activations = forward_flops(peer, shape) if peer is not None else (0.0, 0)
     per_image = step_flops(spec, student_flops, peer_flops)
@@ -170,7 +173,13 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     if spec.batch_size > train:
         warnings.append(f"batch_size {spec.batch_size} is larger than the {train} training images: every step sees them all")
     return Estimate(
-        student_parameters=parameters[0], peer_parameters=parameters[1] if len(parameters) > 1 else 0,
-        flops_per_training_image=per_image, training_flops=training, evaluation_flops=evaluation, evaluation_passes=passes,
-        memory_bytes=int(memory), hours=hours, warnings=warnings,
+        student_parameters=parameters[0],
+        peer_parameters=parameters[1] if len(parameters) > 1 else 0,
+        flops_per_training_image=per_image,
+        training_flops=training,
+        evaluation_flops=evaluation,
+        evaluation_passes=passes,
+        memory_bytes=int(memory),
+        hours=hours,
+        warnings=warnings,
     )

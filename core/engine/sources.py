@@ -53,9 +53,7 @@ def load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Ima
             f"(from {cls.url}), or allow downloading. ({err})"
         ) from err
     except OSError as err:  # no network
-        raise DatasetError(
-            f"{name} could not be downloaded ({err}); put the extracted '{cls.base_folder}' folder in {folder}"
-        ) from err
+        raise DatasetError(f"{name} could not be downloaded ({err}); put the extracted '{cls.base_folder}' folder in {folder}") from err
     return tuple(
         ImageDataset(
             torch.from_numpy(np.ascontiguousarray(part.data.transpose(0, 3, 1, 2))),
@@ -123,9 +121,7 @@ def load_splits(
     else:
         path = Path(dataset)
         if not path.is_file():
-            raise DatasetError(
-                f"dataset '{dataset}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing file"
-            )
+            raise DatasetError(f"dataset '{dataset}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing file")
         train, test = load_dataset_file(path, resize=resize)  # (height, width), as the upload was validated
     train, val = split_validation(train, val_fraction, seed) if selection == "validation" else (train, test)
     name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).name

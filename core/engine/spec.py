@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any, Literal
 
@@ -22,9 +23,7 @@ class _Strict(BaseModel):
 class EvaluationSpec(_Strict):
     """The final report on the test set, for the best student and the best SWA student."""
 
-    n_examples: int | None = Field(
-        None, ge=1, le=1_000_000, description="test examples to attack (None: the whole test set)"
-    )
+    n_examples: int | None = Field(None, ge=1, le=1_000_000, description="test examples to attack (None: the whole test set)")
     pgd_steps: int = Field(20, ge=1, le=1000)
     autoattack: bool = Field(True, description="run AutoAttack (L∞; the standard version from 10 classes, adapted below)")
     autoattack_n_examples: int | None = Field(
@@ -46,7 +45,8 @@ class JobSpec(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(2e-4, ge=0, le=1)
     lr_decay_epochs: list[int] | list[float] = Field(
-        default_factory=lambda: [214, 259, 284], max_length=32,
+        default_factory=lambda: [214, 259, 284],
+        max_length=32,
         description="where the LR is multiplied by lr_decay_factor, either as epochs (integers ≥ 1, below epochs: "
         "[214, 259, 284] decays after 214, 259 and 284 completed epochs) or as fractions of training (numbers "
         "strictly between 0 and 1, rounded to the nearest epoch: [0.7133, 0.8633, 0.9467] is the same schedule for "
@@ -61,14 +61,17 @@ class JobSpec(_Strict):
 
     peeraid: PeerAiDWeights = PeerAiDWeights()
     student_adv_forwards: Literal[1, 2] = Field(
-        1, description="S(x') forwards in train mode: 2 as the script (the paper presets), 1 to save one forward "
-        "(same losses and gradients; BatchNorm running statistics see x' once)"
+        1,
+        description="S(x') forwards in train mode: 2 as the script (the paper presets), 1 to save one forward "
+        "(same losses and gradients; BatchNorm running statistics see x' once)",
     )
     trades_beta: float = Field(6.0, ge=0, le=100)
 
     swa: bool = Field(True, description="keep an SWA student from swa_start on")
     swa_start: int | float | None = Field(
-        None, ge=0, description="first SWA epoch, as an epoch (integer ≥ 0) or a fraction of training (strictly "
+        None,
+        ge=0,
+        description="first SWA epoch, as an epoch (integer ≥ 0) or a fraction of training (strictly "
         "below 1); default: the first LR decay epoch, so it follows a fractional schedule",
     )
 
@@ -87,12 +90,8 @@ class JobSpec(_Strict):
 
     evaluation: EvaluationSpec = EvaluationSpec()
 
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
-        "auto", description="auto: fp32 on CPU, tf32 on GPU"
-    )
-    cuda_graph: Literal["auto", "on", "off"] = Field(
-        "auto", description="capture the training step in a CUDA graph (auto: on for GPUs)"
-    )
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field("auto", description="auto: fp32 on CPU, tf32 on GPU")
+    cuda_graph: Literal["auto", "on", "off"] = Field("auto", description="capture the training step in a CUDA graph (auto: on for GPUs)")
 
     @field_validator("student", "peer")
     @classmethod
@@ -114,14 +113,13 @@ class JobSpec(_Strict):
                 raise ValueError("decay epochs must be ≥ 1")
             return [int(v) for v in value]
         raise ValueError(
-            f"each must be an epoch (an integer ≥ 1) or a fraction of training (strictly between 0 and 1), "
-            f"all of one kind; got {value}"
+            f"each must be an epoch (an integer ≥ 1) or a fraction of training (strictly between 0 and 1), all of one kind; got {value}"
         )
 
     @field_validator("lr_decay_epochs")
     @classmethod
     def _increasing(cls, epochs: list[int] | list[float]) -> list[int] | list[float]:
-        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        if any(b <= a for a, b in itertools.pairwise(epochs)):
             raise ValueError(f"must be strictly increasing, got {epochs}")
         return epochs
 
@@ -135,16 +133,12 @@ class JobSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _consistent(self) -> JobSpec:
         late = [e for e in self.lr_decay_epochs if isinstance(e, int) and e >= self.epochs]
         if late:
-            raise ValueError(
-                f"lr_decay_epochs {late} are not below epochs={self.epochs}; shorten the schedule with the epochs"
-            )
+            raise ValueError(f"lr_decay_epochs {late} are not below epochs={self.epochs}; shorten the schedule with the epochs")
         if self.swa and self.resolved_swa_start >= self.epochs:
-            raise ValueError(
-                f"swa_start={self.resolved_swa_start} is not below epochs={self.epochs}; set swa_start, or swa=false"
-            )
+            raise ValueError(f"swa_start={self.resolved_swa_start} is not below epochs={self.epochs}; set swa_start, or swa=false")
         if self.method != "peeraid" and self.peer is not None:
             raise ValueError(f"peer is only used by method 'peeraid', not '{self.method}'; leave it out")
         return self
@@ -188,8 +182,14 @@ _TINY = dict(dataset="tinyimagenet", epochs=200, lr_decay_epochs=[99 / 200, 149 
 
 def _paper_preset(dataset: str, arch: str, schedule: dict[str, Any]) -> dict[str, Any]:
     return {
-        **schedule, "dataset": dataset, "method": "peeraid", "student": arch, "peer": arch,
-        "peeraid": PAPER_WEIGHTS[dataset].model_dump(), "selection": "test", "student_adv_forwards": 2,
+        **schedule,
+        "dataset": dataset,
+        "method": "peeraid",
+        "student": arch,
+        "peer": arch,
+        "peeraid": PAPER_WEIGHTS[dataset].model_dump(),
+        "selection": "test",
+        "student_adv_forwards": 2,
     }
 
 
@@ -197,8 +197,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "digits-demo": (
         "Built-in offline digits (16×16 grey), small CNN student and peer, 12 epochs: a CPU demo in about two minutes.",
         dict(
-            dataset="digits", method="peeraid", student="small_cnn", peer="small_cnn", epochs=12, batch_size=64,
-            lr=0.1, lr_decay_epochs=[8 / 12, 10 / 12], crop_padding=2, val_fraction=0.1,
+            dataset="digits",
+            method="peeraid",
+            student="small_cnn",
+            peer="small_cnn",
+            epochs=12,
+            batch_size=64,
+            lr=0.1,
+            lr_decay_epochs=[8 / 12, 10 / 12],
+            crop_padding=2,
+            val_fraction=0.1,
             # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
             peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
             evaluation=dict(autoattack_n_examples=50, batch_size=50),  # AutoAttack dominates the demo's time
@@ -208,8 +216,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "Your own small dataset (a few hundred to a few thousand images, 2 or more classes): small CNN student "
         "and peer, 30 epochs of batch 64, a 5-step training attack; minutes on a CPU. Set dataset.",
         dict(
-            method="peeraid", student="small_cnn", peer="small_cnn", epochs=30, batch_size=64, lr=0.1,
-            lr_decay_epochs=[2 / 3, 5 / 6], attack_steps=5, val_fraction=0.2,
+            method="peeraid",
+            student="small_cnn",
+            peer="small_cnn",
+            epochs=30,
+            batch_size=64,
+            lr=0.1,
+            lr_decay_epochs=[2 / 3, 5 / 6],
+            attack_steps=5,
+            val_fraction=0.2,
             # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
             peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
             evaluation=dict(batch_size=250),
@@ -218,8 +233,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "cifar10-resnet18": ("Paper: CIFAR-10, ResNet-18 student and peer, 300 epochs.", _paper_preset("cifar10", "resnet18", _CIFAR)),
     "cifar10-wrn34-10": ("Paper: CIFAR-10, WideResNet-34-10 student and peer, 300 epochs.", _paper_preset("cifar10", "wrn34_10", _CIFAR)),
     "cifar100-resnet18": ("Paper: CIFAR-100, ResNet-18 student and peer, 300 epochs.", _paper_preset("cifar100", "resnet18", _CIFAR)),
-    "cifar100-wrn34-10": ("Paper: CIFAR-100, WideResNet-34-10 student and peer, 300 epochs.", _paper_preset("cifar100", "wrn34_10", _CIFAR)),
-    "tinyimagenet-resnet18": ("Paper: TinyImageNet, ResNet-18 student and peer, 200 epochs.", _paper_preset("tinyimagenet", "resnet18", _TINY)),
+    "cifar100-wrn34-10": (
+        "Paper: CIFAR-100, WideResNet-34-10 student and peer, 300 epochs.",
+        _paper_preset("cifar100", "wrn34_10", _CIFAR),
+    ),
+    "tinyimagenet-resnet18": (
+        "Paper: TinyImageNet, ResNet-18 student and peer, 200 epochs.",
+        _paper_preset("tinyimagenet", "resnet18", _TINY),
+    ),
     "tinyimagenet-wrn34-10": (
         "Paper: TinyImageNet, WideResNet-34-10 student and peer; 100 epochs decayed at 49 and 79, as the authors' config.",
         _paper_preset("tinyimagenet", "wrn34_10", {**_TINY, "epochs": 100, "lr_decay_epochs": [49 / 100, 79 / 100]}),

@@ -93,9 +93,7 @@ def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer_state(
-    prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
+def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in unprefixed(prefix, tensors).items():
         index, name = key.split(".", 1)

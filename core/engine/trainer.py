@@ -21,9 +21,9 @@ from torch.optim.swa_utils import AveragedModel
 from .callbacks import EpochRecord, Stage, StepProgress, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError, DatasetError, SpecError, TrainingCancelled, TrainingDiverged
-from .loader import BatchLoader
 from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
+from .loader import BatchLoader
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
 from .preflight import check_input_size
 from .spec import JobSpec, build_spec
@@ -87,7 +87,7 @@ def recalibrate_batchnorm(model: nn.Module, loader) -> None:
             model(x)
             seen += len(x)
     finally:
-        for bn, momentum in zip(norms, momenta):
+        for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
         model.train(was_training)
 
@@ -155,8 +155,13 @@ class Trainer:
         self.next_epoch = 0
 
         self.train_loader = BatchLoader(
-            splits.train, spec.batch_size, self.device, train=True,
-            padding=spec.crop_padding if spec.augment else 0, seed=spec.seed, channels_last=self.execution.channels_last,
+            splits.train,
+            spec.batch_size,
+            self.device,
+            train=True,
+            padding=spec.crop_padding if spec.augment else 0,
+            seed=spec.seed,
+            channels_last=self.execution.channels_last,
         )
         self.step = StepRunner(self.method, self.nets, self.execution, self.device)
         self.checkpoint_path = self.workdir / CHECKPOINT_NAME
@@ -242,8 +247,11 @@ class Trainer:
             losses=losses,
             student=student_metrics,
             swa_student=swa_metrics,
-            best={key: {"epoch": b.epoch, **b.metrics} for key, b in (("student", self.best_student), ("swa_student", self.best_swa))
-                  if b.state is not None},
+            best={
+                key: {"epoch": b.epoch, **b.metrics}
+                for key, b in (("student", self.best_student), ("swa_student", self.best_swa))
+                if b.state is not None
+            },
         )
         self.history.append(record)
         self.next_epoch = epoch + 1
@@ -266,8 +274,13 @@ class Trainer:
     def _validate(self, model: nn.Module) -> dict[str, float]:
         s = self.spec
         return validation_metrics(
-            model, self.splits.val, epsilon=s.epsilon, step_size=s.attack_step_size, steps=s.eval_pgd_steps,
-            batch_size=self.eval_batch_size, device=self.device,
+            model,
+            self.splits.val,
+            epsilon=s.epsilon,
+            step_size=s.attack_step_size,
+            steps=s.eval_pgd_steps,
+            batch_size=self.eval_batch_size,
+            device=self.device,
         )
 
     # --- checkpoint ----------------------------------------------------------------------

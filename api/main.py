@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     register_error_handlers(app)
     register_validation_handler(app)
     register_job_collector(settings.resolved_database_url)
-    app.add_middleware(BodyLimits, max_bytes=settings.max_json_bytes)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_json_bytes, streamed_paths=("/v1/datasets",))
     app.add_middleware(InFlightLimit, limit=settings.key_max_in_flight)
     app.add_middleware(MetricsMiddleware)
 

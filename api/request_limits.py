@@ -73,15 +73,17 @@ def nesting_depth(body: bytes) -> int:
 
 class BodyLimits:
     """Buffers a JSON or form body up to `max_bytes` (413 beyond), refuses JSON nested deeper than
-    MAX_NESTING (422), then hands the body on. Uploads (other content types) stream untouched."""
+    MAX_NESTING (422), then hands the body on. Uploads stream untouched, whatever their content type
+    says (`curl --data-binary` labels a file as a form): the upload route enforces its own limits."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed_paths: tuple[str, ...] = ()):
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed_paths = streamed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = dict(scope.get("headers", ())).get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["type"] != "http" or content_type not in CAPPED_TYPES:
+        if scope["type"] != "http" or content_type not in CAPPED_TYPES or scope["path"] in self.streamed_paths:
             await self.app(scope, receive, send)
             return
         body = bytearray()

@@ -139,15 +139,25 @@ class PreflightOut(BaseModel):
     refusals: list[Refusal]
 
 
+class EvaluationProgressOut(BaseModel):
+    model: str = Field(description="student or swa_student")
+    attack: str = Field(description="e.g. 'clean, FGSM, PGD-20' or 'AutoAttack'")
+    batch: int = Field(description="batches done")
+    batches: int
+    accuracy_so_far: float | None = None
+    eta_seconds: float | None = None
+
+
 class Progress(BaseModel):
-    epoch: int | None = None
+    epoch: int | None = Field(None, description="the epoch under way, from 1")
     epochs: int | None = None
     step: int | None = None
     steps_per_epoch: int | None = None
     images_per_sec: float | None = None
-    eta_seconds: float | None = None
-    fraction: float = 0.0
+    eta_seconds: float | None = Field(None, description="of the training; the evaluation has its own")
+    fraction: float = Field(0.0, description="of the training done")
     losses: dict[str, float] | None = None
+    evaluation: EvaluationProgressOut | None = Field(None, description="the final report's progress, once it has started")
 
 
 class JobOut(Out):

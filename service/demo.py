@@ -4,6 +4,7 @@ verified), load it with the engine and check it reproduces the reported clean ac
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from typing import Any
@@ -13,6 +14,7 @@ from peeraid_client.progress import TERMINAL_STATUSES, describe_progress
 
 
 def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
     spec: dict[str, Any] = {} if epochs is None else {"epochs": epochs}  # the preset's schedule follows, in proportion
     try:
         with Client(url, api_key) as client:

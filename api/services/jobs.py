@@ -47,6 +47,8 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
         overrides["dataset"] = body.dataset
     spec = build_spec(body.preset, overrides)
     dataset = db.run(lambda session: _resolve_dataset(session, tenant, spec.dataset, lock=False))
+    if dataset is not None:  # named by its name: the job refers to it by id, which the worker resolves
+        spec = spec.model_copy(update={"dataset": dataset.id})
     shape = (
         BUILTIN_SHAPES[spec.dataset]
         if dataset is None

@@ -93,12 +93,13 @@ def test_catalog_health_readiness_and_metrics(client):
     assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
 
-def test_datasets_are_named_by_id_or_by_unambiguous_name(new_client, digits_npz_bytes):
+def test_datasets_are_named_by_id_or_by_unambiguous_name(new_client, settings, digits_npz_bytes):
     client = new_client()
     first = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
     by_name = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
     assert by_name.status_code == 201 and by_name.json()["dataset_id"] == first["id"]
-    client.post(f"/v1/jobs/{by_name.json()['id']}/cancel")
+    assert by_name.json()["spec"]["dataset"] == first["id"] and by_name.json()["dataset"] == "pets"
+    assert run_job_here(settings, by_name.json()["id"])["status"] == "succeeded"  # the worker finds it
     second = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
     ambiguous = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
     assert ambiguous.status_code == 422 and first["id"] in ambiguous.text and second["id"] in ambiguous.text

@@ -80,3 +80,20 @@ def test_a_stream_ends_when_its_key_is_revoked(small_limits, settings):
 def _revoke(settings, key: str) -> None:
     with database(settings.resolved_database_url).transaction() as session:
         tenants.revoke_key(session, tenants.key_prefix(key))
+
+
+def test_evaluation_progress_reaches_the_api(new_client, settings):
+    """The evaluation's progress the worker writes (model, attack, batch i/n, accuracy so far, ETA) is in the job."""
+    from sqlalchemy import update
+
+    from core.db.models import Job
+
+    client = new_client()
+    job = client.post("/v1/jobs", json=QUEUED).json()
+    evaluation = {"model": "student", "attack": "AutoAttack", "batch": 2, "batches": 5, "accuracy_so_far": 0.4, "eta_seconds": 12.0}
+    with database(settings.resolved_database_url).transaction() as session:
+        session.execute(
+            update(Job).where(Job.id == job["id"]).values(progress={"epoch": 4, "epochs": 4, "fraction": 1.0, "evaluation": evaluation})
+        )
+    assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["evaluation"] == evaluation
+    client.post(f"/v1/jobs/{job['id']}/cancel")

@@ -191,3 +191,14 @@ def test_mixed_image_sizes_need_resize_and_a_job_trains_on_the_resized_images(ne
         },
     ).json()
     assert run_job_here(settings, job["id"])["status"] == "succeeded", client.get(f"/v1/jobs/{job['id']}").json()["error"]
+
+
+def test_an_upload_labelled_as_a_form_as_curl_data_binary_does_streams_like_any_other(client, tmp_path):
+    """`curl --data-binary @f.zip` sends Content-Type: application/x-www-form-urlencoded; the JSON/form body cap must not apply."""
+    big = write_zip(tmp_path / "big.zip", class_tree(("cat", "dog"), 60, make=lambda: rgb(48)), compression=zipfile.ZIP_STORED)
+    assert big.stat().st_size > 300_000  # over the JSON and form body cap
+    response = client.post(
+        "/v1/datasets", params={"name": "curl"}, content=big.read_bytes(), headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["num_train"] + response.json()["num_test"] == 120

@@ -178,7 +178,9 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> int:
             leave=False,
         )
     try:
-        dataset = client.upload_dataset(path, name=args.name, on_progress=(lambda sent, _: bar.update(sent - bar.n)) if bar else None)
+        dataset = client.upload_dataset(
+            path, name=args.name, resize=args.resize, on_progress=(lambda sent, _: bar.update(sent - bar.n)) if bar else None
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -357,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(datasets, "upload", cmd_datasets_upload, "upload a .npz, or a .zip/.tar/.tar.gz of class folders")
     p.add_argument("file")
     p.add_argument("--name", help="a name for it (default: the file name)")
+    p.add_argument("--resize", metavar="WIDTHxHEIGHT", help="resize every image to this size (needed when their sizes differ), e.g. 32x32")
     command(datasets, "list", cmd_datasets_list, "built-in datasets and your uploads")
     command(datasets, "show", cmd_datasets_show, "one dataset, as JSON").add_argument("id")
     command(datasets, "delete", cmd_datasets_delete, "delete an uploaded dataset").add_argument("id")

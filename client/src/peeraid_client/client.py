@@ -46,7 +46,8 @@ _UNSAFE_FILE_NAME = re.compile(r"[^\w.\- ]")
 
 def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
     """Server-sent events as (event, data); data is JSON-decoded where it parses. Comments are skipped."""
-    event, data = "", []
+    event = ""
+    data: list[str] = []
     for line in lines:
         if not line:
             if data or event:
@@ -161,9 +162,15 @@ class Client:
     # --- datasets --------------------------------------------------------------------------------
 
     def upload_dataset(
-        self, path: str | os.PathLike[str], name: str | None = None, *, on_progress: Callable[[int, int], None] | None = None
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        resize: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> JSON:
-        """Upload a .npz or a .zip / .tar / .tar.gz of class folders, streamed from disk.
+        """Upload a .npz or a .zip / .tar / .tar.gz of class folders, streamed from disk. `resize="32x32"`
+        (WIDTHxHEIGHT) resizes every image, for datasets whose images differ in size.
         `on_progress(sent, total)` is called after each chunk. Not retried: the body is a one-shot stream."""
         path = Path(path)
         try:
@@ -184,7 +191,8 @@ class Client:
             return self._json(
                 "POST",
                 "/v1/datasets",
-                params={"name": name or path.stem.removesuffix(".tar"), "filename": _safe_file_name(path.name)},
+                params={"name": name or path.stem.removesuffix(".tar"), "filename": _safe_file_name(path.name)}
+                | ({"resize": resize} if resize else {}),
                 content=chunks(),
                 # an explicit length lets the service refuse an oversized file before it is sent
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(total)},

@@ -48,7 +48,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import numpy as np
 import torch
@@ -632,9 +632,11 @@ def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> _EntryStream:
     with open(path, "rb") as raw_file:
         raw = _CountingReader(raw_file)
         budget = _Budget(source, limits, lambda: raw.count)
-        inflated = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        # casts: the stubs ask any fileobj for seek (and tarfile for write/tell/close), but a reading GzipFile and
+        # a stream-mode ("r|") tarfile only ever call read, which is all _CountingReader has
+        inflated = gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb") if gz else raw
         stream = _CountingReader(inflated, budget)  # every byte tarfile sees, headers included
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|") as tar:
             for number, member in enumerate(tar, 1):
                 entry = member.name
                 if number > limits.max_entries:
@@ -655,7 +657,9 @@ def _tar_entries(path: Path, gz: bool, limits: FileLimits) -> _EntryStream:
                 _check_entry_size(source, entry, member.size, limits)
                 _check_size(source, budget.total + member.size, limits, entry)
                 try:
-                    data = tar.extractfile(member).read()
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None  # extractfile gives None only for what is not a regular file, refused above
+                    data = extracted.read()
                 except DatasetError:
                     raise
                 except _CORRUPT as err:

@@ -98,13 +98,13 @@ def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[I
     if not 0 < fraction < 1:
         raise DatasetError(f"val_fraction must be in (0, 1), got {fraction}")
     generator = torch.Generator().manual_seed(seed)
-    val_index = []
+    val_per_class: list[torch.Tensor] = []
     for label in range(train.num_classes):
         members = torch.nonzero(train.labels == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_val = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
-        val_index.append(members[:n_val])
-    val_index = torch.cat(val_index).sort().values
+        val_per_class.append(members[:n_val])
+    val_index = torch.cat(val_per_class).sort().values
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_index] = False
     return train.subset(torch.nonzero(keep).flatten()), train.subset(val_index)

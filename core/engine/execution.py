@@ -20,6 +20,7 @@ from .errors import SpecError
 from .methods import Networks, TrainingMethod
 
 Precision = Literal["fp32", "tf32", "bf16"]
+GraphKey = tuple[tuple[int, ...], tuple[float, ...]]  # the batch shape, and every param group's learning rate
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +31,7 @@ class Execution:
     channels_last: bool
 
     @staticmethod
-    def resolve(precision: str, cuda_graph: str, device: torch.device) -> Execution:
+    def resolve(precision: Precision | Literal["auto"], cuda_graph: Literal["auto", "on", "off"], device: torch.device) -> Execution:
         on_gpu = device.type == "cuda"
         if precision == "auto":
             precision = "tf32" if on_gpu else "fp32"
@@ -69,8 +70,9 @@ class StepRunner:
         self.device = torch.device(device)
         self.warmup_left = warmup_steps if execution.cuda_graph else 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_key: tuple | None = None
-        self.static: dict[str, torch.Tensor] = {}
+        self.graph_key: GraphKey | None = None
+        self.static: dict[str, torch.Tensor] = {}  # the captured step's inputs, "x" and "y"
+        self.static_out: dict[str, torch.Tensor] = {}  # and its outputs
         self.steps = 0
         self.captures = 0
         self.fallback: dict[str, Any] | None = None
@@ -101,9 +103,11 @@ class StepRunner:
         if self.warmup_left > 0:  # real steps on a side stream: lazily created state (momentum) must exist before capture
             self.warmup_left -= 1
             return self._on_side_stream(x, y)
-        key = (tuple(x.shape), tuple(g["lr"] for o in self.nets.optimizers() for g in o.param_groups))
-        if self.graph is not None and key[0] != self.graph_key[0]:
-            return self.eager(x, y)  # the epoch's last, smaller batch
+        key: GraphKey = (tuple(x.shape), tuple(g["lr"] for o in self.nets.optimizers() for g in o.param_groups))
+        if self.graph is not None:
+            assert self.graph_key is not None  # captured together with the graph
+            if key[0] != self.graph_key[0]:
+                return self.eager(x, y)  # the epoch's last, smaller batch
         if key == self.graph_key:
             return self._replay(x, y)
         phase = "capture"
@@ -121,11 +125,11 @@ class StepRunner:
         reason = f"{phase} failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
         log.warning("CUDA graph %s; continuing with eager steps from step %d", reason, self.steps)
         self.fallback = {"reason": reason, "step": self.steps}
-        self.graph, self.graph_key, self.static = None, None, {}
+        self.graph, self.graph_key, self.static, self.static_out = None, None, {}, {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _on_side_stream(self, x, y):
+    def _on_side_stream(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -133,22 +137,23 @@ class StepRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return out
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, key: GraphKey) -> None:
         self.graph = None
         torch.cuda.synchronize(self.device)
         static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self.eager(static_x, static_y)
-        self.static = {"x": static_x, "y": static_y, "out": out}
+        self.static, self.static_out = {"x": static_x, "y": static_y}, out
         self.graph, self.graph_key = graph, key
         self.captures += 1
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         self.static["x"].copy_(x)
         self.static["y"].copy_(y)
+        assert self.graph is not None  # replays follow a capture, whose key they matched
         self.graph.replay()
-        return self.static["out"]
+        return self.static_out
 
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

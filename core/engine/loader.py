@@ -77,12 +77,12 @@ class BatchLoader:
     def __iter__(self):
         n = len(self.dataset)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch) if self.train else None
-        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         batches = self._device_batches(order) if self.on_device else self._host_batches(order)
         for x, y in batches:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            if self.train and self.padding > 0:
+            if generator is not None and self.padding > 0:  # training (the only case with a generator): augment
                 x = random_crop_flip(x, self.padding, _device_generator(generator, self.device))
             x = x.float().div_(255)
             if self.channels_last:

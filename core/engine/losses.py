@@ -22,13 +22,13 @@ class PeerAiDWeights(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tau: float = Field(5.0, gt=0, le=100, description="distillation temperature τ of the student loss")
-    gamma1: float = Field(1.0, ge=0, le=1000, description="γ1: weight of CE(p_adv, y) in the peer loss")
-    gamma2: float = Field(0.1, ge=0, le=1000, description="γ2: weight of the peer's re-distillation KL")
-    tau_peer: float = Field(1.0, gt=0, le=100, description="τp: re-distillation temperature of the peer loss")
-    lambda1: float = Field(0.0, ge=0, le=1000, description="λ1: weight of CE(s_adv, y) in the student loss")
-    lambda2: float = Field(1.0, ge=0, le=1000, description="λ2: weight of KL(s_adv ‖ p_adv)")
-    lambda3: float = Field(1.0, ge=0, le=1000, description="λ3: weight of KL(s_adv ‖ s_nat)")
+    tau: float = Field(default=5.0, gt=0, le=100, description="distillation temperature τ of the student loss")
+    gamma1: float = Field(default=1.0, ge=0, le=1000, description="γ1: weight of CE(p_adv, y) in the peer loss")
+    gamma2: float = Field(default=0.1, ge=0, le=1000, description="γ2: weight of the peer's re-distillation KL")
+    tau_peer: float = Field(default=1.0, gt=0, le=100, description="τp: re-distillation temperature of the peer loss")
+    lambda1: float = Field(default=0.0, ge=0, le=1000, description="λ1: weight of CE(s_adv, y) in the student loss")
+    lambda2: float = Field(default=1.0, ge=0, le=1000, description="λ2: weight of KL(s_adv ‖ p_adv)")
+    lambda3: float = Field(default=1.0, ge=0, le=1000, description="λ3: weight of KL(s_adv ‖ s_nat)")
 
 
 # The paper's table; the same values for ResNet-18 and WideResNet-34-10 students.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,7 +46,7 @@ class Networks:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode inside the block, back in its previous mode after it, even on an error."""
     was_training = model.training
     model.eval()
@@ -80,6 +81,7 @@ class PeerAiD(TrainingMethod):
 
     def step(self, nets: Networks, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         student, peer = nets.student, nets.peer
+        assert peer is not None, "PeerAiD trains a peer beside the student; Networks.peer is None"
         with eval_mode(peer), torch.no_grad():
             peer_clean_probs = F.softmax(peer(x), dim=1)
         a = self.attack

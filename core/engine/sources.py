@@ -54,7 +54,7 @@ def load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Ima
         ) from err
     except OSError as err:  # no network
         raise DatasetError(f"{name} could not be downloaded ({err}); put the extracted '{cls.base_folder}' folder in {folder}") from err
-    return tuple(
+    train, test = (
         ImageDataset(
             torch.from_numpy(np.ascontiguousarray(part.data.transpose(0, 3, 1, 2))),
             torch.tensor(part.targets, dtype=torch.int64),
@@ -62,6 +62,7 @@ def load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Ima
         )
         for part in parts
     )
+    return train, test
 
 
 def load_tinyimagenet(root: Path) -> tuple[ImageDataset, ImageDataset]:

@@ -23,27 +23,29 @@ class _Strict(BaseModel):
 class EvaluationSpec(_Strict):
     """The final report on the test set, for the best student and the best SWA student."""
 
-    n_examples: int | None = Field(None, ge=1, le=1_000_000, description="test examples to attack (None: the whole test set)")
-    pgd_steps: int = Field(20, ge=1, le=1000)
-    autoattack: bool = Field(True, description="run AutoAttack (L∞; the standard version from 10 classes, adapted below)")
+    n_examples: int | None = Field(default=None, ge=1, le=1_000_000, description="test examples to attack (None: the whole test set)")
+    pgd_steps: int = Field(default=20, ge=1, le=1000)
+    autoattack: bool = Field(default=True, description="run AutoAttack (L∞; the standard version from 10 classes, adapted below)")
     autoattack_n_examples: int | None = Field(
-        None, ge=1, le=1_000_000, description="run AutoAttack on only the first this many of those examples (None: all)"
+        default=None, ge=1, le=1_000_000, description="run AutoAttack on only the first this many of those examples (None: all)"
     )
-    batch_size: int = Field(500, ge=1, le=8192)
+    batch_size: int = Field(default=500, ge=1, le=8192)
 
 
 class JobSpec(_Strict):
-    dataset: str = Field("digits", min_length=1, max_length=512, description="built-in name, or a dataset file (the service fills this in)")
+    dataset: str = Field(
+        default="digits", min_length=1, max_length=512, description="built-in name, or a dataset file (the service fills this in)"
+    )
     method: Literal["peeraid", "pgd_at", "trades", "natural"] = "peeraid"
-    student: str = Field("resnet18", description="student architecture (see the registry)")
-    peer: str | None = Field(None, description="peer architecture for PeerAiD (default: same as the student)")
+    student: str = Field(default="resnet18", description="student architecture (see the registry)")
+    peer: str | None = Field(default=None, description="peer architecture for PeerAiD (default: same as the student)")
 
-    epochs: int = Field(300, ge=1, le=2000)
-    batch_size: int = Field(128, ge=2, le=4096)
-    lr: float = Field(0.1, gt=0, le=10, description="initial learning rate of the student")
-    peer_lr: float | None = Field(None, gt=0, le=10, description="initial learning rate of the peer (default: lr)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(2e-4, ge=0, le=1)
+    epochs: int = Field(default=300, ge=1, le=2000)
+    batch_size: int = Field(default=128, ge=2, le=4096)
+    lr: float = Field(default=0.1, gt=0, le=10, description="initial learning rate of the student")
+    peer_lr: float | None = Field(default=None, gt=0, le=10, description="initial learning rate of the peer (default: lr)")
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=2e-4, ge=0, le=1)
     lr_decay_epochs: list[int] | list[float] = Field(
         default_factory=lambda: [214, 259, 284],
         max_length=32,
@@ -52,46 +54,48 @@ class JobSpec(_Strict):
         "strictly between 0 and 1, rounded to the nearest epoch: [0.7133, 0.8633, 0.9467] is the same schedule for "
         "300 epochs, and follows when epochs changes); fractions landing on one epoch each apply their factor",
     )
-    lr_decay_factor: float = Field(0.1, gt=0, le=1)
+    lr_decay_factor: float = Field(default=0.1, gt=0, le=1)
 
-    epsilon: float = Field(8 / 255, gt=0, le=0.5, description="L∞ radius, on inputs in [0, 1]")
-    attack_step_size: float = Field(2 / 255, gt=0, le=0.5, description="α of the training and per-epoch attacks")
-    attack_steps: int = Field(10, ge=1, le=100, description="K: attack steps during training")
-    eval_pgd_steps: int = Field(10, ge=1, le=100, description="PGD steps of the per-epoch validation")
+    epsilon: float = Field(default=8 / 255, gt=0, le=0.5, description="L∞ radius, on inputs in [0, 1]")
+    attack_step_size: float = Field(default=2 / 255, gt=0, le=0.5, description="α of the training and per-epoch attacks")
+    attack_steps: int = Field(default=10, ge=1, le=100, description="K: attack steps during training")
+    eval_pgd_steps: int = Field(default=10, ge=1, le=100, description="PGD steps of the per-epoch validation")
 
     peeraid: PeerAiDWeights = PeerAiDWeights()
     student_adv_forwards: Literal[1, 2] = Field(
-        1,
+        default=1,
         description="S(x') forwards in train mode: 2 as the script (the paper presets), 1 to save one forward "
         "(same losses and gradients; BatchNorm running statistics see x' once)",
     )
-    trades_beta: float = Field(6.0, ge=0, le=100)
+    trades_beta: float = Field(default=6.0, ge=0, le=100)
 
-    swa: bool = Field(True, description="keep an SWA student from swa_start on")
+    swa: bool = Field(default=True, description="keep an SWA student from swa_start on")
     swa_start: int | float | None = Field(
-        None,
+        default=None,
         ge=0,
         description="first SWA epoch, as an epoch (integer ≥ 0) or a fraction of training (strictly "
         "below 1); default: the first LR decay epoch, so it follows a fractional schedule",
     )
 
-    augment: bool = Field(True, description="random crop with zero padding + horizontal flip")
-    crop_padding: int = Field(4, ge=0, le=32)
+    augment: bool = Field(default=True, description="random crop with zero padding + horizontal flip")
+    crop_padding: int = Field(default=4, ge=0, le=32)
     selection: Literal["validation", "test"] = Field(
-        "validation",
+        default="validation",
         description="where the best epoch is selected. 'validation': on val_fraction of the training data, held out "
         "(the test set serves only the final report); 'test': the paper protocol, as the authors' script: train on "
         "the whole training set and select on the test set (the report's test accuracies are then not held out)",
     )
     val_fraction: float = Field(
-        0.1, gt=0, le=0.5, description="share of the training data held out for selection 'validation' (unused with 'test')"
+        default=0.1, gt=0, le=0.5, description="share of the training data held out for selection 'validation' (unused with 'test')"
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     evaluation: EvaluationSpec = EvaluationSpec()
 
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field("auto", description="auto: fp32 on CPU, tf32 on GPU")
-    cuda_graph: Literal["auto", "on", "off"] = Field("auto", description="capture the training step in a CUDA graph (auto: on for GPUs)")
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(default="auto", description="auto: fp32 on CPU, tf32 on GPU")
+    cuda_graph: Literal["auto", "on", "off"] = Field(
+        default="auto", description="capture the training step in a CUDA graph (auto: on for GPUs)"
+    )
 
     @field_validator("student", "peer")
     @classmethod
@@ -154,7 +158,7 @@ class JobSpec(_Strict):
         """The LR decay epochs as epochs: fractions rounded to the nearest epoch and kept within 1 … epochs − 1
         (a one-epoch run has no epoch to decay at)."""
         if not self.lr_decay_epochs or isinstance(self.lr_decay_epochs[0], int):
-            return list(self.lr_decay_epochs)
+            return [int(e) for e in self.lr_decay_epochs]  # already ints: the validator made them so
         return [self._epoch_of(f, lowest=1) for f in self.lr_decay_epochs] if self.epochs > 1 else []
 
     @property

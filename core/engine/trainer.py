@@ -132,13 +132,14 @@ class Trainer:
             self.execution.configure_backends()
 
         in_channels, height, width = splits.input_shape
-        for architecture in (spec.student, spec.peer_architecture if self.method.uses_peer else None):
+        peer_architecture = spec.peer_architecture if self.method.uses_peer else None
+        for architecture in (spec.student, peer_architecture):
             if architecture is not None:
                 check_input_size(architecture, height, width)
         self.model_kwargs = dict(num_classes=len(splits.classes), in_channels=in_channels)
         torch.manual_seed(spec.seed)
         student = create_model(spec.student, **self.model_kwargs).to(self.device)
-        peer = create_model(spec.peer_architecture, **self.model_kwargs).to(self.device) if self.method.uses_peer else None
+        peer = create_model(peer_architecture, **self.model_kwargs).to(self.device) if peer_architecture is not None else None
         if self.execution.channels_last:
             student = student.to(memory_format=torch.channels_last)
             peer = peer.to(memory_format=torch.channels_last) if peer is not None else None
@@ -212,8 +213,8 @@ class Trainer:
         for step, (x, y) in enumerate(self.train_loader):
             if self.callbacks.should_stop():
                 raise TrainingCancelled(f"cancelled during epoch {epoch}")
-            losses = self.step(x, y)
-            for name, value in losses.items():
+            step_losses = self.step(x, y)
+            for name, value in step_losses.items():
                 sums[name] = sums.get(name, 0) + value * len(y)
             seen += len(y)
             now = time.perf_counter()
@@ -227,17 +228,17 @@ class Trainer:
         losses = self._finite_means(sums, seen, epoch)
 
         eval_started = time.perf_counter()
-        swa_active = self.swa is not None and epoch >= s.resolved_swa_start
-        if swa_active:
-            self.swa.update_parameters(self.nets.student)
+        swa = self.swa if self.swa is not None and epoch >= s.resolved_swa_start else None
+        if swa is not None:
+            swa.update_parameters(self.nets.student)
             self.train_loader.set_epoch(self.bn_pass_epoch(epoch))
-            recalibrate_batchnorm(self.swa.module, self.train_loader)
+            recalibrate_batchnorm(swa.module, self.train_loader)
         student_metrics = self._validate(self.nets.student)
         self.best_student.consider(epoch + 1, student_metrics, self.nets.student)
         swa_metrics = None
-        if swa_active:
-            swa_metrics = self._validate(self.swa.module)
-            self.best_swa.consider(epoch + 1, swa_metrics, self.swa.module)
+        if swa is not None:
+            swa_metrics = self._validate(swa.module)
+            self.best_swa.consider(epoch + 1, swa_metrics, swa.module)
         record = EpochRecord(
             epoch=epoch + 1,
             lr=lr,
@@ -298,6 +299,7 @@ class Trainer:
             "opt.student": opt_meta,
         }
         if self.nets.peer is not None:
+            assert self.nets.peer_optimizer is not None  # the trainer builds the peer with its optimizer
             tensors.update(prefixed("peer", self.nets.peer.state_dict()))
             opt_tensors, meta["opt.peer"] = optimizer_state("opt.peer", self.nets.peer_optimizer)
             tensors.update(opt_tensors)
@@ -323,6 +325,7 @@ class Trainer:
         self.nets.student.load_state_dict(unprefixed("student", tensors))
         load_optimizer_state("opt.student", self.nets.student_optimizer, tensors, meta["opt.student"])
         if self.nets.peer is not None:
+            assert self.nets.peer_optimizer is not None  # the trainer builds the peer with its optimizer
             self.nets.peer.load_state_dict(unprefixed("peer", tensors))
             load_optimizer_state("opt.peer", self.nets.peer_optimizer, tensors, meta["opt.peer"])
         if self.swa is not None:

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest workers on two cores: one thread each, or every small operation waits on the other's threads
+    torch.set_num_threads(1)
 
 from core.engine.datasets import DatasetSplits, fingerprint, split_validation
 from core.engine.sources import load_digits

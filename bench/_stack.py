@@ -186,6 +186,7 @@ def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = Fals
     database_url = stack.enter_context(throwaway_database())
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peeraid-bench-")))
     env = service_env(database_url, data_dir, free_port())
+    stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])  # after the API has stopped: it may still send messages until then
     keys = {tenant: create_key(env, tenant) for tenant in tenants}  # the first also applies the migrations
     api = start_server("service API", "service", ["api"], env, data_dir / "api.log")
     stack.callback(api.stop)
@@ -195,7 +196,6 @@ def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = Fals
         stack.callback(naive_app.stop)
         naive_app.wait_until_up()
     api.wait_until_up()
-    stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])
     return LocalService(database_url, api, keys, naive_app)
 
 

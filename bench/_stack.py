@@ -199,6 +199,9 @@ def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = Fals
     return LocalService(database_url, api, keys, naive_app)
 
 
-def handle_sigterm_as_ctrl_c() -> None:
-    """So that `kill` cleans up exactly as Ctrl-C does: servers stopped, database dropped."""
+def interrupt_on_ctrl_c_and_sigterm() -> None:
+    """Ctrl-C and `kill` both raise KeyboardInterrupt, so either cleans up: servers stopped, database dropped.
+    SIGINT too, explicitly: a process started in the background by a non-interactive shell (CI's, for one)
+    inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

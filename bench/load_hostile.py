@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ._http import Connection
 from ._load import NETWORK_ERRORS, Sample, error_name, hold_streams, open_loop, outcome_of, percentile
-from ._stack import handle_sigterm_as_ctrl_c, libpq_url, start_local_service, submit_job
+from ._stack import interrupt_on_ctrl_c_and_sigterm, libpq_url, start_local_service, submit_job
 from .load_status import fmt, new_event_loop
 
 HEALTHZ_INTERVAL = 0.1
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handle_sigterm_as_ctrl_c()
+    interrupt_on_ctrl_c_and_sigterm()
     limit = raise_open_files_limit(args.streams + args.uploads + args.b_connections + 256)
     with ExitStack() as stack:
         if args.url:

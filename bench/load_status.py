@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ._http import Connection
 from ._load import CpuMeter, Sample, closed_loop, open_loop, ramp_streams, stream_openings
-from ._stack import REPO, handle_sigterm_as_ctrl_c, insert_jobs, start_local_service, submit_job
+from ._stack import REPO, insert_jobs, interrupt_on_ctrl_c_and_sigterm, start_local_service, submit_job
 
 PHASES = ("get", "list", "sse", "open", "streams")  # in this order: streams last, as a server may not recover from it
 
@@ -308,7 +308,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handle_sigterm_as_ctrl_c()
+    interrupt_on_ctrl_c_and_sigterm()
     started = os.getloadavg()
     with ExitStack() as stack:
         if args.url:

@@ -388,6 +388,7 @@ def test_ctrl_c_stops_the_servers_and_drops_the_database(postgres):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as a non-interactive shell starts a background job
     )
     try:
         first_line = tool.stdout.readline()  # printed once the API is up

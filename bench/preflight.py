@@ -42,9 +42,9 @@ CASES = {
     "small-data": Case("small-data", {"dataset": "digits", "evaluation": {"autoattack_n_examples": 50}}),
     "resnet18": Case(
         "small-data",
-        {"student": "resnet18", "peer": "resnet18", "epochs": 2, "evaluation": {"n_examples": 64, "autoattack_n_examples": 8}},
+        {"student": "resnet18", "peer": "resnet18", "epochs": 1, "evaluation": {"n_examples": 64, "autoattack_n_examples": 8}},
         rgb_size=32,
-        train_images=320,
+        train_images=192,
     ),
 }
 
@@ -83,17 +83,17 @@ def measure(name: str, case: Case, device: str) -> dict:
     end = time.monotonic()
     training = clock.at[Stage.EXPORTING] - clock.started
     evaluation = end - clock.at[Stage.EVALUATING]
-    rate = DEVICE_RATES["cpu" if device == "cpu" else "h100"].flops_per_second(spec.student)
+    rate = DEVICE_RATES["cpu" if device == "cpu" else "h100"]
     return {
         "case": name,
         "student": spec.student,
         "input": f"{c}×{h}×{w}",
         "epochs": spec.epochs,
         "training_s": training,
-        "training_estimate_s": estimate.training_flops / rate,
+        "training_estimate_s": estimate.training_flops / rate.flops_per_second(spec.student),
         "training_rate": estimate.training_flops / training,
         "evaluation_s": evaluation,
-        "evaluation_estimate_s": estimate.evaluation_flops / rate,
+        "evaluation_estimate_s": estimate.evaluation_flops / rate.evaluation_flops_per_second(spec.student),
         "evaluation_rate": estimate.evaluation_flops / evaluation,
         "total_s": end - clock.started,
         "estimate_s": estimate.hours["cpu" if device == "cpu" else "h100"] * 3600,

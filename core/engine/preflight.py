@@ -5,15 +5,20 @@ architecture by a dry forward on the meta device, the schedule against the epoch
 the work: arithmetic per training step counted by PyTorch's FlopCounterMode on the meta device (no
 memory, no arithmetic), memory at the batch size, and hours per device class from measured rates.
 
-Rates are measured throughputs of the training step, turned into arithmetic per second:
+Rates are measured throughputs, turned into arithmetic per second:
 - h100: the authors' step (ResNet-18 student and peer, CIFAR-100, batch 128, eager, TF32) ran at
   1,157 images/s on one H100 (../shared/PEERAID_SPEC.md); the fast paths here aim higher, so GPU
   estimates are upper bounds.
-- cpu: PeerAiD steps on this project's 2-core machine (`python -m bench.preflight`, 2026-11-25):
-  small_cnn at 16×16 and ResNet-18 at 32×32, torch's two threads.
-Small networks use the arithmetic units far less well than large ones, hence rates per architecture
-where measured. Estimates are within a factor of about 3 (dataset loading and the last, smaller batch
-of each epoch are not counted)."""
+- cpu: whole jobs on this project's 2-core machine (`python -m bench.preflight`, 2026-11-26, torch's
+  two threads): training reached 26 GFLOP/s with small_cnn at 1×16×16 (digits-demo and small-data
+  alike) and 124 GFLOP/s with ResNet-18 at 3×32×32; small_cnn's final evaluation 7 GFLOP/s (AutoAttack's
+  small batches of a small network use the cores less well). Architectures not measured get half of
+  ResNet-18's rate.
+The final evaluation is counted as if every point survived every attack: an upper bound, reached by a
+robust model (a model with little robustness is broken early and finishes sooner; ResNet-18 after one
+epoch took 5% of its estimate). Small networks use the arithmetic units far less well than large
+ones, hence rates per architecture where measured (one small_cnn rate fits both its cases' training
+within 2%); dataset loading and the last, smaller batch of each epoch are not counted."""
 
 from __future__ import annotations
 
@@ -44,19 +49,26 @@ class DataShape:
 
 @dataclass(frozen=True)
 class DeviceRate:
-    """Arithmetic per second the training step reaches on a device class, by architecture where measured."""
+    """Arithmetic per second a device class reaches, by architecture where measured; the final
+    evaluation's own rate where it was measured apart from training."""
 
     default: float
     by_architecture: dict[str, float] = field(default_factory=dict)
+    evaluation_by_architecture: dict[str, float] = field(default_factory=dict)
     source: str = ""
 
     def flops_per_second(self, architecture: str) -> float:
         return self.by_architecture.get(architecture, self.default)
 
+    def evaluation_flops_per_second(self, architecture: str) -> float:
+        return self.evaluation_by_architecture.get(architecture, self.flops_per_second(architecture))
+
 
 DEVICE_RATES: dict[str, DeviceRate] = {
     "h100": DeviceRate(55.3e12, source="authors' eager TF32 step, ResNet-18, 1,157 images/s on one H100"),
-    "cpu": DeviceRate(20e9, {"small_cnn": 4.5e9, "resnet18": 40e9}, source="PeerAiD steps on a 2-core CPU (bench.preflight)"),
+    "cpu": DeviceRate(
+        62e9, {"small_cnn": 26e9, "resnet18": 124e9}, {"small_cnn": 7e9}, source="whole jobs on a 2-core CPU (bench.preflight)"
+    ),
 }
 
 
@@ -166,7 +178,10 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     parameters = [sum(p.numel() for p in m.parameters()) for m in (student, peer) if m is not None]
     kept = spec.batch_size * (student_activations * (spec.student_adv_forwards + 1) + peer_activations)
     memory = (3 * sum(parameters) + kept) * BYTES_PER_VALUE + shape.num_train * shape.in_channels * shape.height * shape.width
-    hours = {device: (training + evaluation) / rate.flops_per_second(spec.student) / 3600 for device, rate in DEVICE_RATES.items()}
+    hours = {
+        device: (training / rate.flops_per_second(spec.student) + evaluation / rate.evaluation_flops_per_second(spec.student)) / 3600
+        for device, rate in DEVICE_RATES.items()
+    }
     warnings = []
     if train < 20 * shape.num_classes:
         warnings.append(f"{train} training images for {shape.num_classes} classes is very little: expect a weak model")

@@ -197,6 +197,11 @@ def _paper_preset(dataset: str, arch: str, schedule: dict[str, Any]) -> dict[str
     }
 
 
+# Small CNNs on small data: λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels
+# while the peer is still weak.
+_SMALL_CNN_WEIGHTS = PeerAiDWeights(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1)
+
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "digits-demo": (
         "Built-in offline digits (16×16 grey), small CNN student and peer, 12 epochs: a CPU demo in about two minutes.",
@@ -211,8 +216,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             lr_decay_epochs=[8 / 12, 10 / 12],
             crop_padding=2,
             val_fraction=0.1,
-            # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
-            peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
+            peeraid=_SMALL_CNN_WEIGHTS.model_dump(),
             evaluation=dict(autoattack_n_examples=50, batch_size=50),  # AutoAttack dominates the demo's time
         ),
     ),
@@ -229,8 +233,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             lr_decay_epochs=[2 / 3, 5 / 6],
             attack_steps=5,
             val_fraction=0.2,
-            # λ1 > 0 (as the paper's TinyImageNet setting) lets the student learn labels while the peer is still weak
-            peeraid=dict(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0.5, lambda2=1, lambda3=1),
+            peeraid=_SMALL_CNN_WEIGHTS.model_dump(),
             evaluation=dict(batch_size=250),
         ),
     ),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.db import tenants
 from core.db.models import Dataset, Job
-from core.db.session import Database, database
+from core.db.session import Database
 from core.db.tenants import TenantContext
 from core.settings import Settings
 from core.storage import Storage
@@ -41,8 +41,9 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_database(settings: SettingsDep) -> Database:
-    return database(settings.resolved_database_url)
+async def get_database(request: Request) -> Database:
+    # from the app's state, not from SettingsDep: every level of dependencies costs FastAPI time on every request
+    return request.app.state.database
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]
@@ -83,10 +84,9 @@ async def get_upload_slots(request: Request) -> TenantSlots:
 UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]
 
 
-async def current_tenant(
-    request: Request, db: DatabaseDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> TenantContext:
-    tenant = await authenticate(db, credentials.credentials, request.app.state.key_cache) if credentials else None
+async def current_tenant(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
+    state = request.app.state
+    tenant = await authenticate(state.database, credentials.credentials, state.key_cache) if credentials else None
     if tenant is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -33,6 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sweeper = asyncio.create_task(_sweep_periodically(app.state.settings), name="sweeper")
     yield
     sweeper.cancel()
+    await app.state.database.aclose()
 
 
 async def _sweep_periodically(settings: Settings) -> None:
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.job_queue = JobQueue.for_settings(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = database(settings.resolved_database_url)  # the engine and its pool, before the first request
+    app.state.database = db = database(settings.resolved_database_url)  # the engine and its pool, before the first request
     app.state.job_watcher = JobWatcher(db)
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     app.state.stream_slots = TenantSlots("event streams", settings.tenant_max_streams)

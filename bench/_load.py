@@ -235,7 +235,8 @@ async def ramp_streams(
 
 class CpuMeter:
     """CPU seconds spent by the machine, this process, PostgreSQL's processes and optionally one
-    other process (the server), from Linux's /proc; what remains is other work on the machine."""
+    other process (the server) with its child processes (several API workers), from Linux's /proc;
+    what remains is other work on the machine."""
 
     TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -243,45 +244,59 @@ class CpuMeter:
         self.pid = pid
         self.start = self._read()
 
-    def _read(self) -> tuple[float, float, float, float, dict[int, float]]:
+    def _read(self) -> tuple[float, float, float, dict[int, float], dict[int, float]]:
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:]]
         busy = (sum(fields) - fields[3] - fields[4]) / self.TICKS  # all but idle and iowait
-        server = process_seconds(self.pid)[1] if self.pid else math.nan
-        return time.perf_counter(), busy, time.process_time(), server, postgres_seconds()
+        processes = all_processes()
+        server = tree_seconds(self.pid, processes) if self.pid else {}
+        postgres = {pid: seconds for pid, (name, _, seconds) in processes.items() if name == "postgres"}
+        return time.perf_counter(), busy, time.process_time(), server, postgres
 
     def shares(self) -> dict:
         """Since creation, as fractions of one core."""
         end = self._read()
         wall = end[0] - self.start[0]
         postgres = sum(seconds - self.start[4].get(pid, 0.0) for pid, seconds in end[4].items())
+        server = sum(seconds - self.start[3].get(pid, 0.0) for pid, seconds in end[3].items()) if end[3] else math.nan
         shares = {
             "machine_cores": (end[1] - self.start[1]) / wall,
             "generator_cores": (end[2] - self.start[2]) / wall,
-            "server_cores": (end[3] - self.start[3]) / wall,
+            "server_cores": server / wall,
             "postgres_cores": postgres / wall,
         }
         known = shares["generator_cores"] + shares["postgres_cores"] + (0 if math.isnan(shares["server_cores"]) else shares["server_cores"])
         return {**shares, "other_cores": max(0.0, shares["machine_cores"] - known)}
 
 
-def process_seconds(pid: int) -> tuple[str, float]:
-    """(command name, user + system CPU seconds) of a process; ('', nan) if it is gone."""
+def process_seconds(pid: int) -> tuple[str, int, float]:
+    """(command name, parent pid, user + system CPU seconds) of a process; ('', 0, nan) if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             name, _, rest = stat.read().partition(" (")[2].rpartition(")")
     except OSError:
-        return "", math.nan
+        return "", 0, math.nan
     fields = rest.split()
-    return name, (int(fields[11]) + int(fields[12])) / CpuMeter.TICKS
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / CpuMeter.TICKS
 
 
-def postgres_seconds() -> dict[int, float]:
-    """CPU seconds of every PostgreSQL process on this machine (the server and its backends)."""
+def all_processes() -> dict[int, tuple[str, int, float]]:
+    """Every live process on this machine: pid → (name, parent pid, CPU seconds)."""
     found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            name, seconds = process_seconds(int(entry))
-            if name == "postgres" and not math.isnan(seconds):
-                found[int(entry)] = seconds
+            name, parent, seconds = process_seconds(int(entry))
+            if not math.isnan(seconds):
+                found[int(entry)] = (name, parent, seconds)
     return found
+
+
+def tree_seconds(pid: int, processes: dict[int, tuple[str, int, float]]) -> dict[int, float]:
+    """CPU seconds of a process and of its descendants, by pid."""
+    tree, frontier = {}, [pid]
+    while frontier:
+        current = frontier.pop()
+        if current in processes:
+            tree[current] = processes[current][2]
+        frontier.extend(child for child, (_, parent, _) in processes.items() if parent == current)
+    return tree

@@ -42,9 +42,12 @@ def tiny_spec(**overrides):
 from tests.stack import digits_npz_bytes, stack  # noqa: E402, F401
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (after it, they were silently ignored)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`), the tests of one service stack run in one worker, so each
-    worker starts one stack, not both; the heavy tests of the two backends then run side by side."""
+    worker starts one stack, not both; the heavy tests of the two backends then run side by side. Every
+    test that uses the local PostgreSQL is in the PostgreSQL stack's group, since one of them restarts
+    the server."""
     for item in items:
         backend = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
         if backend is not None:

@@ -25,6 +25,7 @@ from core.engine.sources import load_digits
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("PEERAID_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PEERAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_GROUP = "postgres-redis"  # the xdist group (and stack) of every test that uses the local PostgreSQL
 
 UPLOAD_LIMIT = 5_000_000
 FAST_JOB = {
@@ -178,7 +179,7 @@ def _postgres_available() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+@pytest.fixture(scope="session", params=["embedded", POSTGRES_GROUP])
 def stack(request, tmp_path_factory):
     name = request.param
     data_dir = tmp_path_factory.mktemp(name)

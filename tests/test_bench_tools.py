@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, insert
 from bench._http import Connection, StreamEnded
 from bench._load import Sample, closed_loop, hold_streams, open_loop, percentile, stream_openings
 from bench.load_hostile import slow_upload
+from tests.stack import POSTGRES_GROUP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,8 +279,9 @@ def services_problem() -> str | None:
     return None
 
 
-# The tools' tests compare the throwaway databases and queues before and after each, so they run one at a time.
-BENCH_GROUP = pytest.mark.xdist_group("bench-postgres")
+# The tools' tests compare the throwaway databases and queues before and after each, so they run one at a
+# time, and in the worker of every other PostgreSQL test (one of which restarts the server).
+BENCH_GROUP = pytest.mark.xdist_group(POSTGRES_GROUP)
 
 
 @pytest.fixture

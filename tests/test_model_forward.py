@@ -59,8 +59,11 @@ def reference_logits(name: str) -> dict[str, list[list[float]]]:
 def test_forward_matches_the_stored_reference_logits(name):
     stored = json.loads(REFERENCE_FILE.read_text())[name]
     got = reference_logits(name)
+    # Train-mode BatchNorm over a batch of 2 amplifies rounding through deep networks: ResNet-50 differs by
+    # 4e-5 between CPUs with and without AVX-512 kernels. A changed layer moves logits by far more than either.
+    tolerance = {"train": dict(rtol=1e-3, atol=1e-4), "eval": dict(rtol=1e-4, atol=1e-5)}
     for mode in ("train", "eval"):
-        torch.testing.assert_close(torch.tensor(got[mode]), torch.tensor(stored[mode]), rtol=1e-4, atol=1e-5, msg=f"{name} {mode}")
+        torch.testing.assert_close(torch.tensor(got[mode]), torch.tensor(stored[mode]), **tolerance[mode], msg=f"{name} {mode}")
 
 
 # ---- an independent functional transcription of the authors' modules ----

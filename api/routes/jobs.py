@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Integer, Select, bindparam, func, select
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
@@ -38,6 +38,18 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
 KEEP_ALIVE_SECONDS = 15
 # built once: constructing and compiling a statement costs more than running it
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
+def _jobs_page(by_status: bool) -> tuple[Select[Any], Select[Any]]:
+    """A page of the tenant's jobs (newest first) and the count of all of them, optionally of one status."""
+    query = select(*JOB_SUMMARY).where(Job.tenant_id == bindparam("tenant_id"))
+    if by_status:
+        query = query.where(Job.status == bindparam("status"))
+    page = query.order_by(Job.created_at.desc(), Job.id).limit(bindparam("limit", type_=Integer)).offset(bindparam("offset", type_=Integer))
+    return page, select(func.count().label("n")).select_from(query.subquery())
+
+
+JOBS_PAGE = {by_status: _jobs_page(by_status) for by_status in (False, True)}
 
 
 @router.post(
@@ -90,21 +102,20 @@ async def jobs_list(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> Response:
-    query = select(*JOB_SUMMARY).where(Job.tenant_id == tenant.id)
-    if status_filter:
-        query = query.where(Job.status == status_filter)
-    rows = await db.afetch(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+    page, count = JOBS_PAGE[status_filter is not None]
+    parameters = {"tenant_id": tenant.id, "status": status_filter and status_filter.value, "limit": limit, "offset": offset}
+    rows = await db.afetch(page, parameters)
     if offset == 0 and len(rows) < limit:
         total = len(rows)  # the whole list is on this page: no count needed
     else:
-        total = (await db.afetch(select(func.count().label("n")).select_from(query.subquery())))[0]["n"]
+        total = (await db.afetch(count, parameters))[0]["n"]
     return json_response(JobList(items=[JobSummary.model_validate(r) for r in rows], total=total, limit=limit, offset=offset))
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Status, progress, metrics and error of a job", responses=responses(404, 422))
 async def jobs_get(job_id: JobId, tenant: TenantDep, db: DatabaseDep) -> Response:
     # the hottest route (clients poll it): one statement, no ORM session, the body serialised once
-    rows = await db.afetch(JOB_BY_ID.params(job_id=job_id, tenant_id=tenant.id))
+    rows = await db.afetch(JOB_BY_ID, {"job_id": job_id, "tenant_id": tenant.id})
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     return json_response(JobOut.model_validate(rows[0]))
@@ -146,7 +157,7 @@ async def jobs_events(
 ) -> StreamingResponse:
     slots.acquire(tenant.id)  # before any database work: a tenant opening streams by the hundred costs one lookup each, at most
     try:
-        rows = await db.afetch(JOB_BY_ID.params(job_id=job_id, tenant_id=tenant.id))
+        rows = await db.afetch(JOB_BY_ID, {"job_id": job_id, "tenant_id": tenant.id})
         if not rows:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     except BaseException:

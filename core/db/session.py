@@ -18,10 +18,12 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Executable, RowMapping, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from .postgres_reads import PostgresReads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +73,7 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = weakref.WeakKeyDictionary()
+        self.postgres_reads = PostgresReads(url) if url.startswith("postgresql") else None
 
     def async_engine(self) -> AsyncEngine:
         """The running event loop's engine: asyncio connections belong to the loop that opened them (a server
@@ -117,17 +120,27 @@ class Database:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def afetch(self, statement: Executable) -> list[RowMapping]:
+    async def afetch(self, statement: Select[Any], parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The rows of one read-only statement, on the event loop, with no ORM session: the hot read paths'
-        (a job's status polled by many clients) cheapest way; once more if the connection was broken."""
+        (a job's status polled by many clients) cheapest way; once more if the connection was broken.
+
+        Pass a statement built once, with bound parameters, and the values in `parameters`: it is compiled
+        once. On PostgreSQL it runs straight through asyncpg (core/db/postgres_reads.py)."""
+        if self.postgres_reads is not None:
+            return await self.postgres_reads.fetch(statement, parameters)
         for attempt in (1, 2):
             try:
                 async with self.async_engine().connect() as connection:
-                    return list((await connection.execute(statement)).mappings())
+                    return [dict(row) for row in (await connection.execute(statement, parameters)).mappings()]
             except DBAPIError as err:
                 if attempt == 2 or not err.connection_invalidated:
                     raise
         raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        """Close the running event loop's connections of the hot reads (the API's shutdown)."""
+        if self.postgres_reads is not None:
+            await self.postgres_reads.close()
 
     def forget_inherited_connections(self) -> None:
         """In a forked child: drop the parent's pooled connections without closing them under it."""

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -179,45 +181,49 @@ def _postgres_available() -> str | None:
     return None
 
 
+def require_services(problem: str | None) -> None:
+    """Skip a test whose servers are missing, and say why; with REQUIRE_SERVICES=1 (as in CI), fail it."""
+    if problem:
+        if os.environ.get("REQUIRE_SERVICES") == "1":
+            pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
+        pytest.skip(problem)
+
+
+@contextmanager
+def throwaway_database() -> Iterator[tuple[str, str]]:
+    """A new database on the local PostgreSQL: (its name, its SQLAlchemy URL); dropped, connections and all, on exit."""
+    import psycopg
+
+    name = f"peeraid_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name, f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session", params=["embedded", POSTGRES_GROUP])
 def stack(request, tmp_path_factory):
     name = request.param
     data_dir = tmp_path_factory.mktemp(name)
     env: dict[str, str] = {}
-    cleanup = []
-    if name == "postgres-redis":
-        problem = _postgres_available()
-        if problem:
-            if os.environ.get("REQUIRE_SERVICES") == "1":
-                pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
-            pytest.skip(problem)
-        import psycopg
-
-        database = f"peeraid_test_{secrets.token_hex(4)}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{database}"')
-        base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-        env = {
-            "PEERAID_DATABASE_URL": f"{base}/{database}",
-            "PEERAID_BROKER_URL": REDIS_URL,
-            "PEERAID_TASK_QUEUE": f"peeraid-test-{secrets.token_hex(4)}",
-        }
-
-        def drop_database():
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-        cleanup.append(drop_database)
-    deployment = Stack(name, env, data_dir)
-    try:
+    with ExitStack() as cleanup:
+        if name == POSTGRES_GROUP:
+            require_services(_postgres_available())
+            _, database_url = cleanup.enter_context(throwaway_database())
+            env = {
+                "PEERAID_DATABASE_URL": database_url,
+                "PEERAID_BROKER_URL": REDIS_URL,
+                "PEERAID_TASK_QUEUE": f"peeraid-test-{secrets.token_hex(4)}",
+            }
+        deployment = Stack(name, env, data_dir)
+        cleanup.callback(deployment.stop)  # before the database is dropped
         deployment.admin("migrate")
         deployment.start_api()
         deployment.start_worker()
         yield deployment
-    finally:
-        deployment.stop()
-        for step in cleanup:
-            step()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from sqlalchemy import create_engine, insert
 from bench._http import Connection, StreamEnded
 from bench._load import Sample, closed_loop, hold_streams, open_loop, percentile, stream_openings
 from bench.load_hostile import slow_upload
-from tests.stack import POSTGRES_GROUP
+from tests.stack import POSTGRES_GROUP, require_services
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,11 +285,7 @@ BENCH_GROUP = pytest.mark.xdist_group(POSTGRES_GROUP)
 
 @pytest.fixture
 def postgres():
-    problem = services_problem()
-    if problem:
-        if os.environ.get("REQUIRE_SERVICES") == "1":
-            pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
-        pytest.skip(problem)
+    require_services(services_problem())
     before = bench_databases(), bench_redis_keys()
     yield
     assert bench_databases() == before[0], "a throwaway database was left behind"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import secrets
 
 import psycopg
 import pytest
@@ -18,29 +16,21 @@ from core.db.models import Base, Job, JobStatus
 from core.db.postgres_reads import MAX_STATEMENTS, PostgresReads
 from core.db.session import Database
 from core.db.tenants import get_or_create_tenant
-from tests.stack import PG_ADMIN_URL, POSTGRES_GROUP, _postgres_available
+from tests.stack import PG_ADMIN_URL, POSTGRES_GROUP, _postgres_available, require_services, throwaway_database
 
 pytestmark = pytest.mark.xdist_group(POSTGRES_GROUP)  # one PostgreSQL test restarts the server
 
 
 @pytest.fixture(scope="module")
 def database():
-    problem = _postgres_available()
-    if problem:
-        if os.environ.get("REQUIRE_SERVICES") == "1":
-            pytest.fail(f"REQUIRE_SERVICES=1 but {problem}")
-        pytest.skip(problem)
-    name = f"peeraid_test_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db = Database(f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1))
-    try:
-        Base.metadata.create_all(db.engine)
-        yield db, name
-    finally:
-        db.engine.dispose()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    require_services(_postgres_available())
+    with throwaway_database() as (name, url):
+        db = Database(url)
+        try:
+            Base.metadata.create_all(db.engine)
+            yield db, name
+        finally:
+            db.engine.dispose()
 
 
 def add_jobs(db: Database, tenant_name: str, statuses: list[JobStatus]) -> tuple[str, list[str]]:

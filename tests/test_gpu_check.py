@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import gpu_check
-from core.engine.execution import Execution
+from core.engine.execution import Execution, StepRunner
 
 
 def test_gpu_check_runs_on_cpu_and_writes_every_figure(tmp_path, capsys):
@@ -37,12 +37,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_the_graph_comparison_measures_parameter_differences_against_the_update(one_thread):
+class FirstBatchRunner(StepRunner):
+    """Trains on its first batch over and over: what a graph replaying a stale batch does."""
+
+    def __call__(self, x, y):
+        self.first = getattr(self, "first", (x, y))
+        return super().__call__(*self.first)
+
+
+def test_the_graph_comparison_measures_every_tensor_against_its_change_after_every_step(one_thread):
     s = gpu_check.sizes(gpu=False)
     cpu = torch.device("cpu")
     start, a, report = gpu_check.run_steps(Execution("fp32", False, False), "small_cnn", cpu, s)
     _, b, _ = gpu_check.run_steps(Execution("fp32", False, False), "small_cnn", cpu, s)
     _, c, _ = gpu_check.run_steps(Execution("bf16", False, False), "small_cnn", cpu, s)
-    assert max(gpu_check.relative_differences(start, a, b).values()) == 0  # the same path twice: identical
-    assert 0 < max(gpu_check.relative_differences(start, a, c).values()) < 1  # bf16 differs, but follows the update
+    _, stale, _ = gpu_check.run_steps(Execution("fp32", False, False), "small_cnn", cpu, s, FirstBatchRunner)
+    assert len(a) == s["compare_steps"] and any(k.startswith("peer.") and "running_var" in k for k in start)
+    assert gpu_check.per_step(start, a, b) == [0] * len(a)  # the same path twice, the RNG re-seeded per step: identical
+    assert 0 < max(gpu_check.per_step(start, a, c)) < 1  # bf16 differs, but follows the update
+    stale_differences = gpu_check.per_step(start, a, stale)
+    assert stale_differences[0] == 0 and max(stale_differences) > gpu_check.GRAPH_TOLERANCE["fp32"]  # caught
     assert report["cuda_graph"] is False and report["precision"] == "fp32"

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from core.engine.losses import PeerAiDWeights, kl_mean, peer_loss, student_loss, trades_loss
+from core.engine.losses import PeerAiDWeights, kl_mean, kl_sum, peer_loss, student_loss, trades_loss
 
 W = PeerAiDWeights(tau=5.0, gamma1=1.0, gamma2=0.1, tau_peer=2.0, lambda1=0.3, lambda2=1.0, lambda3=0.7)
 
@@ -37,6 +38,41 @@ def test_kl_mean_divides_by_batch_times_classes():
     assert got == pytest.approx(kl_mean_by_hand(a, b, 1.0), rel=1e-12)
     batchmean = torch.nn.functional.kl_div(torch.log_softmax(a, 1), torch.softmax(b, 1), reduction="batchmean").item()
     assert batchmean == pytest.approx(got * a.shape[1], rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_sum_is_kl_div_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(64, 100, generator=g, dtype=dtype), 4 * torch.randn(64, 100, generator=g, dtype=dtype)
+    log_probs, probs = F.log_softmax(a, 1), F.softmax(b, 1)
+    assert torch.equal(kl_sum(log_probs, probs), F.kl_div(log_probs, probs, reduction="sum"))
+
+
+def underflowing_logits() -> torch.Tensor:
+    """Logits whose softmax is exactly 0 in two places (a gap over ~104 underflows in float32)."""
+    logits = torch.zeros(4, 3)
+    logits[1, 0], logits[3, 2] = 150.0, 120.0
+    assert (F.softmax(logits, 1) == 0).sum() == 4
+    return logits
+
+
+def test_an_underflowed_non_detached_target_gives_a_finite_step():
+    """PyTorch's kl_div returns NaN for the gradient at a zero target (pytorch/pytorch#89558); one such
+    entry made every parameter NaN at step 7 of a ResNet-18 training. The losses keep it finite, with the
+    limit's value: the underflowed entries contribute nothing."""
+    s_adv, p_adv, s_nat = underflowing_logits().requires_grad_(), fixed_logits(14).float(), underflowing_logits().requires_grad_()
+    torch_kl = F.kl_div(F.log_softmax(p_adv, 1), F.softmax(s_adv, 1), reduction="sum")
+    assert torch.autograd.grad(torch_kl, s_adv)[0].isnan().any()  # the failure this guards against
+
+    y = torch.tensor([0, 1, 2, 0])
+    p_adv.requires_grad_()
+    (peer_loss(p_adv, s_adv, y, W) + student_loss(s_adv, p_adv, s_nat, y, W) + trades_loss(s_adv, s_nat, y, 6.0)).backward()
+    assert all(t.grad.isfinite().all() for t in (s_adv, p_adv, s_nat))
+    # against float64, where nothing underflows: the same gradient
+    s64, p64, n64 = (t.detach().double().requires_grad_() for t in (s_adv, p_adv, s_nat))
+    (peer_loss(p64, s64, y, W) + student_loss(s64, p64, n64, y, W) + trades_loss(s64, n64, y, 6.0)).backward()
+    for got, want in ((s_adv, s64), (p_adv, p64), (s_nat, n64)):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_peer_loss_matches_hand_computation():

@@ -42,8 +42,10 @@ class Execution:
         return Execution(precision, cuda_graph == "on" or (cuda_graph == "auto" and on_gpu), on_gpu)
 
     def configure_backends(self) -> None:
-        """TF32 switches are process-wide; a worker runs one job at a time."""
-        tf32 = self.precision == "tf32"
+        """TF32 switches are process-wide; a worker runs one job at a time. With bf16 the step runs under
+        autocast and everything outside it (validation, the final evaluation) in TF32, as PyTorch's default
+        runs the authors' convolutions: in true fp32 the per-epoch validation took 3.8× longer (H200)."""
+        tf32 = self.precision in ("tf32", "bf16")
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = True

@@ -7,13 +7,27 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def kl_sum(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Σ probs·(log probs − log_probs): `F.kl_div(log_probs, probs, reduction="sum")`, the same value
+    bit for bit, but with a finite gradient where a target probability is exactly 0.
+
+    PeerAiD's targets softmax(s_adv/τp) and softmax(s_nat/τ) are not detached. Since kl_div became a
+    composite of xlogy (PyTorch 1.13, pytorch/pytorch#80334), its gradient with respect to such a zero
+    is 0/0 = NaN, and one underflowed softmax entry turns the whole step NaN (seen: ResNet-18 on the
+    digits at lr 0.1, step 7, on CPU and on an H200). PyTorch ≤ 1.12 masked that gradient to 0, which
+    is also the limit of the true gradient through the softmax (p·log p → 0)."""
+    positive = probs > 0
+    safe = torch.where(positive, probs, 1.0)
+    return (torch.xlogy(probs, safe) - probs * torch.where(positive, log_probs, 0.0)).sum()
+
+
 def kl_mean(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """PyTorch's legacy `KLDivLoss(reduction='mean')`: Σ probs·(log probs − log_probs) / (batch × classes).
 
     The published hyperparameters were tuned with this reduction; 'batchmean' would multiply
     the distillation terms by the number of classes."""
     # written out rather than reduction="mean", which PyTorch announces will turn into 'batchmean'
-    return F.kl_div(log_probs, probs, reduction="sum") / log_probs.numel()
+    return kl_sum(log_probs, probs) / log_probs.numel()
 
 
 class PeerAiDWeights(BaseModel):
@@ -58,5 +72,5 @@ def student_loss(s_adv: torch.Tensor, p_adv: torch.Tensor, s_nat: torch.Tensor, 
 
 def trades_loss(s_adv: torch.Tensor, s_nat: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     """TRADES (Zhang et al. 2019): CE(s_nat, y) + β·KL(softmax(s_nat) ‖ softmax(s_adv)) averaged over the batch."""
-    kl = F.kl_div(F.log_softmax(s_adv, dim=1), F.softmax(s_nat, dim=1), reduction="batchmean")
+    kl = kl_sum(F.log_softmax(s_adv, dim=1), F.softmax(s_nat, dim=1)) / len(s_adv)  # kl_div's "batchmean"
     return F.cross_entropy(s_nat, y) + beta * kl

@@ -113,12 +113,21 @@ def test_the_api_restarting_leaves_running_jobs_alone(stack):
     assert_each_epoch_once(client, job_id, 8)
 
 
-def test_divergence_fails_the_job_with_that_reason(stack):
+def test_divergence_fails_the_job_with_that_reason_keeping_finished_epochs(stack):
+    """Weight decay × LR of 10 multiplies the weights by about −9 a step: overflow in the first epoch.
+    With 3 (and no momentum) they overflow in the second epoch: the failed job keeps the first's students."""
     client = stack.new_tenant()
-    job_id = submit(client, lr=10, momentum=0.0, weight_decay=0.3)
-    done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
-    assert done["status"] == "failed" and "non-finite" in done["error"] and "diverged" in done["error"]
-    assert client.get(f"/v1/jobs/{job_id}/artifacts").json() == []
+    at_once = submit(client, lr=10, momentum=0.99, weight_decay=1.0)
+    later = submit(client, lr=10, momentum=0.0, weight_decay=0.3)
+    for job_id in (at_once, later):
+        done = stack.wait_for_job(client, job_id, ("succeeded", "failed"))
+        assert done["status"] == "failed" and "non-finite" in done["error"] and "diverged" in done["error"], done
+    assert client.get(f"/v1/jobs/{at_once}/artifacts").json() == []
+    kept = {a["name"]: a for a in client.get(f"/v1/jobs/{later}/artifacts").json()}
+    assert {"last_student", "student", "model_card"} <= set(kept), kept
+    assert [m["epoch"] for m in epochs_of(client, later)] == [1]
+    weights = client.get(kept["last_student"]["url"])
+    assert hashlib.sha256(weights.content).hexdigest() == kept["last_student"]["sha256"]
 
 
 def test_disk_full_while_writing_an_artifact_fails_cleanly(stack):

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._http import Connection, HttpError
@@ -144,13 +144,14 @@ async def first_event(connection: Connection, path: str) -> str | None:
 
 
 async def stream_openings(
-    new_connection: Callable[[], Connection], path: str, clients: int, seconds: float, timeout: float = 10.0
+    streams: Sequence[tuple[Callable[[], Connection], str]], clients: int, seconds: float, timeout: float = 10.0
 ) -> Sample:
-    """Closed loop of: connect, open the stream, read its first event, disconnect. Latency: time to first event."""
+    """Closed loop of: connect, open the stream, read its first event, disconnect. Latency: time to first event.
+    `streams` are (connection factory, path) pairs, say one per tenant; client i opens streams[i % len]."""
     sample = Sample()
     deadline = time.perf_counter() + seconds
 
-    async def client() -> None:
+    async def client(new_connection: Callable[[], Connection], path: str) -> None:
         while (started := time.perf_counter()) < deadline:
             connection = new_connection()
             try:
@@ -164,7 +165,7 @@ async def stream_openings(
             sample.record(time.perf_counter() - started, error)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(*streams[i % len(streams)]) for i in range(clients)))
     sample.seconds = time.perf_counter() - started
     return sample
 

@@ -14,7 +14,8 @@ Phases, each `--seconds` long after a warm-up (one second, or `--seconds` if sho
          (`--repeat` times, alternating, for a median ratio where other work shares the machine)
   list   GET /v1/jobs (one page of up to 50), closed loop
   sse    GET /v1/jobs/{id}/events: connect, first event, disconnect, closed loop (latency: time to
-         first event)
+         first event); started here, the connections are spread over tenants, 8 each, below the
+         per-tenant stream limit
   open   GET /v1/jobs/{id} at a fixed `--rate` (open loop: latency counted from the scheduled
          send time), service then naive
   streams  event streams opened `--sse-step` at a time (each step once the last one's first events
@@ -39,7 +40,7 @@ import statistics
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._http import Connection
@@ -57,14 +58,22 @@ class Target:
     naive_url: str | None = None
     service_pid: int | None = None
     naive_pid: int | None = None
+    stream_tenants: list[tuple[str, str]] = field(default_factory=list)  # (key, job) of more tenants, for the sse phase
 
 
-def start_local(stack: ExitStack, jobs: int) -> Target:
-    local = start_local_service(stack, ["bench"], naive=True)
+# the sse phase spreads its connections over tenants, each below the service's per-tenant stream limit
+# (10 by default): one tenant past it is refused with 429 by design, which is not the speed measured here
+STREAMS_PER_TENANT = 8
+
+
+def start_local(stack: ExitStack, jobs: int, sse_clients: int) -> Target:
+    stream_tenants = [f"bench-streams-{i}" for i in range(1, math.ceil(sse_clients / STREAMS_PER_TENANT))]
+    local = start_local_service(stack, ["bench", *stream_tenants], naive=True)
     key = local.keys["bench"]
     job = submit_job(local.api.url, key)
     insert_jobs(local.database_url, like=job, count=jobs - 1)
-    return Target(local.api.url, key, job, local.naive.url, local.api.pid, local.naive.pid)
+    streams = [(local.keys[t], submit_job(local.api.url, local.keys[t])) for t in stream_tenants]
+    return Target(local.api.url, key, job, local.naive.url, local.api.pid, local.naive.pid, streams)
 
 
 def row(endpoint: str, server: str, mode: str, sample: Sample, cpu: dict, **extra) -> dict:
@@ -116,10 +125,16 @@ class Phases:
         await self.closed_loop("GET /v1/jobs", "/v1/jobs", "service", self.service, self.target.service_pid, self.closed)
 
     async def sse(self) -> None:
-        meter = CpuMeter(self.target.service_pid)
+        target = self.target
+        streams = [
+            (lambda key=key: Connection.to(target.url, {"Authorization": f"Bearer {key}"}), f"/v1/jobs/{job}/events")
+            for key, job in [(target.key, target.job), *target.stream_tenants]
+        ]
+        meter = CpuMeter(target.service_pid)
         clients = self.args.sse_clients or self.args.clients
-        sample = await stream_openings(self.service, f"{self.job_path}/events", clients, self.args.seconds)
-        self.add("GET /v1/jobs/{id}/events", "service", f"first event, closed loop, {clients} connections", sample, meter.shares())
+        sample = await stream_openings(streams, clients, self.args.seconds)
+        mode = f"first event, closed loop, {clients} connections, {len(streams)} tenant{'s' if len(streams) > 1 else ''}"
+        self.add("GET /v1/jobs/{id}/events", "service", mode, sample, meter.shares())
 
     async def open(self) -> None:
         for server, connect, pid in self.servers:
@@ -211,7 +226,7 @@ def fmt(value: float, digits: int = 1) -> str:
 
 
 HEADER = (
-    f"{'endpoint':<26} {'server':<8} {'mode':<44} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}"
+    f"{'endpoint':<26} {'server':<8} {'mode':<52} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}"
     "  CPU % server/postgres/generator/other"
 )
 
@@ -219,7 +234,7 @@ HEADER = (
 def report(r: dict) -> None:
     cpu = " / ".join(fmt(100 * r[f"{name}_cores"], 0) for name in ("server", "postgres", "generator", "other"))
     print(
-        f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<44} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
+        f"{r['endpoint']:<26} {r['server']:<8} {r['mode']:<52} {fmt(r['per_second']):>8} {fmt(r['p50_ms']):>8} {fmt(r['p90_ms']):>8} "
         f"{fmt(r['p99_ms']):>8} {fmt(r['max_ms']):>8} {r['errors']:>7}  {cpu}",
         flush=True,
     )
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             target = Target(args.url.rstrip("/"), args.api_key, args.job or submit_job(args.url, args.api_key), args.naive_url)
         else:
-            target = start_local(stack, args.jobs)
+            target = start_local(stack, args.jobs, args.sse_clients or args.clients)
         print(f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in started)} before starting\n\n{HEADER}", flush=True)
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:

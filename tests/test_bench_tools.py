@@ -182,7 +182,7 @@ def test_load_patterns():
             closed = await closed_loop(server.connection, "/len", clients=4, seconds=0.3)
             connections_after_closed = server.connections
             scheduled = await open_loop(server.connection, "/len", rate=100, seconds=0.3, max_connections=8)
-            first_events = await stream_openings(server.connection, "/events", clients=2, seconds=0.2)
+            first_events = await stream_openings([(server.connection, "/events")], clients=2, seconds=0.2)
             held, opened = await hold_streams(server.connection, "/forever", count=5, seconds=0.3)
             failing = await closed_loop(server.connection, "/missing", clients=1, seconds=0.1)
             return closed, connections_after_closed, scheduled, first_events, held, opened, failing

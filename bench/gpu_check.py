@@ -175,7 +175,8 @@ def check_graph_vs_eager(precision: str, device: torch.device, s: dict) -> dict:
     start, eager, _ = run_steps(Execution(precision, False, False), s["arch"], device, s)
     _, eager_again, _ = run_steps(Execution(precision, False, False), s["arch"], device, s)
     _, graph, report = run_steps(Execution(precision, True, False), s["arch"], device, s)
-    worst, worst_tensor = max(relative_difference(start, e, g) for e, g in zip(eager, graph, strict=True))
+    graph_steps = [relative_difference(start, e, g) for e, g in zip(eager, graph, strict=True)]
+    worst, worst_tensor = max(graph_steps)
     tolerance = GRAPH_TOLERANCE[precision]
     result = {
         "steps": s["compare_steps"],
@@ -183,7 +184,7 @@ def check_graph_vs_eager(precision: str, device: torch.device, s: dict) -> dict:
         "tolerance": tolerance,
         "max_relative_difference": worst,
         "worst_tensor": worst_tensor,
-        "graph_per_step": per_step(start, eager, graph),
+        "graph_per_step": [difference for difference, _ in graph_steps],
         "eager_rerun_per_step": per_step(start, eager, eager_again),
         "graph_runner": report,
         "criterion": f"after every one of {s['compare_steps']} steps, every tensor of student and peer (parameters, "
@@ -466,7 +467,8 @@ def run_all(device: torch.device, json_path: Path | None, only: set[str] | None 
             checks[name] = {"status": "skipped", "reason": "needs the step benchmark's figures"}
         else:
             result = run_check(name, functools.partial(check, device, s, steps), checks)
-            steps = result if name == "step_benchmark" else steps
+            if name == "step_benchmark":
+                steps = result
         save()
     print(
         f"# {len(checks)} checks in {out['seconds']:.0f}s: {len(out['failed'])} failed"

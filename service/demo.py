@@ -67,17 +67,16 @@ def _label(metric: str) -> str:
 
 
 def _check_reproduced(job: dict[str, Any], weights: Any) -> int:
-    import torch
-
-    from core.engine.evaluation import accuracies
+    from core.engine.evaluation import accuracies, evaluation_sample
     from core.engine.export import load_model
     from core.engine.sources import load_splits
 
     model, meta = load_model(weights)
     spec = job["spec"]
     splits = load_splits(spec["dataset"], val_fraction=spec["val_fraction"], seed=spec["seed"])
-    n = min(spec["evaluation"]["n_examples"] or len(splits.test), len(splits.test))
-    clean = accuracies(model, splits.test.subset(torch.arange(n)), {"clean": None})["clean"]
+    ev = spec["evaluation"]
+    sample = evaluation_sample(splits.test, ev["n_examples"], ev["autoattack_n_examples"], spec["seed"])
+    clean = accuracies(model, splits.test.subset(sample.index), {"clean": None})["clean"]
     reported = job["result"]["student"]["test"]["clean_acc"]
     print(
         f"\ndownloaded {weights} (size and SHA-256 verified), a {meta['architecture']} "

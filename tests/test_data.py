@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.engine.datasets import DatasetError, ImageDataset, fingerprint, split_validation
+from core.engine.datasets import DatasetError, ImageDataset, fingerprint, split_validation, stratified_counts, stratified_sample
 from core.engine.loader import BatchLoader, random_crop_flip
 from core.engine.sources import load_digits, load_splits
 
@@ -172,3 +172,26 @@ def test_tinyimagenet_standard_layout(tmp_path):
 def test_tinyimagenet_missing_names_the_folder(tmp_path):
     with pytest.raises(DatasetError, match="tiny-imagenet-200"):
         load_splits("tinyimagenet", data_root=tmp_path)
+
+
+def test_stratified_counts_give_every_class_its_share_and_each_class_at_least_one():
+    assert stratified_counts([50, 50, 50, 50], 100) == [25, 25, 25, 25]
+    assert stratified_counts([50, 50, 50, 50], 50) == [13, 13, 12, 12]
+    assert stratified_counts([3, 100, 1], 10) == [1, 8, 1]  # the small classes are seen
+    assert stratified_counts([0, 5, 5], 3) == [0, 2, 1]
+    assert stratified_counts([10, 10], 25) == [10, 10]  # at most what there is
+    assert stratified_counts([50, 50, 50, 50], 2) == [1, 1, 0, 0]  # fewer images than classes
+    for sizes in ([7, 1, 90, 13], [200] * 10, [1] * 5):
+        for n in range(0, sum(sizes) + 1, 7):
+            counts = stratified_counts(sizes, n)
+            assert sum(counts) == n and all(0 <= k <= s for k, s in zip(counts, sizes, strict=True))
+
+
+def test_a_stratified_sample_is_seeded_sorted_and_drawn_within_each_class():
+    labels = torch.arange(3).repeat_interleave(40)  # sorted by class, as a folder dataset's test split
+    dataset = ImageDataset(torch.zeros(120, 1, 4, 4, dtype=torch.uint8), labels, ["a", "b", "c"])
+    index = stratified_sample(dataset, 30, seed=5)
+    assert torch.equal(index, index.sort().values) and torch.bincount(labels[index]).tolist() == [10, 10, 10]
+    assert torch.equal(index, stratified_sample(dataset, 30, seed=5))
+    assert not torch.equal(index[:10], torch.arange(10))  # not the first images of the class
+    assert torch.equal(stratified_sample(dataset, 500, seed=5), torch.arange(120))

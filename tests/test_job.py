@@ -15,7 +15,7 @@ from core.engine import evaluation as evaluation_module
 from core.engine import faults
 from core.engine.callbacks import TrainingCallbacks
 from core.engine.errors import CheckpointError, TrainingCancelled
-from core.engine.evaluation import accuracies, pgd_attack
+from core.engine.evaluation import accuracies, evaluation_sample
 from core.engine.export import load_model
 from core.engine.job import ARTIFACTS, export_checkpoint_student, run_job
 from core.engine.sources import load_splits
@@ -48,7 +48,7 @@ def test_a_failing_attack_is_recorded_and_the_job_keeps_its_models_and_other_met
     def autoattack_breaks(*args, **kwargs):  # what pyautoattack's standard version raised on 2 classes
         raise IndexError("index -3 is out of bounds for dimension 1 with size 2")
 
-    monkeypatch.setattr(evaluation_module, "autoattack_accuracy", autoattack_breaks)
+    monkeypatch.setattr(evaluation_module, "autoattack_predictions", autoattack_breaks)
     result = run_job(_tiny_job_spec(autoattack=True), tiny_splits, tmp_path)
     error = "IndexError: index -3 is out of bounds for dimension 1 with size 2"
     assert result.evaluation["status"] == "incomplete"
@@ -71,9 +71,18 @@ def test_autoattack_can_run_on_fewer_images_and_the_report_says_how_many(tiny_sp
     )
     result = run_job(spec, tiny_splits, tmp_path)
     assert result.evaluation["images"] == {"clean_acc": 16, "fgsm_acc": 16, "pgd2_acc": 16, "autoattack_acc": 4}
-    assert result.report["student"]["test"]["autoattack_acc"] * 4 in range(5)
+    assert result.evaluation["sample"]["method"] == "class-stratified sample" and result.evaluation["sample"]["seed"] == 0
+    assert sum(result.evaluation["sample"]["per_class"]["evaluated"].values()) == 16
+    assert sum(result.evaluation["sample"]["per_class"]["autoattack"].values()) == 4
+    student = result.report["student"]
+    assert student["test"]["autoattack_acc"] * 4 in range(5)
+    assert list(student["test_on_autoattack_images"]) == ["clean_acc", "fgsm_acc", "pgd2_acc", "autoattack_acc"]
+    assert student["test_on_autoattack_images"]["autoattack_acc"] <= student["test_on_autoattack_images"]["pgd2_acc"]
+    assert set(student["test_per_class"]) == set(student["test"])
+    assert result.warnings[0]["kind"] == "subset"
     md = result.artifacts["model_card_markdown"].read_text()
     assert "images used per attack: Clean 16, FGSM 16, PGD-2 16, AutoAttack 4" in md
+    assert "On the 4 images AutoAttack ran on" in md and "### Per class" in md
 
 
 class StopAfter(TrainingCallbacks):
@@ -160,11 +169,10 @@ def test_report_covers_student_and_swa_student(peeraid_run, digits):
         m = result.report[key]
         assert set(m["test"]) == {"clean_acc", "fgsm_acc", "pgd20_acc", "autoattack_acc"}
         assert m["test"]["pgd20_acc"] <= m["test"]["clean_acc"]
-        model, _ = load_model(result.artifacts[key])
-        pgd_on_autoattack_images = accuracies(model, digits.test.subset(torch.arange(50)), {"pgd": pgd_attack(spec.epsilon, 2 / 255, 20)})[
-            "pgd"
-        ]
-        assert m["test"]["autoattack_acc"] <= pgd_on_autoattack_images + 0.02
+        on_autoattack_images = m["test_on_autoattack_images"]
+        assert on_autoattack_images["autoattack_acc"] == m["test"]["autoattack_acc"]
+        assert on_autoattack_images["autoattack_acc"] <= on_autoattack_images["pgd20_acc"] <= on_autoattack_images["clean_acc"]
+        assert not [w for w in result.warnings if w["kind"] == "attack_order"]
         assert 1 <= m["best_epoch"] <= spec.epochs
     assert result.report["swa_student"]["best_epoch"] > spec.resolved_swa_start  # 1-based: epoch swa_start + 1 is the first averaged
 
@@ -205,7 +213,9 @@ def test_autoattack_through_the_engine_equals_pyautoattack_directly(peeraid_run,
     spec, result = peeraid_run
     model, _ = load_model(result.artifacts["student"])
     n = result.evaluation["images"]["autoattack_acc"]
-    test = digits.test.subset(torch.arange(n))
+    sample = evaluation_sample(digits.test, spec.evaluation.n_examples, spec.evaluation.autoattack_n_examples, spec.seed)
+    test = digits.test.subset(sample.index).subset(sample.autoattack_index)
+    assert len(test) == n and sorted(set(test.labels.tolist())) == list(range(10))  # a sample of every class, not the first 50
     x, y = test.images.float() / 255, test.labels
     direct = AutoAttack(model, norm="Linf", eps=spec.epsilon, version="standard", device="cpu", seed=spec.seed)
     _, y_adv = direct.run_standard_evaluation(x, y, batch_size=n)

@@ -50,14 +50,17 @@ class EpochRecord:
 
 @dataclass
 class EvaluationProgress:
-    """The final report's progress: which model and attack, how far, and the robust accuracy so far."""
+    """The final report's progress: which model and attack, how far, and the robust accuracy so far; the
+    fraction of the whole final evaluation done (every model and attack, by planned work) and its ETA."""
 
     model: str  # "student" or "swa_student"
     attack: str  # e.g. "clean, FGSM, PGD-20" or "AutoAttack"
     batch: int  # batches done, 1-based
     batches: int
     accuracy_so_far: float | None
-    eta_seconds: float | None
+    eta_seconds: float | None  # of the whole final evaluation
+    fraction: float = 0.0  # of the whole final evaluation
+    images_per_sec: float | None = None  # in this model's attack so far
 
 
 class TrainingCallbacks:

@@ -15,7 +15,7 @@ import torch
 
 from .errors import DatasetError
 
-__all__ = ["DatasetError", "DatasetSplits", "ImageDataset", "fingerprint", "split_validation"]
+__all__ = ["DatasetError", "DatasetSplits", "ImageDataset", "fingerprint", "split_validation", "stratified_sample"]
 
 
 @dataclass
@@ -108,3 +108,36 @@ def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[I
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_index] = False
     return train.subset(torch.nonzero(keep).flatten()), train.subset(val_index)
+
+
+def stratified_counts(class_sizes: list[int], n: int) -> list[int]:
+    """How many of `n` images to take from classes of these sizes: one from every non-empty class while `n`
+    allows, the rest in proportion to what each class has left (largest remainders; ties to the lower class)."""
+    n = max(0, min(n, sum(class_sizes)))
+    present = [c for c, size in enumerate(class_sizes) if size]
+    counts = [1 if size and n >= len(present) else 0 for size in class_sizes]
+    spare = [size - k for size, k in zip(class_sizes, counts, strict=True)]
+    budget = n - sum(counts)
+    if budget:
+        quotas = [budget * s / sum(spare) for s in spare]
+        extra = [int(q) for q in quotas]
+        by_remainder = sorted(range(len(quotas)), key=lambda c: (extra[c] - quotas[c], c))
+        for c in by_remainder[: budget - sum(extra)]:
+            extra[c] += 1
+        counts = [k + e for k, e in zip(counts, extra, strict=True)]
+    return counts
+
+
+def stratified_sample(dataset: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    """The indices (ascending) of a seeded, class-stratified sample of `n` of the dataset's images: each class
+    as `stratified_counts` allots, drawn at random within the class. The whole dataset when `n` covers it.
+
+    A sample, never the first `n`: a folder dataset's test split is sorted by class, and its first images
+    are one or two classes."""
+    if n >= len(dataset):
+        return torch.arange(len(dataset))
+    generator = torch.Generator().manual_seed(seed)
+    members = [torch.nonzero(dataset.labels == c).flatten() for c in range(dataset.num_classes)]
+    counts = stratified_counts([len(m) for m in members], n)
+    chosen = [m[torch.randperm(len(m), generator=generator)[:k]] for m, k in zip(members, counts, strict=True)]
+    return torch.cat(chosen).sort().values

@@ -20,7 +20,17 @@ from .attacks import AutoAttackSet
 from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError
-from .evaluation import AUTOATTACK_KEY, final_report, report_keys
+from .evaluation import (
+    AUTOATTACK_KEY,
+    EvaluationTracker,
+    autoattack_work,
+    evaluation_sample,
+    final_report,
+    first_pass_label,
+    first_pass_work,
+    report_keys,
+    subset_warning,
+)
 from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
 from .spec import JobSpec, build_spec
@@ -98,19 +108,23 @@ def run_job(
     exports = _export_portable(models, out_dir, splits.input_shape, artifacts)
 
     ev = spec.evaluation
-    test = splits.test
-    if ev.n_examples is not None and ev.n_examples < len(test):
-        test = test.subset(torch.arange(ev.n_examples))
-    aa_images = min(len(test), ev.autoattack_n_examples or len(test))
+    sample = evaluation_sample(splits.test, ev.n_examples, ev.autoattack_n_examples, spec.seed)
+    test = splits.test.subset(sample.index)
+    aa_images = sample.autoattack_images
     planned = {key: aa_images if key == AUTOATTACK_KEY else len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
     card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device), execution=trainer.execution_report())
-    evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "failures": []}
+    evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "sample": sample.describe(splits.test), "failures": []}
     if ev.autoattack:
         evaluation["autoattack"] = AutoAttackSet(len(splits.classes)).to_dict()
     card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
 
     callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
-    warnings: list[dict[str, str]] = []
+    work = {(key, first_pass_label(ev.pgd_steps)): first_pass_work(len(test), ev.pgd_steps) for key in models}
+    if ev.autoattack:
+        work |= {(key, "AutoAttack"): autoattack_work(aa_images) for key in models}
+    tracker = EvaluationTracker(callbacks, work)
+    subset = subset_warning(len(splits.test), len(test), aa_images if ev.autoattack else None, spec.seed)
+    warnings: list[dict[str, str]] = [subset] if subset else []
     for key, model in models.items():
         report = final_report(
             model.to(trainer.device),
@@ -120,13 +134,16 @@ def run_job(
             step_size=spec.attack_step_size,
             pgd_steps=ev.pgd_steps,
             run_autoattack=ev.autoattack,
-            autoattack_images=aa_images,
+            autoattack_index=sample.autoattack_index,
             batch_size=ev.batch_size,
             device=trainer.device,
             seed=spec.seed,
-            callbacks=callbacks,
+            tracker=tracker,
         )
         metrics[key]["test"] = report.metrics
+        metrics[key]["test_per_class"] = report.per_class
+        if report.on_autoattack_images:
+            metrics[key]["test_on_autoattack_images"] = report.on_autoattack_images
         evaluation["failures"] += [{"model": key, "attack": attack, "error": _sentence(err)} for attack, err in report.failures.items()]
         warnings += report.warnings
     evaluation["status"] = INCOMPLETE if evaluation["failures"] else COMPLETE

@@ -228,12 +228,26 @@ def _md_results(card: dict[str, Any]) -> str:
     else:
         images = evaluation["images"]
         counts = ", ".join(f"{metric_label(key)} {n}" for key, n in images.items())
+        sample = evaluation.get("sample") or {}
+        drawn = (
+            f"; a {sample['method']} of the split (seed {sample.get('seed')}), the same images for every model and attack"
+            if sample.get("method") == "class-stratified sample"
+            else ""
+        )
         lines += [
-            f"Accuracy on the test split ({data['test_examples']} images; images used per attack: {counts}), "
+            f"Accuracy on the test split ({data['test_examples']} images; images used per attack: {counts}{drawn}), "
             f"attacks within {_norm(card)} ε = {eps} (PGD step α = {alpha}, one random start). Best epoch counts from 1.",
             "",
             *_md_metric_table(metrics, "test", list(images)),
         ]
+        same_images = {key: m for key, m in metrics.items() if m.get("test_on_autoattack_images")}
+        if same_images:
+            lines += [
+                "",
+                f"On the {images.get('autoattack_acc')} images AutoAttack ran on, every attack (so that they compare on the same images):",
+                "",
+                *_md_metric_table(same_images, "test_on_autoattack_images", list(images)),
+            ]
         if "autoattack" in evaluation:
             lines += ["", f"AutoAttack: {evaluation['autoattack']['description']}."]
         else:
@@ -244,7 +258,7 @@ def _md_results(card: dict[str, Any]) -> str:
                 f"Not evaluated: {failure['attack']} on the {MODEL_LABELS.get(failure['model'], failure['model']).lower()} "
                 f"failed ({failure['error']}).",
             ]
-        lines += [""]
+        lines += ["", *_md_per_class(metrics, evaluation), ""]
     validation_keys = list(dict.fromkeys(k for m in metrics.values() for k in m["validation"]))
     lines += [
         f"Validation set ({data['validation_examples']} images), which selected each model's best epoch by PGD accuracy:",
@@ -266,6 +280,38 @@ def _md_metric_table(metrics: dict[str, Any], split: str, columns: list[str], va
         values = [_percent(m[split].get(c)) for c in columns]
         rows.append(f"| {MODEL_LABELS.get(key, key)} | {m['best_epoch']} | " + " | ".join(values) + " |")
     return rows
+
+
+MAX_PER_CLASS_ROWS = 50
+
+
+def _md_per_class(metrics: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
+    """Per model, a row per class: its test images and its accuracy under each attack (AutoAttack's on its own images)."""
+    counts = (evaluation.get("sample") or {}).get("per_class") or {}
+    lines = ["### Per class"]
+    for key, m in metrics.items():
+        by_metric = m.get("test_per_class") or {}
+        if not by_metric:
+            continue
+        columns = list(by_metric)
+        classes = list(dict.fromkeys(c for figures in by_metric.values() for c in figures))
+        autoattack_fewer = "autoattack_acc" in columns and counts.get("autoattack") != counts.get("evaluated")
+        images = "Images (AutoAttack's)" if autoattack_fewer else "Images"
+        lines += [
+            "",
+            f"{MODEL_LABELS.get(key, key)}:",
+            "",
+            f"| Class | {images} | " + " | ".join(metric_label(c) for c in columns) + " |",
+            "|---|---:|" + "---:|" * len(columns),
+        ]
+        for name in classes[:MAX_PER_CLASS_ROWS]:
+            n = counts.get("evaluated", {}).get(name, "")
+            if autoattack_fewer:
+                n = f"{n} ({counts.get('autoattack', {}).get(name, 0)})"
+            lines.append(f"| {_text(name)} | {n} | " + " | ".join(_percent(by_metric[c].get(name)) for c in columns) + " |")
+        if len(classes) > MAX_PER_CLASS_ROWS:
+            lines += ["", f"… and {len(classes) - MAX_PER_CLASS_ROWS} more classes: every class is in model_card.json (`test_per_class`)."]
+    return lines if len(lines) > 1 else []
 
 
 def _md_training(card: dict[str, Any]) -> str:
@@ -339,7 +385,9 @@ def _md_limitations(card: dict[str, Any]) -> str:
             f"the test split of {_code(card['dataset']['name'])}. Other threat models (L2, patches, larger ε), corruptions and "
             "distribution shift were not evaluated.",
             "- Attack accuracies are upper bounds on the true robust accuracy: a stronger or adaptive attack may lower them "
-            "(AutoAttack, where reported, is the most reliable figure).",
+            "(AutoAttack, where reported, is the most reliable figure"
+            + (f", here on {evaluation['images']['autoattack_acc']} of the images" if _autoattack_subset(evaluation) else "")
+            + ").",
             f"- Each accuracy has a standard error of up to {errors}.",
         ]
     else:
@@ -349,6 +397,11 @@ def _md_limitations(card: dict[str, Any]) -> str:
         "are outside the threat model."
     )
     return "\n".join(lines)
+
+
+def _autoattack_subset(evaluation: dict[str, Any]) -> bool:
+    images = evaluation.get("images", {})
+    return "autoattack_acc" in images and images["autoattack_acc"] < max(images.values())
 
 
 def _export_label(name: str) -> str:

@@ -10,9 +10,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from core.engine.evaluation import accuracies
+from core.engine.evaluation import accuracies, evaluation_sample
 from core.engine.export import load_model
 from core.engine.sources import load_splits
 from tests.stack import FAST_JOB, wait_until
@@ -85,7 +84,8 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
     card = client.get(artifacts["model_card"]["url"]).json()
     assert card["dataset"]["fingerprint"] and card["metrics"] == done["result"]
     splits = load_splits(str(write(tmp_path / "digits.npz", digits_npz_bytes)), val_fraction=done["spec"]["val_fraction"])
-    clean = accuracies(model, splits.test.subset(torch.arange(40)), {"clean": None})["clean"]
+    sample = evaluation_sample(splits.test, 40, None, done["spec"]["seed"])
+    clean = accuracies(model, splits.test.subset(sample.index), {"clean": None})["clean"]
     assert clean == pytest.approx(report["clean_acc"], abs=1e-9)
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import jobs as job_rows
 from core.db import tenants
-from core.db.models import ACTIVE_STATUSES
+from core.db.models import ACTIVE_STATUSES, Job
 from core.db.tenants import TenantContext
 from core.engine.evaluation import metric_label
 from core.settings import Settings
@@ -199,9 +199,34 @@ async def jobs_page(
     )
 
 
+MODEL_LABELS = {"student": "Student", "swa_student": "SWA student"}
+
+
+def _per_class_tables(job: Job) -> list[tuple[str, list[str], list[tuple[str, str, list[Any]]]]]:
+    """Per model: (label, metric keys, rows of (class, its test images, accuracy per metric)); AutoAttack's
+    images per class in brackets where it ran on fewer."""
+    counts = ((job.evaluation or {}).get("sample") or {}).get("per_class") or {}
+    evaluated, autoattack = counts.get("evaluated") or {}, counts.get("autoattack") or {}
+    tables = []
+    for key, label in MODEL_LABELS.items():
+        by_metric = ((job.result or {}).get(key) or {}).get("test_per_class") or {}
+        if not by_metric:
+            continue
+        classes = list(dict.fromkeys(c for figures in by_metric.values() for c in figures))
+        rows = []
+        for name in classes:
+            images = str(evaluated.get(name, "–"))
+            if "autoattack_acc" in by_metric and autoattack != evaluated:
+                images += f" ({autoattack.get(name, 0)} AutoAttack)"
+            rows.append((name, images, [by_metric[m].get(name) for m in by_metric]))
+        tables.append((label, list(by_metric), rows))
+    return tables
+
+
 @router.get("/jobs/{job_id}", name="ui_job")
 async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: DatabaseDep) -> Response:
     artifacts = await db.arun(lambda session: job_rows.artifacts(session, job.id))
+    result = job.result or {}
     return page(
         request,
         "job.html",
@@ -210,7 +235,14 @@ async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: D
             "job": job,
             "artifacts": artifacts,
             "spec": json.dumps(job.spec, indent=2),
-            "metric_keys": list(dict.fromkeys(k for m in (job.result or {}).values() for k in m.get("test") or {})),
+            "metric_keys": list(dict.fromkeys(k for m in result.values() for k in m.get("test") or {})),
+            "same_images": [
+                (label, result[key]["test_on_autoattack_images"])
+                for key, label in MODEL_LABELS.items()
+                if (result.get(key) or {}).get("test_on_autoattack_images")
+            ],
+            "per_class": _per_class_tables(job),
+            "model_labels": MODEL_LABELS,
             "refresh": job.status in ACTIVE_STATUSES,
             "version": int(job.updated_at.timestamp()),
         },

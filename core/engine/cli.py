@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 from .errors import DatasetError, SpecError
-from .evaluation import metric_label
+from .evaluation import AUTOATTACK_KEY, metric_label
 from .job import JobResult, run_job
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec, merge_overrides
@@ -120,7 +120,15 @@ def format_report(result: JobResult) -> str:
     for model, m in result.report.items():
         cells = "".join(f"{m['test'][k]:>12.2%}" if k in m["test"] else f"{'—':>12}" for k in keys)
         lines.append(f"{model:<14}{m['best_epoch']:>6}{cells}")
+    same_images = {model: m["test_on_autoattack_images"] for model, m in result.report.items() if m.get("test_on_autoattack_images")}
+    if same_images:
+        lines.append(f"on the {result.evaluation['images'][AUTOATTACK_KEY]} images AutoAttack ran on:")
+        for model, figures in same_images.items():
+            lines.append(f"{model:<14}{'':>6}" + "".join(f"{figures[k]:>12.2%}" if k in figures else f"{'—':>12}" for k in keys))
     lines.append("test images per attack: " + ", ".join(f"{metric_label(k)} {n}" for k, n in result.evaluation["images"].items()))
+    sample = result.evaluation.get("sample") or {}
+    if sample.get("seed") is not None:
+        lines.append(f"({sample['method']} of the {sample['test_images']} test images, seed {sample['seed']})")
     if "autoattack" in result.evaluation:
         lines.append(f"AutoAttack: {result.evaluation['autoattack']['description']}")
     lines += [f"not evaluated: {f['attack']} on {f['model']}: {f['error']}" for f in result.evaluation["failures"]]

@@ -164,7 +164,19 @@ def test_job_page_shows_warnings_evaluation_gaps_and_never_calls_a_failed_job_do
 
     client = new_client()
     ok, failed = (client.post("/v1/jobs", json={"preset": "digits-demo", "spec": FAST_JOB}).json() for _ in range(2))
-    result = {"student": {"best_epoch": 3, "validation": {}, "test": {"clean_acc": 0.34, "pgd7_acc": 0.30}}}
+    result = {
+        "student": {
+            "best_epoch": 3,
+            "validation": {},
+            "test": {"clean_acc": 0.34, "pgd7_acc": 0.30, "autoattack_acc": 0.25},
+            "test_per_class": {
+                "clean_acc": {"cats": 0.5, "dogs": 0.25},
+                "pgd7_acc": {"cats": 0.375, "dogs": 0.125},
+                "autoattack_acc": {"cats": 0.25, "dogs": 0.0},
+            },
+            "test_on_autoattack_images": {"clean_acc": 0.41, "pgd7_acc": 0.29, "autoattack_acc": 0.25},
+        }
+    }
     with database(settings.resolved_database_url).transaction() as session:
         session.execute(
             update(Job)
@@ -175,7 +187,16 @@ def test_job_page_shows_warnings_evaluation_gaps_and_never_calls_a_failed_job_do
                 result=result,
                 evaluation={
                     "status": "incomplete",
-                    "images": {"clean_acc": 50, "pgd7_acc": 50},
+                    "images": {"clean_acc": 50, "pgd7_acc": 50, "autoattack_acc": 20},
+                    "sample": {
+                        "test_images": 200,
+                        "evaluated": 50,
+                        "autoattack": 20,
+                        "method": "class-stratified sample",
+                        "seed": 7,
+                        "per_class": {"evaluated": {"cats": 25, "dogs": 25}, "autoattack": {"cats": 10, "dogs": 10}},
+                    },
+                    "autoattack": {"description": "adapted to 2 classes (the DLR losses need 3 classes or more), L∞: APGD-CE"},
                     "failures": [{"model": "student", "attack": "AutoAttack", "error": "IndexError: boom"}],
                 },
                 warnings=[
@@ -203,8 +224,16 @@ def test_job_page_shows_warnings_evaluation_gaps_and_never_calls_a_failed_job_do
         "Not evaluated: AutoAttack",
         "IndexError: boom",
         "Test images per attack: Clean 50",
+        "class-stratified sample of the 200 test images, seed 7",
+        "AutoAttack: adapted to 2 classes (the DLR losses need 3 classes or more), L∞: APGD-CE.",
+        "On the 20 images AutoAttack ran on, every attack",
+        "41.0%",
+        "accuracy per class",
+        "25 (10 AutoAttack)",
+        "37.5%",
     ):
         assert text in page, text
+    assert "{&#39;" not in page and "{'" not in page  # no Python dict printed raw
     assert "pgd20" not in page.lower()
     failed_page = browser.get(f"/ui/jobs/{failed['id']}").text
     assert "failed at 100.0%" in failed_page and ">done<" not in failed_page

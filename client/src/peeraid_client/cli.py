@@ -61,11 +61,17 @@ def metrics_text(metrics: dict[str, Any] | None) -> str:
 
 
 def report_table(result: dict[str, Any]) -> str:
-    """The final test-set report: one row per exported model, one column per attack."""
+    """The final test-set report: one row per exported model, one column per attack; where AutoAttack ran on
+    fewer images, a row per model with every attack on AutoAttack's images."""
     names: list[str] = []
     for m in result.values():
         names += [n for n in m.get("test", {}) if n not in names]
     rows = [[key, m.get("best_epoch"), *(percent(m["test"].get(n)) for n in names)] for key, m in result.items()]
+    rows += [
+        [f"{key} (AutoAttack's images)", m.get("best_epoch"), *(percent(m["test_on_autoattack_images"].get(n)) for n in names)]
+        for key, m in result.items()
+        if m.get("test_on_autoattack_images")
+    ]
     return table(["model", "epoch", *(n.removesuffix("_acc") for n in names)], rows)
 
 

@@ -4,8 +4,10 @@ SQLite database and kombu's SQLite broker (no servers, no mocks)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -17,6 +19,8 @@ from core.settings import Settings
 from worker.lease import is_stale, owner_is_dead, worker_name
 from worker.queue import JobQueue
 from worker.reconciler import reconcile
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -43,7 +47,7 @@ def job(settings, job_id) -> Job:
 
 
 def claim(session, job_id, settings, worker):
-    return jobs.claim(session, job_id, worker, is_stale=lambda job: is_stale(job, settings))
+    return jobs.claim(session, job_id, worker, is_stale=lambda job, now: is_stale(job, settings, now))
 
 
 def queued_messages(settings) -> int:
@@ -63,8 +67,10 @@ def test_a_silent_worker_gives_its_job_back_until_attempts_run_out(settings):
     exhausted = add_job(settings, status="running", attempts=3, worker="elsewhere:2", heartbeat_at=ago(120))
     alive = add_job(settings, status="running", attempts=1, worker="elsewhere:3", heartbeat_at=ago(1))
     counts = reconcile(settings, JobQueue.for_settings(settings))
-    assert counts == {"requeued_lost_workers": 1, "failed_lost_workers": 1, "resent_messages": 1}
-    assert job(settings, retry).status == "queued" and job(settings, retry).enqueued_at is not None
+    assert counts == {"requeued_lost_workers": 1, "failed_lost_workers": 1, "cancelled_queued": 0, "resent_messages": 1}
+    requeued = job(settings, retry)
+    assert requeued.status == "queued" and requeued.enqueued_at is not None
+    assert requeued.worker is None and requeued.heartbeat_at is None  # a queued job has no owner
     failed = job(settings, exhausted)
     assert failed.status == "failed" and "gave up after 3 attempts" in failed.error and failed.finished_at
     assert job(settings, alive).status == "running"
@@ -115,3 +121,22 @@ def test_claiming_past_max_attempts_fails_the_job(settings):
     with database(settings.resolved_database_url).transaction() as session:
         assert claim(session, job_id, settings, worker_name()) is None
     assert job(settings, job_id).status == "failed" and "gave up after 3 attempts" in job(settings, job_id).error
+
+
+def test_a_dropped_duplicate_message_costs_one_transaction_not_an_engine_start(settings):
+    """A worker given a message for a job it cannot claim drops it before the engine (torch) loads: the
+    livelock's copies each cost a worker 1.5–2.6 s of importing torch."""
+    finished = add_job(settings, status="succeeded", attempts=1, worker="elsewhere:1")
+    script = (
+        "import sys, time\n"
+        "from worker.tasks import run_job\n"
+        "started = time.perf_counter()\n"
+        f"outcomes = [run_job.run({finished!r}), run_job.run('job_00000000000000000000')]\n"
+        "print(outcomes, 'torch' in sys.modules, time.perf_counter() - started)\n"
+    )
+    env = {**os.environ, "PEERAID_DATA_DIR": str(settings.data_dir)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    outcomes, torch_loaded, seconds = out.stdout.rsplit(" ", 2)
+    assert outcomes == "['skipped', 'skipped']" and torch_loaded == "False", out.stdout
+    print(f"\ntwo dropped messages: {float(seconds) * 1000:.0f} ms in all, torch not loaded")

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from core.db import jobs
-from core.db.models import Job, utcnow
-from core.db.session import Database
+from core.db.models import Job
+from core.db.session import Database, database
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ def owner_is_dead(worker: str | None) -> bool:
     return False
 
 
-def is_stale(job: Job, settings: Settings, now: dt.datetime | None = None) -> bool:
-    """The job's worker stopped heart-beating, or its process on this host is gone."""
-    now = now or utcnow()
+def is_stale(job: Job, settings: Settings, now: dt.datetime) -> bool:
+    """The job's worker stopped heart-beating (`now` and the heartbeat both by the database's clock), or its
+    process on this host is gone."""
     beat = job.heartbeat_at or job.started_at
     return beat is None or (now - beat).total_seconds() > settings.heartbeat_timeout or owner_is_dead(job.worker)
 
@@ -83,10 +83,9 @@ class JobLease:
 
     WATCH_INTERVAL = 0.5
 
-    def __init__(self, db: Database, lease: jobs.Lease, attempt: int, heartbeat_interval: float, limits: JobLimits):
+    def __init__(self, db: Database, lease: jobs.Lease, heartbeat_interval: float, limits: JobLimits):
         self.db = db
         self.lease = lease
-        self.attempt = attempt
         self.heartbeat_interval = heartbeat_interval
         self.limits = limits
         self.stop_reason: StopReason | None = None
@@ -96,6 +95,10 @@ class JobLease:
     @property
     def job_id(self) -> str:
         return self.lease.job_id
+
+    @property
+    def attempt(self) -> int:
+        return self.lease.attempt
 
     def write(self, transition: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
         def work(session: Session) -> bool:
@@ -142,3 +145,16 @@ class JobLease:
 
     def should_stop(self) -> bool:
         return self.stop_reason is not None
+
+
+def claim(settings: Settings, job_id: str) -> tuple[Database, jobs.Lease, Job] | None:
+    """Claim the job for this worker process: (the database, the lease, the job), or None if it is not
+    claimable (already owned, finished or cancelled). The database alone, no engine: a duplicate message
+    costs a worker one short transaction."""
+    db = database(settings.resolved_database_url)
+    me = worker_name()
+    job = db.run(lambda session: jobs.claim(session, job_id, me, is_stale=lambda j, now: is_stale(j, settings, now)), retry=True)
+    if job is None:
+        log.info("job %s not claimable here (already owned, finished or cancelled); message dropped", job_id)
+        return None
+    return db, jobs.Lease(job_id, me, job.attempts), job

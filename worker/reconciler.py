@@ -4,7 +4,12 @@ this pass every reconcile_interval seconds (and once at start):
 - a running job whose worker stopped heart-beating (or whose process is gone) goes back to the
   queue, until max_attempts, then fails with a clear reason (core.db.jobs.release);
 - a queued job whose message may be lost (never sent, a broker restart, a worker killed before
-  it acknowledged) is sent again. Duplicate messages are harmless: only one claim succeeds."""
+  it acknowledged) is sent again, with a doubling interval while it stays unclaimed (a job waiting
+  behind busy workers is not sent without bound). Duplicate messages are harmless: only one claim
+  succeeds, and a worker drops a copy in one short transaction;
+- a queued job with a cancel asked is cancelled (no transition leaves one, but rows of earlier versions may).
+
+Times are judged by the database's clock, so hosts whose clocks differ agree on what is stale."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import threading
 from sqlalchemy.orm import Session
 
 from core.db import jobs
-from core.db.models import JobStatus, utcnow
+from core.db.models import JobStatus
 from core.db.session import database
 from core.settings import Settings
 
@@ -27,10 +32,10 @@ log = logging.getLogger(__name__)
 
 def reconcile(settings: Settings, queue: JobQueue) -> dict[str, int]:
     db = database(settings.resolved_database_url)
-    counts = {"requeued_lost_workers": 0, "failed_lost_workers": 0, "resent_messages": 0}
-    now = utcnow()
+    counts = {"requeued_lost_workers": 0, "failed_lost_workers": 0, "cancelled_queued": 0, "resent_messages": 0}
 
     def recover(session: Session) -> list[str]:
+        now = jobs.clock(session)
         for job in jobs.leased(session):
             if is_stale(job, settings, now):
                 outcome = jobs.release(session, job, f"worker {job.worker} stopped responding")
@@ -38,7 +43,8 @@ def reconcile(settings: Settings, queue: JobQueue) -> dict[str, int]:
                     counts["requeued_lost_workers"] += 1
                 elif outcome == JobStatus.FAILED:
                     counts["failed_lost_workers"] += 1
-        return jobs.due_for_delivery(session, now - dt.timedelta(seconds=settings.requeue_after))
+        counts["cancelled_queued"] += jobs.cancel_queued(session)
+        return jobs.due_for_delivery(session, now, dt.timedelta(seconds=settings.requeue_after))
 
     for job_id in db.run(recover):
         if queue.enqueue(db, job_id):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.db import jobs
 from core.db.models import Dataset, Job, JobStatus, utcnow
-from core.db.session import Database, database
+from core.db.session import Database
 from core.engine.datasets import DatasetSplits
 from core.engine.errors import (
     CheckpointError,
@@ -28,7 +28,7 @@ from core.settings import Settings
 from core.storage import Storage, sha256_file
 
 from .callbacks import DatabaseCallbacks
-from .lease import JobLease, JobLimits, host_memory_bytes, is_stale, worker_name
+from .lease import JobLease, JobLimits, claim, host_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,17 @@ STOPPED_BY_LIMIT = {
 
 def run(settings: Settings, job_id: str) -> str:
     """Claim and run the job; returns what happened ("succeeded", "failed", "cancelled", "skipped", "lease-lost")."""
-    db = database(settings.resolved_database_url)
-    me = worker_name()
-    job = db.run(lambda session: jobs.claim(session, job_id, me, is_stale=lambda j: is_stale(j, settings)), retry=True)
-    if job is None:
-        log.info("job %s not claimable here (already owned, finished or cancelled); message dropped", job_id)
+    claimed = claim(settings, job_id)
+    if claimed is None:
         return "skipped"
-    log.info("job %s claimed by %s (attempt %d)", job_id, me, job.attempts)
-    with JobLease(db, jobs.Lease(job_id, me), job.attempts, settings.heartbeat_interval, limits_for(settings, job)) as lease:
-        return _train(settings, db, job, lease)
+    return run_claimed(settings, *claimed)
+
+
+def run_claimed(settings: Settings, db: Database, lease: jobs.Lease, job: Job) -> str:
+    """Run a job this worker claimed (`lease`), under its lease's heartbeat."""
+    log.info("job %s claimed by %s (attempt %d)", job.id, lease.worker, lease.attempt)
+    with JobLease(db, lease, settings.heartbeat_interval, limits_for(settings, job)) as held:
+        return _train(settings, db, job, held)
 
 
 def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:

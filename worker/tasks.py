@@ -9,21 +9,24 @@ from core.logs import job_context
 from core.settings import Settings, get_settings
 
 from .celery_app import RUN_JOB_TASK, app
-from .lease import host_memory_bytes
+from .lease import claim, host_memory_bytes
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    from .runner import run  # the engine (torch) loads in the pool's child process, not in the worker's main process
-
     settings = get_settings()
-    limit_memory(settings)
-    if settings.worker_threads:
-        import torch
-
-        torch.set_num_threads(settings.worker_threads)
     with job_context(job_id):
-        return run(settings, job_id)
+        claimed = claim(settings, job_id)  # before the engine loads: a duplicate message costs one short transaction
+        if claimed is None:
+            return "skipped"
+        from .runner import run_claimed  # the engine (torch) loads in the pool's child process, not in the worker's main process
+
+        limit_memory(settings)
+        if settings.worker_threads:
+            import torch
+
+            torch.set_num_threads(settings.worker_threads)
+        return run_claimed(settings, *claimed)
 
 
 def limit_memory(settings: Settings) -> None:

@@ -1,8 +1,22 @@
 """Every write to a job row, one named transition each. Nothing else updates `jobs`.
 
-A worker owns a job while `Job.worker` names it (its lease). Each write a worker makes is guarded
-by that lease (`_owned`), so a worker that lost its job — to the reconciler or to another worker
-after a long pause — can no longer change it. Transitions return whether they took effect."""
+A worker owns a job while the job is running or evaluating under that worker's name and attempt (its
+lease). Each write a worker makes is guarded by the whole lease (`_owned`), so a worker that lost its
+job — to the reconciler or to another worker after a long pause — can no longer change it, even if it
+is given the same job again later. Transitions return whether they took effect.
+
+Every transition is a compare-and-set on every field it decided on (status, owner, attempt, the cancel
+request, the heartbeat it judged stale), so a decision made on a row that changed meanwhile does
+nothing. Times that are compared with each other (heartbeats, messages sent) come from the database's
+clock (`database_now`), never from the clocks of the hosts that write them.
+
+The states, and who moves a job between them:
+- queued (no owner) → running: a worker's `claim`; → cancelled: the user's `request_cancel`, or a claim
+  or the reconciler finding a cancel already asked. A queued job is always claimable or about to end.
+- running ⇄ evaluating (owned): the worker; → succeeded / failed / cancelled: the worker (`succeed`,
+  `finish`); → queued (owner cleared), failed or cancelled: `release`, once its worker stopped responding.
+- A queued job's message is sent again (`due_for_delivery`) only with a growing interval while nothing
+  changes: a job waiting behind busy workers is not sent without bound."""
 
 from __future__ import annotations
 
@@ -11,8 +25,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Update, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Update, case, delete, func, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import FunctionElement
 
 from .models import (
     ACTIVE_STATUSES,
@@ -23,16 +39,47 @@ from .models import (
     Job,
     JobStatus,
     Tenant,
+    UTCDateTime,
     utcnow,
 )
 
 
+class database_now(FunctionElement):  # an SQL function, named as one
+    """The database's clock, as naive UTC like every stored time: the one clock heartbeats and sends are judged by."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(database_now)
+def _now_postgresql(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "(statement_timestamp() AT TIME ZONE 'utc')"
+
+
+@compiles(database_now, "sqlite")
+def _now_sqlite(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"  # microseconds, as SQLAlchemy stores them
+
+
+def clock(session: Session) -> dt.datetime:
+    """The database's time now (aware UTC)."""
+    now = session.scalar(select(database_now()))
+    assert now is not None
+    return now
+
+
+# A queued job's message is sent again after requeue_after, then after twice that, and so on up to this:
+# a lost message is replaced within the hour, and a job waiting behind busy workers gets one copy per hour.
+MAX_RESEND_INTERVAL = dt.timedelta(hours=1)
+
+
 @dataclass(frozen=True)
 class Lease:
-    """A worker's ownership of a job."""
+    """A worker's ownership of a job: its name and the attempt it claimed."""
 
     job_id: str
     worker: str
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -89,21 +136,32 @@ def create(session: Session, *, tenant_id: str, max_active: int, **fields: Any) 
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(enqueued_at=utcnow()))
+    """A message for the queued job was sent: when (the database's clock) and how many since it was last queued."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(enqueued_at=database_now(), sends=Job.sends + 1)
+    )
+
+
+def _if_queued(value: Any, otherwise: ColumnElement[Any]) -> Any:
+    return case((Job.status == JobStatus.QUEUED, value), else_=otherwise)
 
 
 def request_cancel(session: Session, job: Job) -> Job:
-    """A queued job is cancelled at once; a running one is flagged, and its worker stops at its next check."""
-    if job.status in TERMINAL_STATUSES:
-        raise JobFinished(job)
-    now = utcnow()
-    session.execute(
+    """A queued job is cancelled at once; a running one is flagged, and its worker stops at its next check.
+    One statement, so that no claim or release in between can leave the cancel half done."""
+    changed = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, phase="cancelled before it started", finished_at=now, cancel_requested=True)
-    )
-    session.execute(update(Job).where(Job.id == job.id, Job.status.in_(LEASED_STATUSES)).values(cancel_requested=True))
+        .where(Job.id == job.id, Job.status.in_(ACTIVE_STATUSES))
+        .values(
+            cancel_requested=True,
+            status=_if_queued(JobStatus.CANCELLED.value, Job.status),
+            phase=_if_queued("cancelled before it started", Job.phase),
+            finished_at=_if_queued(database_now(), Job.finished_at),
+        )
+    ).rowcount  # type: ignore[attr-defined]
     session.refresh(job)
+    if changed != 1:
+        raise JobFinished(job)
     return job
 
 
@@ -138,43 +196,64 @@ def epochs(session: Session, job_id: str) -> list[EpochMetric]:
 
 
 def _owned(lease: Lease) -> Update:
-    return update(Job).where(Job.id == lease.job_id, Job.worker == lease.worker)
+    return update(Job).where(
+        Job.id == lease.job_id, Job.worker == lease.worker, Job.attempts == lease.attempt, Job.status.in_(LEASED_STATUSES)
+    )
 
 
 def _write(session: Session, lease: Lease, **values: Any) -> bool:
     return session.execute(_owned(lease).values(**values)).rowcount == 1  # type: ignore[attr-defined]
 
 
-def claim(session: Session, job_id: str, worker: str, *, is_stale: Callable[[Job], bool]) -> Job | None:
-    """Take a queued job (or one whose worker is gone) with a compare-and-set on (status, attempts):
-    however many copies of its message arrive, one worker wins."""
+def _unchanged(job: Job) -> tuple[ColumnElement[bool], ...]:
+    """The row still as `job` was read: every field a transition decides on."""
+
+    def same(column: Any, value: Any) -> ColumnElement[bool]:
+        return column.is_(None) if value is None else column == value
+
+    return (
+        Job.id == job.id,
+        Job.status == job.status,
+        Job.attempts == job.attempts,
+        same(Job.worker, job.worker),
+        Job.cancel_requested == job.cancel_requested,
+        same(Job.heartbeat_at, job.heartbeat_at),
+    )
+
+
+def _compare_and_set(session: Session, job: Job, **values: Any) -> bool:
+    return session.execute(update(Job).where(*_unchanged(job)).values(**values)).rowcount == 1  # type: ignore[attr-defined]
+
+
+def claim(session: Session, job_id: str, worker: str, *, is_stale: Callable[[Job, dt.datetime], bool]) -> Job | None:
+    """Take a queued job (or one whose worker is gone: `is_stale(job, the database's time)`) with a
+    compare-and-set: however many copies of its message arrive, one worker wins. A queued job with a
+    cancel asked is cancelled here, never left for its message to come back."""
     job = session.get(Job, job_id)
-    if job is None or job.cancel_requested:
+    if job is None:
         return None
-    if job.status in LEASED_STATUSES and is_stale(job):
+    if job.status in LEASED_STATUSES and is_stale(job, clock(session)):
         if release(session, job, f"worker {job.worker} stopped responding") != JobStatus.QUEUED:
             return None
         session.refresh(job)
     if job.status != JobStatus.QUEUED:
         return None
-    if job.attempts >= job.max_attempts:
+    if job.cancel_requested or job.attempts >= job.max_attempts:
         release(session, job, "its worker was lost each time")
         return None
-    now = utcnow()
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.attempts == job.attempts)
-        .values(
-            status=JobStatus.RUNNING,
-            phase="starting",
-            worker=worker,
-            attempts=job.attempts + 1,
-            started_at=job.started_at or now,
-            heartbeat_at=now,
-            error=None,
-        )
-    ).rowcount  # type: ignore[attr-defined]
-    if claimed != 1:
+    claimed = _compare_and_set(
+        session,
+        job,
+        status=JobStatus.RUNNING,
+        phase="starting",
+        worker=worker,
+        attempts=job.attempts + 1,
+        started_at=func.coalesce(Job.started_at, database_now()),
+        heartbeat_at=database_now(),
+        sends=0,
+        error=None,
+    )
+    if not claimed:
         return None
     session.flush()
     session.refresh(job)
@@ -188,16 +267,17 @@ class LeaseState:
 
 
 def heartbeat(session: Session, lease: Lease) -> LeaseState:
-    """Prove the worker is alive; learn whether the job was cancelled or taken over."""
-    owned = _write(session, lease, heartbeat_at=utcnow())
+    """Prove the worker is alive (stamped with the database's clock); learn whether the job was cancelled or taken over."""
+    owned = _write(session, lease, heartbeat_at=database_now())
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == lease.job_id))
     return LeaseState(owned, bool(cancel))
 
 
 def lease_state(session: Session, lease: Lease) -> LeaseState:
     """Whether the worker still owns the job and whether a cancel was asked: one read by primary key."""
-    row = session.execute(select(Job.worker, Job.cancel_requested).where(Job.id == lease.job_id)).one_or_none()
-    return LeaseState(row is not None and row.worker == lease.worker, bool(row and row.cancel_requested))
+    row = session.execute(select(Job.worker, Job.attempts, Job.status, Job.cancel_requested).where(Job.id == lease.job_id)).one_or_none()
+    owned = row is not None and row.worker == lease.worker and row.attempts == lease.attempt and row.status in LEASED_STATUSES
+    return LeaseState(owned, bool(row and row.cancel_requested))
 
 
 def report_stage(session: Session, lease: Lease, status: JobStatus, phase: str) -> bool:
@@ -267,7 +347,7 @@ def succeed(
         lease,
         status=JobStatus.SUCCEEDED,
         phase=phase,
-        finished_at=utcnow(),
+        finished_at=database_now(),
         result=result,
         best_metrics=best,
         evaluation=evaluation,
@@ -291,7 +371,7 @@ def finish(
 ) -> bool:
     """End a job as failed or cancelled, keeping whatever artifacts could be saved."""
     assert status in (JobStatus.FAILED, JobStatus.CANCELLED)
-    if not _write(session, lease, status=status, phase=(phase or status.value)[:128], finished_at=utcnow(), error=error):
+    if not _write(session, lease, status=status, phase=(phase or status.value)[:128], finished_at=database_now(), error=error):
         return False
     _replace_artifacts(session, lease.job_id, artifacts)
     return True
@@ -305,30 +385,46 @@ def leased(session: Session) -> list[Job]:
 
 
 def release(session: Session, job: Job, reason: str) -> JobStatus | None:
-    """A job whose worker is gone: cancelled if a cancel was asked, failed once its attempts are spent,
-    otherwise queued again to resume from its checkpoint. None if the job changed meanwhile."""
-    same_worker = Job.worker.is_(None) if job.worker is None else Job.worker == job.worker
-    unchanged = (Job.id == job.id, Job.status == job.status, Job.attempts == job.attempts, same_worker)
-    now = utcnow()
+    """A job no worker holds any more (its worker is gone, or it is queued and can never be claimed):
+    cancelled if a cancel was asked, failed once its attempts are spent, otherwise queued again, with no
+    owner, to resume from its checkpoint. None if the job changed since it was read."""
     values: dict[str, Any]
     if job.cancel_requested:
-        values = {"status": JobStatus.CANCELLED, "phase": "cancelled", "finished_at": now}
+        values = {"status": JobStatus.CANCELLED, "phase": "cancelled", "finished_at": database_now()}
     elif job.attempts >= job.max_attempts:
         values = {
             "status": JobStatus.FAILED,
             "phase": "failed",
-            "finished_at": now,
+            "finished_at": database_now(),
             "error": f"gave up after {job.attempts} attempts: {reason}",
         }
     else:
-        values = {"status": JobStatus.QUEUED, "phase": f"re-queued: {reason}"[:128], "enqueued_at": None}
-    if session.execute(update(Job).where(*unchanged).values(**values)).rowcount != 1:  # type: ignore[attr-defined]
+        values = {"status": JobStatus.QUEUED, "phase": f"re-queued: {reason}"[:128], "enqueued_at": None, "sends": 0}
+    if not _compare_and_set(session, job, worker=None, heartbeat_at=None, **values):
         return None
     return JobStatus(values["status"])
 
 
-def due_for_delivery(session: Session, sent_before: dt.datetime) -> list[str]:
-    """Queued jobs whose message may be lost: never sent, or sent long ago and still not claimed."""
-    return list(
-        session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < sent_before)))
+def cancel_queued(session: Session) -> int:
+    """Queued jobs with a cancel asked, cancelled (none arise from the transitions here; older rows may hold one)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
+        .values(status=JobStatus.CANCELLED, phase="cancelled before it started", finished_at=database_now())
     )
+    return result.rowcount  # type: ignore[attr-defined]
+
+
+def resend_interval(sends: int, requeue_after: dt.timedelta) -> dt.timedelta:
+    """How long a queued job waits for a claim after its `sends`-th message before another is sent."""
+    doubled = requeue_after.total_seconds() * 2.0 ** min(max(0, sends - 1), 64)
+    return min(dt.timedelta(seconds=min(doubled, 1e9)), max(requeue_after, MAX_RESEND_INTERVAL))
+
+
+def due_for_delivery(session: Session, now: dt.datetime, requeue_after: dt.timedelta) -> list[str]:
+    """Queued jobs whose message may be lost: never sent, or sent and still not claimed after the interval
+    `resend_interval` gives (doubling with each message sent since the job last changed)."""
+    rows = session.execute(
+        select(Job.id, Job.enqueued_at, Job.sends).where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+    )
+    return [r.id for r in rows if r.enqueued_at is None or r.enqueued_at < now - resend_interval(r.sends, requeue_after)]

@@ -155,14 +155,15 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    worker: Mapped[str | None] = mapped_column(String(256))
+    worker: Mapped[str | None] = mapped_column(String(256))  # the owner while running or evaluating; None otherwise
+    sends: Mapped[int] = mapped_column(default=0, server_default="0")  # messages sent since the job last changed state
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    enqueued_at: Mapped[dt.datetime | None]
+    enqueued_at: Mapped[dt.datetime | None]  # the last message sent (the database's clock)
     started_at: Mapped[dt.datetime | None]
-    heartbeat_at: Mapped[dt.datetime | None]
+    heartbeat_at: Mapped[dt.datetime | None]  # the owner's last heartbeat (the database's clock)
     finished_at: Mapped[dt.datetime | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -126,6 +126,7 @@ class EstimateOut(BaseModel):
     evaluation_passes: int = Field(description="forward-equivalent passes of the final report, per model")
     memory_bytes: int = Field(description="at the batch size: weights, gradients and momentum of both networks, activations, the data")
     hours: dict[str, float] = Field(description="estimated hours per device class (h100, cpu), from measured step rates")
+    evaluation_hours: dict[str, float] = Field(description="of those hours, the final evaluation's (clean, FGSM, PGD, AutoAttack)")
     warnings: list[str]
 
 
@@ -145,7 +146,9 @@ class EvaluationProgressOut(BaseModel):
     batch: int = Field(description="batches done")
     batches: int
     accuracy_so_far: float | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="of the whole final evaluation (every model and attack)")
+    fraction: float = Field(0.0, description="of the whole final evaluation done, by planned work")
+    images_per_sec: float | None = Field(None, description="of this model's attack so far")
 
 
 class Progress(BaseModel):
@@ -153,9 +156,9 @@ class Progress(BaseModel):
     epochs: int | None = None
     step: int | None = None
     steps_per_epoch: int | None = None
-    images_per_sec: float | None = None
-    eta_seconds: float | None = Field(None, description="of the training; the evaluation has its own")
-    fraction: float = Field(0.0, description="of the training done")
+    images_per_sec: float | None = Field(None, description="training images per second; during the final evaluation, its own")
+    eta_seconds: float | None = Field(None, description="of the whole job: the training left, then the final evaluation")
+    fraction: float = Field(0.0, description="of the whole job done: the training, then the final evaluation")
     losses: dict[str, float] | None = None
     evaluation: EvaluationProgressOut | None = Field(None, description="the final report's progress, once it has started")
 

@@ -16,11 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class DatabaseCallbacks(TrainingCallbacks):
-    def __init__(self, lease: JobLease, batch_size: int):
+    """`evaluation_share`: the part of the job's time the final evaluation is expected to take (the pre-flight
+    estimate's), so that the job's fraction and ETA run through the training and then the evaluation."""
+
+    def __init__(self, lease: JobLease, batch_size: int, evaluation_share: float = 0.0):
         self.lease = lease
         self.batch_size = batch_size
+        self.evaluation_share = min(max(evaluation_share, 0.0), 0.99)
         self.history: list[EpochRecord] = []
         self.training: dict = {}  # the last training progress, kept beside the evaluation's
+        self.expected_evaluation_seconds: float | None = None
 
     def _epoch_seconds(self, p: StepProgress) -> float:
         if self.history:
@@ -30,23 +35,35 @@ class DatabaseCallbacks(TrainingCallbacks):
 
     def on_step(self, p: StepProgress) -> None:
         done = p.epoch - 1 + p.step / p.steps_per_epoch
+        epoch_seconds = self._epoch_seconds(p)
+        # the evaluation's time, scaled from the training's as measured by the estimate's ratio of the two
+        share = self.evaluation_share
+        self.expected_evaluation_seconds = p.epochs * epoch_seconds * share / (1 - share)
         progress = {
             "epoch": p.epoch,
             "epochs": p.epochs,
             "step": p.step,
             "steps_per_epoch": p.steps_per_epoch,
             "images_per_sec": round(p.images_per_sec, 1),
-            "eta_seconds": round((p.epochs - done) * self._epoch_seconds(p), 1),
-            "fraction": round(done / p.epochs, 4),
+            "eta_seconds": round((p.epochs - done) * epoch_seconds + self.expected_evaluation_seconds, 1),
+            "fraction": round(done / p.epochs * (1 - share), 4),
             "losses": p.losses,
         }
         self.training = progress
         self._best_effort(progress, f"training epoch {p.epoch}/{p.epochs}")
 
     def on_evaluation(self, p: EvaluationProgress) -> None:
-        self._best_effort(
-            {**self.training, "evaluation": dataclasses.asdict(p)}, f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})"
-        )
+        eta = p.eta_seconds
+        if eta is None and self.expected_evaluation_seconds is not None:  # no pace measured yet: the training's
+            eta = self.expected_evaluation_seconds * (1 - p.fraction)
+        progress = {
+            **self.training,
+            "fraction": round(1 - self.evaluation_share + self.evaluation_share * p.fraction, 4),
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "images_per_sec": None if p.images_per_sec is None else round(p.images_per_sec, 1),
+            "evaluation": dataclasses.asdict(p),
+        }
+        self._best_effort(progress, f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})")
 
     def _best_effort(self, progress: dict, phase: str) -> None:
         try:

@@ -22,8 +22,10 @@ from core.engine.errors import (
     TrainingDiverged,
 )
 from core.engine.job import JobResult, export_checkpoint_student, run_job
+from core.engine.preflight import DataShape, device_class, preflight
 from core.engine.sources import load_splits
 from core.engine.spec import build_spec
+from core.engine.trainer import resolve_device
 from core.settings import Settings
 from core.storage import Storage, sha256_file
 
@@ -104,12 +106,14 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             download=settings.allow_downloads,
             selection=spec.selection,
         )
+        device = resolve_device(settings.worker_device)
+        estimate = preflight(spec, DataShape.of(splits))
         result = run_job(
             spec,
             splits,
             storage.job_dir(job.id),
-            device=settings.worker_device,
-            callbacks=DatabaseCallbacks(lease, spec.batch_size),
+            device=device,
+            callbacks=DatabaseCallbacks(lease, spec.batch_size, estimate.evaluation_share(device_class(device))),
             progress_interval=settings.progress_interval,
         )
     except TrainingCancelled:

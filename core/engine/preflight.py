@@ -30,10 +30,11 @@ from peeraid_models import InputTooSmallError, create_model, get_model_info
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .datasets import DatasetSplits
 from .errors import DatasetError
+from .evaluation import autoattack_work, first_pass_work
 from .spec import JobSpec
 
-AUTOATTACK_FORWARDS_PER_IMAGE = 3000  # APGD-CE/T, FAB-T and Square on a robust point: ~thousands of passes
 BYTES_PER_VALUE = 4  # fp32 weights, gradients, momentum and activations
 
 
@@ -43,8 +44,15 @@ class DataShape:
     height: int
     width: int
     num_classes: int
-    num_train: int
+    num_train: int  # the training data before a validation split is held out of it
     num_test: int
+
+    @classmethod
+    def of(cls, splits: DatasetSplits) -> DataShape:
+        """The shape of the data a job was given (its validation split counted back into the training data)."""
+        c, h, w = splits.input_shape
+        held_out = 0 if splits.selection == "test" else len(splits.val)
+        return cls(c, h, w, len(splits.classes), len(splits.train) + held_out, len(splits.test))
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,12 @@ class Estimate:
     evaluation_passes: int  # forward-equivalent passes of the final report, per model
     memory_bytes: int  # at the batch size: weights, gradients and momentum of both networks, activations, the data
     hours: dict[str, float]  # per device class
+    evaluation_hours: dict[str, float]  # of those, the final evaluation's
     warnings: list[str]
+
+    def evaluation_share(self, device_class: str) -> float:
+        """The part of the job's time its final evaluation is expected to take on this device class."""
+        return self.evaluation_hours[device_class] / self.hours[device_class] if self.hours[device_class] > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,17 +184,15 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     ev = spec.evaluation
     n_eval = min(ev.n_examples or shape.num_test, shape.num_test)
     n_autoattack = min(ev.autoattack_n_examples or n_eval, n_eval) if ev.autoattack else 0
-    passes = n_eval * (1 + 3 + 3 * ev.pgd_steps) + n_autoattack * AUTOATTACK_FORWARDS_PER_IMAGE
+    passes = int(first_pass_work(n_eval, ev.pgd_steps) + autoattack_work(n_autoattack))
     models = 2 if spec.swa else 1
     evaluation = passes * student_flops * models
 
     parameters = [sum(p.numel() for p in m.parameters()) for m in (student, peer) if m is not None]
     kept = spec.batch_size * (student_activations * (spec.student_adv_forwards + 1) + peer_activations)
     memory = (3 * sum(parameters) + kept) * BYTES_PER_VALUE + shape.num_train * shape.in_channels * shape.height * shape.width
-    hours = {
-        device: (training / rate.flops_per_second(spec.student) + evaluation / rate.evaluation_flops_per_second(spec.student)) / 3600
-        for device, rate in DEVICE_RATES.items()
-    }
+    evaluation_hours = {device: evaluation / rate.evaluation_flops_per_second(spec.student) / 3600 for device, rate in DEVICE_RATES.items()}
+    hours = {d: training / rate.flops_per_second(spec.student) / 3600 + evaluation_hours[d] for d, rate in DEVICE_RATES.items()}
     warnings = []
     if train < 20 * shape.num_classes:
         warnings.append(f"{train} training images for {shape.num_classes} classes is very little: expect a weak model")
@@ -196,5 +207,11 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
         evaluation_passes=passes,
         memory_bytes=int(memory),
         hours=hours,
+        evaluation_hours=evaluation_hours,
         warnings=warnings,
     )
+
+
+def device_class(device: torch.device | str) -> str:
+    """The device class of DEVICE_RATES a device's work is estimated with."""
+    return "cpu" if torch.device(device).type == "cpu" else "h100"

@@ -90,10 +90,19 @@ def test_evaluation_progress_reaches_the_api(new_client, settings):
 
     client = new_client()
     job = client.post("/v1/jobs", json=QUEUED).json()
-    evaluation = {"model": "student", "attack": "AutoAttack", "batch": 2, "batches": 5, "accuracy_so_far": 0.4, "eta_seconds": 12.0}
+    evaluation = {
+        "model": "student",
+        "attack": "AutoAttack",
+        "batch": 2,
+        "batches": 5,
+        "accuracy_so_far": 0.4,
+        "eta_seconds": 12.0,
+        "fraction": 0.45,
+        "images_per_sec": 3.5,
+    }
     with database(settings.resolved_database_url).transaction() as session:
         session.execute(
-            update(Job).where(Job.id == job["id"]).values(progress={"epoch": 4, "epochs": 4, "fraction": 1.0, "evaluation": evaluation})
+            update(Job).where(Job.id == job["id"]).values(progress={"epoch": 4, "epochs": 4, "fraction": 0.56, "evaluation": evaluation})
         )
     assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["evaluation"] == evaluation
     client.post(f"/v1/jobs/{job['id']}/cancel")

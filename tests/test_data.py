@@ -24,9 +24,11 @@ def test_validation_split_is_stratified_disjoint_and_seeded():
         n_val, n_train = (val.labels == label).sum().item(), (train.labels == label).sum().item()
         assert n_val == round(0.1 * (n_val + n_train))
     again = load_splits("digits", val_fraction=0.1, seed=3)
-    assert torch.equal(again.val.labels, val.labels) and again.fingerprint == splits.fingerprint
+    assert torch.equal(again.val.labels, val.labels) and again.split_fingerprint == splits.split_fingerprint
     other = load_splits("digits", val_fraction=0.1, seed=4)
-    assert other.fingerprint != splits.fingerprint  # the split is part of what was trained on
+    assert other.split_fingerprint != splits.split_fingerprint  # another split of the same data
+    train_all, test = load_digits()
+    assert other.fingerprint == splits.fingerprint == fingerprint(train_all, test)  # the data's, as the API shows it
 
 
 def test_validation_split_partitions_the_training_data():
@@ -111,7 +113,7 @@ def test_paper_protocol_trains_on_all_training_data_and_selects_on_the_test_set(
     assert torch.equal(paper.train.images, train.images) and torch.equal(paper.test.labels, test.labels)
     held_out = load_splits("digits", val_fraction=0.1)
     assert held_out.selection == "validation" and len(held_out.train) + len(held_out.val) == len(paper.train)
-    assert paper.fingerprint != held_out.fingerprint
+    assert paper.fingerprint == held_out.fingerprint and paper.split_fingerprint != held_out.split_fingerprint
     assert "paper protocol" in paper.protocol and "selected on the test set" in paper.protocol
     assert f"{len(held_out.val)} validation images held out" in held_out.protocol
     with pytest.raises(DatasetError, match="selection must be one of validation, test"):

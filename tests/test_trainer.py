@@ -217,3 +217,25 @@ def test_a_v1_checkpoint_resumes_like_an_uninterrupted_run(tiny_splits, tmp_path
         r.to_dict() | {"train_seconds": 0, "eval_seconds": 0, "images_per_sec": 0} for r in straight.history
     ]
     assert (resumed.best_student.epoch, resumed.best_swa.epoch) == (straight.best_student.epoch, straight.best_swa.epoch)
+
+
+def test_a_checkpoint_naming_the_splits_fingerprint_of_earlier_versions_still_resumes(tiny_splits, tmp_path):
+    """Checkpoints record the data's fingerprint (the API's); earlier versions recorded the three splits': a job
+    running across the upgrade resumes, and a checkpoint of other data is still refused."""
+    from dataclasses import replace
+
+    from core.engine.datasets import fingerprint
+    from core.engine.state_io import save_tensors
+
+    splits = replace(tiny_splits, fingerprint=fingerprint(tiny_splits.train, tiny_splits.test))
+    assert splits.fingerprint != splits.split_fingerprint
+    spec = tiny_spec(epochs=2, lr_decay_epochs=[1])
+    Trainer(spec, splits, workdir=tmp_path).run_epoch(0)
+    path = tmp_path / CHECKPOINT_NAME
+    tensors, meta = load_tensors(path)
+    assert meta["dataset_fingerprint"] == splits.fingerprint
+    save_tensors(path, tensors, {**meta, "dataset_fingerprint": splits.split_fingerprint})
+    assert Trainer(spec, splits, workdir=tmp_path).next_epoch == 1
+    save_tensors(path, tensors, {**meta, "dataset_fingerprint": "0" * 64})
+    with pytest.raises(CheckpointError, match="different dataset"):
+        Trainer(spec, splits, workdir=tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from core.db import jobs
 from core.db.models import Dataset, Job, JobStatus, utcnow
@@ -96,10 +97,8 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
     try:
         spec = build_spec(None, job.spec)  # a stored spec that no longer validates is a SpecError, said as such
         lease.write(jobs.report_progress, job.progress or {}, "loading dataset")
-        source, resize = _dataset_source(db, storage, spec.dataset)
         splits = load_splits(
-            source,
-            resize=resize,
+            **_dataset_source(db, storage, spec.dataset),
             data_root=settings.builtin_data_root,
             val_fraction=spec.val_fraction,
             seed=spec.seed,
@@ -115,6 +114,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             device=device,
             callbacks=DatabaseCallbacks(lease, spec.batch_size, estimate.evaluation_share(device_class(device))),
             progress_interval=settings.progress_interval,
+            job_id=job.id,
         )
     except TrainingCancelled:
         reason = lease.stop_reason
@@ -161,15 +161,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def _dataset_source(db: Database, storage: Storage, name: str) -> tuple[str, tuple[int, int] | None]:
-    """A built-in name as is; an uploaded dataset's id as the path of its stored file and the size its
-    images were resized to when it was validated."""
+def _dataset_source(db: Database, storage: Storage, name: str) -> dict[str, Any]:
+    """load_splits' arguments for the job's dataset: a built-in name as is; an upload (by id) as the path of its
+    stored file, the size its images were resized to when it was validated, its name and its id."""
     if not name.startswith("ds_"):
-        return name, None
+        return {"dataset": name}
     dataset = db.run(lambda session: session.get(Dataset, name), retry=True)
     if dataset is None:
         raise DatasetError(f"dataset {name} was deleted before the job ran")
-    return str(storage.path(dataset.storage_key)), tuple(dataset.resize) if dataset.resize else None
+    resize = tuple(dataset.resize) if dataset.resize else None
+    return {"dataset": str(storage.path(dataset.storage_key)), "resize": resize, "name": dataset.name, "dataset_id": dataset.id}
 
 
 def _best(result: JobResult) -> dict:
@@ -181,7 +182,8 @@ def _kept(storage: Storage, job_id: str, splits: DatasetSplits | None, stopped: 
     if splits is None:
         return []
     try:
-        return _artifact_files(storage, job_id, export_checkpoint_student(storage.job_dir(job_id), splits, stopped=stopped))
+        exported = export_checkpoint_student(storage.job_dir(job_id), splits, stopped=stopped, job_id=job_id)
+        return _artifact_files(storage, job_id, exported)
     except (CheckpointError, OSError) as err:  # no epoch finished, or the disk is full: nothing to keep
         log.info("job %s keeps no student: %s", job_id, err)
         return []

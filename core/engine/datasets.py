@@ -58,8 +58,14 @@ class DatasetSplits:
     train: ImageDataset
     val: ImageDataset
     test: ImageDataset
-    fingerprint: str
+    fingerprint: str  # of the data as given (`fingerprint(training data, test)`, before the validation split): the API's
     selection: str = "validation"
+    dataset_id: str | None = None  # the service's id of an uploaded dataset
+
+    @property
+    def split_fingerprint(self) -> str:
+        """The fingerprint of the three splits, which checkpoints of earlier versions recorded."""
+        return fingerprint(self.train, self.val, self.test)
 
     @property
     def protocol(self) -> str:
@@ -84,7 +90,8 @@ class DatasetSplits:
 
 
 def fingerprint(*datasets: ImageDataset) -> str:
-    """sha256 over images, labels and class names: the same data gives the same id anywhere."""
+    """sha256 over images, labels and class names: the same data gives the same id anywhere (a dataset's is
+    that of its training and test data, as the API shows it at upload)."""
     digest = hashlib.sha256()
     for dataset in datasets:
         digest.update(repr((tuple(dataset.images.shape), dataset.classes)).encode())

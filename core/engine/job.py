@@ -92,7 +92,9 @@ def run_job(
     device: str | torch.device | None = None,
     callbacks: TrainingCallbacks | None = None,
     progress_interval: float = 2.0,
+    job_id: str | None = None,
 ) -> JobResult:
+    """`job_id`: the service's job, named in the model card."""
     callbacks = callbacks or TrainingCallbacks()
     trainer = Trainer(spec, splits, workdir=workdir, device=device, callbacks=callbacks, progress_interval=progress_interval)
     trainer.fit()
@@ -112,7 +114,9 @@ def run_job(
     test = splits.test.subset(sample.index)
     aa_images = sample.autoattack_images
     planned = {key: aa_images if key == AUTOATTACK_KEY else len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
-    card_args = dict(history=[r.to_dict() for r in trainer.history], device=str(trainer.device), execution=trainer.execution_report())
+    card_args = dict(
+        history=[r.to_dict() for r in trainer.history], device=str(trainer.device), execution=trainer.execution_report(), job_id=job_id
+    )
     evaluation: dict[str, Any] = {"status": PENDING, "images": planned, "sample": sample.describe(splits.test), "failures": []}
     if ev.autoattack:
         evaluation["autoattack"] = AutoAttackSet(len(splits.classes)).to_dict()
@@ -151,7 +155,7 @@ def run_job(
     return JobResult(card, artifacts)
 
 
-def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: str) -> dict[str, Path]:
+def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: str, job_id: str | None = None) -> dict[str, Path]:
     """For a job that stopped before its end (`stopped` says why, e.g. "cancelled after epoch 3"): write the
     checkpoint's models as weights files, with a model card that says training did not finish.
 
@@ -164,7 +168,7 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
     tensors, meta = load_tensors(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this version")
-    if meta["dataset_fingerprint"] != splits.fingerprint:
+    if meta["dataset_fingerprint"] not in (splits.fingerprint, splits.split_fingerprint):
         raise CheckpointError(f"{path} was written for a different dataset")
     spec = build_spec(None, meta["spec"])
     kwargs = dict(num_classes=len(splits.classes), in_channels=splits.input_shape[0])
@@ -181,7 +185,17 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
             metrics[key] = {"best_epoch": meta[best_key]["epoch"], "validation": meta[best_key]["metrics"], "test": {}}
     evaluation = {"status": NOT_RUN, "images": {}, "failures": []}
     _write_cards(
-        out_dir, spec, splits, artifacts, {}, metrics=metrics, evaluation=evaluation, history=meta["history"], device=None, stopped=stopped
+        out_dir,
+        spec,
+        splits,
+        artifacts,
+        {},
+        metrics=metrics,
+        evaluation=evaluation,
+        history=meta["history"],
+        device=None,
+        stopped=stopped,
+        job_id=job_id,
     )
     return artifacts
 

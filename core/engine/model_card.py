@@ -39,14 +39,16 @@ def build_model_card(
     warnings: list[dict[str, str]] | None = None,
     stopped: str | None = None,
     execution: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
     """The JSON card. `metrics`: {model: {best_epoch, validation, test}}; `evaluation`: {status, images
     (per metric key), failures, ...}; `exports`: {artifact name: "ok" or "failed: ..."}; `artifacts`:
     {artifact name: file name}; `warnings`: outcomes to distrust (evaluation.outcome_warnings); `stopped`: why
-    training ended early, if it did."""
+    training ended early, if it did; `job_id`: the service's job that trained the model."""
     n_evaluated = max(evaluation.get("images", {}).values(), default=0)
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "job_id": job_id,
         "method": spec.method,
         "architecture": {"student": spec.student, "peer": spec.peer_architecture},
         "classes": splits.classes,
@@ -55,6 +57,7 @@ def build_model_card(
         "threat_model": {"norm": "Linf", "epsilon": spec.epsilon},
         "dataset": {
             "name": splits.name,
+            "id": splits.dataset_id,
             "fingerprint": splits.fingerprint,
             "train_examples": len(splits.train),
             "validation_examples": len(splits.val),
@@ -132,7 +135,9 @@ def _md_title(card: dict[str, Any]) -> str:
     return (
         f"# {arch['student']} trained with {_method(card)} on {_text(data['name'])}\n\n"
         f"An adversarially trained image classifier: a `{arch['student']}` student trained with {_method(card)}{peer} "
-        f"on the dataset {_code(data['name'])}. Created {card['created']}."
+        f"on the dataset {_code(data['name'])}. Created {card['created']}"
+        + (f" by job {_code(card['job_id'])}" if card.get("job_id") else "")
+        + "."
     )
 
 
@@ -358,8 +363,8 @@ def _md_dataset(card: dict[str, Any]) -> str:
     lines = [
         "## Dataset",
         "",
-        f"- **Name**: {_code(d['name'])}",
-        f"- **Fingerprint**: `{d['fingerprint']}`",
+        f"- **Name**: {_code(d['name'])}" + (f" (id {_code(d['id'])})" if d.get("id") else ""),
+        f"- **Fingerprint**: `{d['fingerprint']}` (SHA-256 of the decoded training and test data, as the API shows it)",
         f"- **Splits**: {d['train_examples']} training, {d['validation_examples']} validation, {d['test_examples']} test "
         f"images ({d['test_examples_evaluated']} test images evaluated)",
     ]

@@ -106,8 +106,11 @@ def load_splits(
     download: bool = True,
     selection: str = "validation",
     resize: tuple[int, int] | None = None,
+    name: str | None = None,
+    dataset_id: str | None = None,
 ) -> DatasetSplits:
-    """Resolve a built-in name or a dataset file path into train/val/test splits.
+    """Resolve a built-in name or a dataset file path into train/val/test splits, named `name` (default: the
+    built-in's name or the file's) and, for an upload, with the service's `dataset_id`.
 
     selection "validation" holds `val_fraction` of the training data out for model selection;
     "test" (the paper protocol) keeps all training data and selects on the test set."""
@@ -124,6 +127,7 @@ def load_splits(
         if not path.is_file():
             raise DatasetError(f"dataset '{dataset}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing file")
         train, test = load_dataset_file(path, resize=resize)  # (height, width), as the upload was validated
+    data_fingerprint = fingerprint(train, test)
     train, val = split_validation(train, val_fraction, seed) if selection == "validation" else (train, test)
-    name = dataset if dataset in BUILTIN_DATASETS else Path(dataset).name
-    return DatasetSplits(name, train, val, test, fingerprint(train, val, test), selection)
+    name = name or (dataset if dataset in BUILTIN_DATASETS else Path(dataset).name)
+    return DatasetSplits(name, train, val, test, data_fingerprint, selection, dataset_id)

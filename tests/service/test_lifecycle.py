@@ -82,7 +82,8 @@ def test_full_lifecycle_on_an_uploaded_dataset(stack, digits_npz_bytes, tmp_path
     model, _ = load_model(weights)
 
     card = client.get(artifacts["model_card"]["url"]).json()
-    assert card["dataset"]["fingerprint"] and card["metrics"] == done["result"]
+    assert card["dataset"]["fingerprint"] == dataset["fingerprint"] and card["metrics"] == done["result"]
+    assert card["dataset"]["name"] == "digits-npz" and card["dataset"]["id"] == dataset["id"] and card["job_id"] == job["id"]
     splits = load_splits(str(write(tmp_path / "digits.npz", digits_npz_bytes)), val_fraction=done["spec"]["val_fraction"])
     sample = evaluation_sample(splits.test, 40, None, done["spec"]["seed"])
     clean = accuracies(model, splits.test.subset(sample.index), {"clean": None})["clean"]

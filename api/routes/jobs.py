@@ -35,7 +35,6 @@ from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
-KEEP_ALIVE_SECONDS = 15
 # built once: constructing and compiling a statement costs more than running it
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
@@ -153,7 +152,7 @@ async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Re
     },
 )
 async def jobs_events(
-    job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep
+    job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep, settings: SettingsDep
 ) -> StreamingResponse:
     slots.acquire(tenant.id)  # before any database work: a tenant opening streams by the hundred costs one lookup each, at most
     try:
@@ -164,14 +163,24 @@ async def jobs_events(
         slots.release(tenant.id)
         raise
     first = JobOut.model_validate(rows[0]).model_dump(mode="json")
-    return StreamingResponse(_events(first, tenant, watcher, slots), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _events(first, tenant, watcher, slots, settings.sse_keep_alive_seconds),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
-async def _events(first: dict[str, Any], tenant: TenantContext, watcher: JobWatcher, slots: TenantSlots) -> AsyncIterator[str]:
+async def _events(
+    first: dict[str, Any], tenant: TenantContext, watcher: JobWatcher, slots: TenantSlots, keep_alive: float
+) -> AsyncIterator[str]:
+    """The job's state whenever it changes, and a keep-alive comment every `keep_alive` seconds on a clock of
+    its own: the watcher hands over the job's state every round, changed or not, and that must not put it off."""
+    loop = asyncio.get_running_loop()
     try:
         async with watcher.watch(first["id"], tenant.key_prefix) as subscription:
             state: dict[str, Any] | None = first
             last_sent = None
+            next_keep_alive = loop.time() + keep_alive
             while True:
                 if state is None:
                     yield "event: deleted\ndata: {}\n\n"
@@ -186,8 +195,9 @@ async def _events(first: dict[str, Any], tenant: TenantContext, watcher: JobWatc
                         yield f"event: end\ndata: {json.dumps({'status': state['status']})}\n\n"
                         return
                 try:
-                    state = await asyncio.wait_for(subscription.news.get(), timeout=KEEP_ALIVE_SECONDS)
+                    state = await asyncio.wait_for(subscription.news.get(), timeout=max(0.0, next_keep_alive - loop.time()))
                 except TimeoutError:
                     yield ": keep-alive\n\n"
+                    next_keep_alive = loop.time() + keep_alive
     finally:
         slots.release(tenant.id)

@@ -26,6 +26,8 @@ from .progress import TERMINAL_STATUSES, JobProgressBar
 JSON = dict[str, Any]
 UPLOAD_CHUNK = 1 << 20
 DOWNLOAD_CHUNK = 1 << 20
+# The service sends a keep-alive every 15 s on an event stream, so this much silence means the connection is gone.
+STREAM_READ_TIMEOUT = 60.0
 # The artifacts of a finished job (the service's core.engine.job.ARTIFACTS; tests keep the two in step).
 ARTIFACT_NAMES = (
     "student",
@@ -84,7 +86,10 @@ class Client:
     `url` and `api_key` default to $PEERAID_URL / $PEERAID_API_KEY, then the config file
     (see `peeraid_client.config`), then http://127.0.0.1:8000 and no key.
     Idempotent reads and job submission (made idempotent with an Idempotency-Key) are retried
-    `retries` times on connection failures and 5xx answers, waiting backoff × 2^attempt seconds."""
+    `retries` times on connection failures and 5xx answers, waiting backoff × 2^attempt seconds; an
+    event stream that breaks is reconnected as many times in a row. `stream_read_timeout`: seconds an
+    event stream may stay silent before its connection counts as lost (default: 60, or `timeout` if
+    longer; the service sends a keep-alive every 15 s)."""
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class Client:
         *,
         retries: int = 3,
         backoff: float = 0.5,
+        stream_read_timeout: float | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         settings = resolve_settings(url, api_key)
@@ -102,6 +108,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.stream_read_timeout = stream_read_timeout or max(timeout, STREAM_READ_TIMEOUT)
         headers = {"User-Agent": f"peeraid-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -262,11 +269,34 @@ class Client:
         self._request("DELETE", f"/v1/jobs/{_q(job_id)}")
 
     def events(self, job_id: str) -> Iterator[tuple[str, Any]]:
-        """The job's server-sent events: ("job", job) on every change, then ("end", {"status"})."""
-        yield from self._sse(job_id, read_timeout=max(self.timeout, 60.0))
+        """The job's server-sent events: ("job", job) on every change, then ("end", {"status"}); or
+        ("deleted", {}) if the job is deleted, ("error", {"detail"}) if the API key is revoked.
+
+        A stream that breaks (a dropped connection, a restarted service, silence past
+        `stream_read_timeout`) is reconnected, up to `retries` times in a row with backoff, and resumed:
+        the service starts again with the job's current state, which is yielded only if it is new."""
+        last_update: Any = None
+        failures = 0
+        while True:
+            try:
+                for event, data in self._sse(job_id, read_timeout=self.stream_read_timeout):
+                    failures = 0
+                    if event == "job" and isinstance(data, dict):
+                        if last_update is not None and data.get("updated_at") == last_update:
+                            continue  # the state we had before the reconnection
+                        last_update = data.get("updated_at")
+                    yield event, data
+                    if event in ("end", "deleted", "error"):
+                        return
+                error: PeeraidError = ConnectionFailed(None, f"the event stream of job {job_id} ended before the job did")
+            except (ConnectionFailed, ServerError) as err:
+                error = err
+            failures += 1
+            if failures > self.retries:
+                raise error
+            time.sleep(self.backoff * 2**failures)
 
     def _sse(self, job_id: str, read_timeout: float) -> Iterator[tuple[str, Any]]:
-        # the service sends a keep-alive every 15 s, so a silent minute means the connection is gone
         with self._stream(f"/v1/jobs/{_q(job_id)}/events", timeout=httpx.Timeout(self.timeout, read=read_timeout)) as response:
             yield from parse_sse(response.iter_lines())
 
@@ -300,7 +330,8 @@ class Client:
         while True:
             if stream:
                 try:
-                    remaining = 60.0 if deadline is None else max(1.0, min(60.0, deadline - time.monotonic()))
+                    read_timeout = self.stream_read_timeout
+                    remaining = read_timeout if deadline is None else max(1.0, min(read_timeout, deadline - time.monotonic()))
                     for event, data in self._sse(job_id, read_timeout=remaining):
                         if event == "job":
                             failures = 0

@@ -11,12 +11,24 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Integer, Select, bindparam, func, select
+from sqlalchemy.orm import Session
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext
 
-from ..deps import DatabaseDep, JobId, JobQueueDep, JobWatcherDep, OwnedJob, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
+from ..deps import (
+    DatabaseDep,
+    JobId,
+    JobQueueDep,
+    JobWatcherDep,
+    OwnedJob,
+    SettingsDep,
+    StorageDep,
+    StreamSlotsDep,
+    TenantDep,
+    find_owned,
+)
 from ..errors import responses
 from ..schemas import (
     JOB_SUMMARY,
@@ -125,17 +137,24 @@ async def jobs_metrics(job: OwnedJob, db: DatabaseDep) -> list[EpochMetric]:
     return await db.arun(lambda session: jobs.epochs(session, job.id))
 
 
+def _locked_job(session: Session, tenant: TenantContext, job_id: str) -> Job:
+    """The tenant's job, read under the tenant's lock: a cancel or delete racing another request's delete
+    finds the job gone (404) once that delete has committed, instead of acting on a row that vanished."""
+    jobs.lock_tenant(session, tenant.id)
+    return find_owned(session, Job, job_id, tenant)
+
+
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job", responses=responses(404, 409, 422))
-async def jobs_cancel(job: OwnedJob, db: DatabaseDep) -> Job:
-    return await db.arun(lambda session: jobs.request_cancel(session, session.get_one(Job, job.id)))
+async def jobs_cancel(job_id: JobId, tenant: TenantDep, db: DatabaseDep) -> Job:
+    return await db.arun(lambda session: jobs.request_cancel(session, _locked_job(session, tenant, job_id)))
 
 
 @router.delete(
     "/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files", responses=responses(404, 409, 422)
 )
-async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
-    await db.arun(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
-    await run_in_threadpool(storage.delete_job, job.id)
+async def jobs_delete(job_id: JobId, tenant: TenantDep, db: DatabaseDep, storage: StorageDep) -> Response:
+    await db.arun(lambda session: jobs.delete_finished(session, _locked_job(session, tenant, job_id)))
+    await run_in_threadpool(storage.delete_job, job_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

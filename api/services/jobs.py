@@ -146,7 +146,8 @@ def submit(
     job, created = db.run(create)
     if created:
         queue.enqueue(db, job.id)
-        job = db.run(lambda session: session.get_one(Job, job.id))
+        # as it is after the enqueue; a request that cancelled and deleted it meanwhile leaves the one we made
+        job = db.run(lambda session, made=job: session.get(Job, made.id) or made)
     return job, created
 
 

@@ -18,7 +18,7 @@ from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
 from ..uploads import IncomingFile
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 503))
 
 
 def builtin_datasets() -> list[DatasetOut]:

@@ -46,7 +46,7 @@ from ..schemas import (
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 503))
 # built once: constructing and compiling a statement costs more than running it
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 

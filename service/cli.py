@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     limits.set_defaults(func=cmd_set_limits)
     sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
     sweep = sub.add_parser("sweep", help="remove interrupted uploads and other files no database row points at")
-    sweep.add_argument("--older-than", type=float, default=3600, help="only files untouched this many seconds (default 3600)")
+    sweep.add_argument(
+        "--older-than",
+        type=float,
+        default=3600,
+        help="only files untouched this many seconds (default 3600); uploads in progress are never removed",
+    )
     sweep.set_defaults(func=cmd_sweep)
     demo = sub.add_parser("demo", help="robustify a model on the offline dataset through the REST API")
     demo.add_argument("--url", help="service URL (default: PEERAID_PUBLIC_URL or http://127.0.0.1:8000)")

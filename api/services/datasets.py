@@ -80,52 +80,55 @@ async def upload(
 
     dataset_id = new_id("ds")
     key = storage.dataset_key(tenant.id, dataset_id, "upload")
-    try:
-        size, sha256 = await storage.receive(key, incoming.chunks(), min(limit, max(0, quota - used)), settings.upload_idle_timeout)
-    except UploadTooLarge:
-        filename = incoming.filename or filename  # a form's file name arrives with its first bytes
-        if limit <= quota - used:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
-        raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
-    except UploadStalled as err:
-        filename = incoming.filename or filename
-        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
-    filename = incoming.filename or filename
-    try:
-        if size == 0:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
+    async with storage.upload_in_progress(dataset_id):  # no sweep removes its files until it is recorded or refused
         try:
-            async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
-                summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
-        except DatasetError as err:
-            message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
-        dataset = Dataset(
-            id=dataset_id,
-            tenant_id=tenant.id,
-            name=name or _stem(filename),
-            file_name=filename,
-            format=summary["format"],
-            size_bytes=size,
-            sha256=sha256,
-            fingerprint=summary["fingerprint"],
-            num_train=summary["num_train"],
-            num_test=summary["num_test"],
-            classes=summary["classes"],
-            input_shape=list(summary["input_shape"]),
-            resize=list(size_to) if size_to else None,
-            storage_key=key,
-        )
+            size, sha256 = await storage.receive(key, incoming.chunks(), min(limit, max(0, quota - used)), settings.upload_idle_timeout)
+        except UploadTooLarge:
+            filename = incoming.filename or filename  # a form's file name arrives with its first bytes
+            if limit <= quota - used:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+            raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
+        except UploadStalled as err:
+            filename = incoming.filename or filename
+            raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
+        filename = incoming.filename or filename
+        try:
+            if size == 0:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body"
+                )
+            try:
+                async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
+                    summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
+            except DatasetError as err:
+                message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
+            dataset = Dataset(
+                id=dataset_id,
+                tenant_id=tenant.id,
+                name=name or _stem(filename),
+                file_name=filename,
+                format=summary["format"],
+                size_bytes=size,
+                sha256=sha256,
+                fingerprint=summary["fingerprint"],
+                num_train=summary["num_train"],
+                num_test=summary["num_test"],
+                classes=summary["classes"],
+                input_shape=list(summary["input_shape"]),
+                resize=list(size_to) if size_to else None,
+                storage_key=key,
+            )
 
-        def record(session: Session) -> None:
-            jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant cannot both slip under the quota
-            now_used = datasets.storage_used(session, tenant.id)
-            if now_used + size > quota:
-                raise _quota_reached(filename, size, quota, now_used)
-            session.add(dataset)
+            def record(session: Session) -> None:
+                jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant cannot both slip under the quota
+                now_used = datasets.storage_used(session, tenant.id)
+                if now_used + size > quota:
+                    raise _quota_reached(filename, size, quota, now_used)
+                session.add(dataset)
 
-        await db.arun(record)
-    except BaseException:
-        storage.delete(key)
-        raise
+            await db.arun(record)
+        except BaseException:
+            storage.delete(key)
+            raise
     return dataset

@@ -49,7 +49,7 @@ def builtin_datasets() -> list[DatasetOut]:
             },
         }
     },
-    responses=responses(408, 413, 422, 429),
+    responses=responses(408, 409, 413, 422, 429),
 )
 async def datasets_upload(
     request: Request,
@@ -64,7 +64,8 @@ async def datasets_upload(
             min_length=1,
             max_length=128,
             pattern=PRINTABLE,
-            description="your name for the dataset (default: the file's name without extension)",
+            description="your name for the dataset, unique among yours (409 if taken): jobs may name it by it "
+            "(default: the file's name without extension)",
         ),
     ] = None,
     filename: Annotated[

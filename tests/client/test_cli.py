@@ -160,3 +160,15 @@ def test_the_config_file_and_its_precedence(stack, api_key, tmp_path):
     broken.write_text("url = \n")
     result = run_cli("jobs", "list", env=cli_env(HOME=str(home), PEERAID_CONFIG=str(broken)))
     assert result.returncode == 1 and result.stderr.startswith(f"error: config file {broken}")
+
+
+def test_uploading_a_name_twice_is_refused_naming_the_dataset_that_has_it(env, digits_file):
+    first = run_cli("datasets", "upload", str(digits_file), "--name", "cli-twice", env=env)
+    assert first.returncode == 0, first.stderr
+    dataset_id = first.stdout.strip()
+    again = run_cli("datasets", "upload", str(digits_file), "--name", "cli-twice", env=env)
+    assert again.returncode == 1 and again.stdout == ""
+    assert again.stderr.splitlines() == [
+        f"error: you already have a dataset named 'cli-twice' ({dataset_id}): upload under another name, or delete that one first",
+        f"hint: --name NEW_NAME, or `peeraid datasets delete {dataset_id}`",
+    ], again.stderr

@@ -171,3 +171,15 @@ def test_deleting_a_dataset_twice_at_once_answers_204_and_404_never_500(stack, d
         dataset = client.post("/v1/datasets", params={"name": f"twice-{i}"}, content=digits_npz_bytes).json()
         codes = sorted(r.status_code for r in together(2, lambda _, dataset_id=dataset["id"]: client.delete(f"/v1/datasets/{dataset_id}")))
         assert codes == [204, 404], codes
+
+
+def test_two_uploads_of_one_name_at_once_record_one(stack, digits_npz_bytes):
+    client = stack.new_tenant()
+    for i in range(4):
+        answers = together(2, lambda _, i=i: client.post("/v1/datasets", params={"name": f"same-{i}"}, content=digits_npz_bytes))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201, 409], [a.text for a in answers]
+        winner = next(a.json() for a in answers if a.status_code == 201)
+        assert winner["id"] in next(a.json()["detail"] for a in answers if a.status_code == 409)
+    names = [d["name"] for d in client.get("/v1/datasets").json()["items"] if not d["builtin"]]
+    assert sorted(names) == [f"same-{i}" for i in range(4)]

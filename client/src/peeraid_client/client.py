@@ -178,7 +178,9 @@ class Client:
     ) -> JSON:
         """Upload a .npz or a .zip / .tar / .tar.gz of class folders, streamed from disk. `resize="32x32"`
         (WIDTHxHEIGHT) resizes every image, for datasets whose images differ in size.
-        `on_progress(sent, total)` is called after each chunk. Not retried: the body is a one-shot stream."""
+        `on_progress(sent, total)` is called after each chunk. Not retried: the body is a one-shot stream.
+        Names are unique among your datasets: a name you already use raises Conflict, naming the dataset
+        that has it (before the file is sent, where the name is known)."""
         path = Path(path)
         try:
             file = path.open("rb")

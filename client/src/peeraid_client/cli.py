@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import ARTIFACT_NAMES, Client
-from .config import config_path
+from .config import config_path, key_hint
 from .errors import AuthenticationError, Conflict, PeeraidError, ValidationError
 from .progress import TERMINAL_STATUSES, describe_progress, epoch_text, format_bytes, format_duration, percent, progress_text
 
@@ -433,12 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for field, message in err.errors or [("", err.message)]:
             print(f"error: {field}: {message}" if field else f"error: {message}", file=sys.stderr)
     except AuthenticationError:
-        if client is not None and client.api_key is None:
+        if client is None or client.api_key is None:
             print(f"error: no API key configured: pass --api-key, set PEERAID_API_KEY, or put api_key in {config_path()}", file=sys.stderr)
         else:
+            source = "--api-key" if client.api_key_source == "argument" else client.api_key_source
             print(
-                "error: the service refused the API key (mistyped, or revoked): check --api-key, PEERAID_API_KEY or "
-                f"api_key in {config_path()}",
+                f"error: the API key was refused ({key_hint(client.api_key)}, from {source}): it is mistyped or was revoked; "
+                f"check --api-key, PEERAID_API_KEY or api_key in {config_path()}",
                 file=sys.stderr,
             )
     except Hinted as err:

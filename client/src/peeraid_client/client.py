@@ -19,8 +19,16 @@ from urllib.parse import quote
 import httpx
 
 from . import __version__
-from .config import resolve_settings
-from .errors import ChecksumMismatch, ConnectionFailed, NotFound, PeeraidError, ServerError, error_from_response
+from .config import key_hint, resolve_settings
+from .errors import (
+    AuthenticationError,
+    ChecksumMismatch,
+    ConnectionFailed,
+    NotFound,
+    PeeraidError,
+    ServerError,
+    error_from_response,
+)
 from .progress import TERMINAL_STATUSES, JobProgressBar
 
 JSON = dict[str, Any]
@@ -105,6 +113,7 @@ class Client:
         settings = resolve_settings(url, api_key)
         self.url = settings.url
         self.api_key = settings.api_key
+        self.api_key_source = settings.api_key_source
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -129,7 +138,18 @@ class Client:
     # --- transport -------------------------------------------------------------------------------
 
     def _connection_failed(self, err: Exception) -> ConnectionFailed:
-        return ConnectionFailed(None, f"cannot reach the service at {self.url}: {type(err).__name__}: {err}".rstrip(": "))
+        message = f"cannot reach the service at {self.url}: {type(err).__name__}: {err}".rstrip(": ")
+        if self.api_key:  # a transport's message may quote the request's headers
+            message = message.replace(self.api_key, key_hint(self.api_key))
+        return ConnectionFailed(None, message)
+
+    def _error(self, response: httpx.Response) -> PeeraidError:
+        """The typed error of a 4xx/5xx answer (its body read); a refused key is said in words, by its prefix."""
+        error = error_from_response(response)
+        if isinstance(error, AuthenticationError) and self.api_key:
+            source = {"argument": "the api_key argument"}.get(self.api_key_source or "", self.api_key_source)
+            error.message = f"the API key was refused ({key_hint(self.api_key)}, from {source}): it is mistyped or was revoked"
+        return error
 
     def _request(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> httpx.Response:
         attempts = 1 + (self.retries if retry else 0)
@@ -146,7 +166,7 @@ class Client:
                 if response.status_code < 400:
                     return response
                 if response.status_code < 500 or last:
-                    raise error_from_response(response)
+                    raise self._error(response)
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -161,7 +181,7 @@ class Client:
             with self._http.stream("GET", path, timeout=timeout or self.timeout) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise error_from_response(response)
+                    raise self._error(response)
                 yield response
         except httpx.HTTPError as err:
             raise self._connection_failed(err) from err

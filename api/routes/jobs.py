@@ -79,8 +79,23 @@ async def jobs_create(
     queue: JobQueueDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=256, description="retries with the same key return the same job")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=256, description="a fresh unique value (a UUID) per new job; retries with the same key return the same job"),
+    ] = None,
 ) -> Response:
+    if idempotency_key is not None and not idempotency_key.strip():  # `$(uuidgen)` with no uuidgen sends it empty
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "Idempotency-Key: must not be empty; send a fresh unique value (a UUID) with each new job, "
+                    "or leave the header out",
+                    "type": "value_error",
+                }
+            ],
+        )
     # one thread for the whole submission: the pre-flight counts arithmetic, the enqueue talks to the broker
     job, created = await run_in_threadpool(job_service.submit, db, queue, settings, tenant, body, idempotency_key)
     return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)

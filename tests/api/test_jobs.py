@@ -220,3 +220,22 @@ def test_the_client_sdk_and_cli_dry_run(new_client, app, settings, capsys):
     assert print_preflight(plan) == 0
     out = capsys.readouterr().out
     assert out.startswith("admitted: peeraid with a small_cnn student on 'digits', 3 epochs") and "h100" in out and "cpu" in out
+
+
+def test_an_empty_idempotency_key_is_refused_naming_the_header(new_client):
+    """`-H "Idempotency-Key: $(uuidgen)"` where uuidgen is missing sends an empty key: refused, not a job without one."""
+    client = new_client()
+    for blank in ("", "   "):
+        response = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": blank})
+        assert response.status_code == 422, response.text
+        assert response.json() == {
+            "detail": [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "Idempotency-Key: must not be empty; send a fresh unique value (a UUID) with each new job, "
+                    "or leave the header out",
+                    "type": "value_error",
+                }
+            ]
+        }
+    assert client.get("/v1/jobs").json()["total"] == 0, "no job was made"

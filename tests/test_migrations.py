@@ -1,28 +1,72 @@
-"""Migrations applied to databases holding data, on SQLite and on PostgreSQL: 0004 makes dataset names
-unique per tenant, renaming the later of existing duplicates ("pets" → "pets (2)", …) rather than
-refusing to run or dropping anything."""
+"""Migrations applied to databases holding data, on SQLite and on PostgreSQL: the one that makes dataset
+names unique per tenant renames the later of existing duplicates ("pets" → "pets (2)", …) rather than
+refusing to run or dropping anything, and leaves the jobs that use them alone."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from core.db.models import Dataset, Job, Tenant
 from tests.stack import POSTGRES_GROUP, REPO, _postgres_available, require_services, throwaway_database
 
+# The tables as the migration finds them, written with their columns, not through the models (which move on).
+TENANTS = sa.table("tenants", sa.column("id"), sa.column("name"), sa.column("created_at"))
+DATASETS = sa.table(
+    "datasets",
+    *(
+        sa.column(name)
+        for name in (
+            "id",
+            "tenant_id",
+            "name",
+            "file_name",
+            "format",
+            "size_bytes",
+            "sha256",
+            "fingerprint",
+            "num_train",
+            "num_test",
+            "classes",
+            "input_shape",
+            "storage_key",
+            "created_at",
+        )
+    ),
+)
+JOB_COLUMNS = ("id", "tenant_id", "dataset_id", "dataset_name", "spec", "status", "phase", "progress", "attempts", "max_attempts")
+JOBS = sa.table("jobs", *(sa.column(name) for name in (*JOB_COLUMNS, "cancel_requested", "created_at", "updated_at")))
+NOW = dt.datetime(2026, 11, 1)
+LONG = "x" * 128  # the longest name a dataset may have
 
-def migrate_to(url: str, revision: str, down: bool = False) -> None:
+
+def config(url: str) -> Config:
     config = Config(str(REPO / "alembic.ini"))
     config.set_main_option("script_location", str(REPO / "migrations"))
     config.attributes["database_url"] = url
-    (command.downgrade if down else command.upgrade)(config, revision)
+    return config
+
+
+def migrate_to(url: str, revision: str, down: bool = False) -> None:
+    (command.downgrade if down else command.upgrade)(config(url), revision)
+
+
+def unique_names_revision() -> tuple[str, str]:
+    """(the revision that makes dataset names unique, the one before it), found by what it says it does."""
+    for script in ScriptDirectory.from_config(config("sqlite://")).walk_revisions():
+        if (script.doc or "").startswith("Dataset names unique per tenant"):
+            assert isinstance(script.down_revision, str)
+            return script.revision, script.down_revision
+    raise AssertionError("no migration makes dataset names unique per tenant")
 
 
 @contextmanager
@@ -49,26 +93,24 @@ def dataset(id_: str, tenant_id: str, name: str, minute: int) -> dict:
         fingerprint="0" * 64,
         num_train=1,
         num_test=1,
-        classes=["a", "b"],
-        input_shape=[1, 8, 8],
+        classes=json.dumps(["a", "b"]),
+        input_shape=json.dumps([1, 8, 8]),
         storage_key=f"datasets/{tenant_id}/{id_}/data.upload",
-        created_at=dt.datetime(2026, 11, 1, 0, minute, tzinfo=dt.UTC),
+        created_at=NOW.replace(minute=minute),
     )
 
 
-LONG = "x" * 128  # the longest name a dataset may have
-
-
 @pytest.mark.parametrize("backend", [sqlite, pytest.param(postgres, marks=pytest.mark.xdist_group(POSTGRES_GROUP))])
-def test_0004_renames_duplicate_dataset_names_then_makes_them_unique(backend, tmp_path):
+def test_dataset_names_made_unique_by_renaming_the_later_duplicates(backend, tmp_path):
+    unique_names, before = unique_names_revision()
     with backend(tmp_path) as url:
-        migrate_to(url, "0003")
+        migrate_to(url, before)
         engine = create_engine(url)
         try:
             with engine.begin() as db:
-                db.execute(insert(Tenant.__table__), [{"id": "tn_a", "name": "a"}, {"id": "tn_b", "name": "b"}])
+                db.execute(insert(TENANTS), [{"id": tenant, "name": tenant, "created_at": NOW} for tenant in ("tn_a", "tn_b")])
                 db.execute(
-                    insert(Dataset.__table__),
+                    insert(DATASETS),
                     [
                         dataset("ds_3", "tn_a", "pets", 3),
                         dataset("ds_1", "tn_a", "pets", 1),  # the earliest keeps the name
@@ -79,14 +121,12 @@ def test_0004_renames_duplicate_dataset_names_then_makes_them_unique(backend, tm
                         dataset("ds_l2", "tn_a", LONG, 7),
                     ],
                 )
-                db.execute(
-                    insert(Job.__table__), [{"id": "job_1", "tenant_id": "tn_a", "dataset_id": "ds_3", "dataset_name": "pets", "spec": {}}]
-                )
-            migrate_to(url, "head")
+                job = dict(zip(JOB_COLUMNS, ("job_1", "tn_a", "ds_3", "pets", "{}", "queued", "waiting", "{}", 0, 3), strict=True))
+                db.execute(insert(JOBS), [{**job, "cancel_requested": False, "created_at": NOW, "updated_at": NOW}])
+            migrate_to(url, unique_names)
             with engine.begin() as db:
-                names = dict(db.execute(select(Dataset.id, Dataset.name)).all())
-            with engine.begin() as db:
-                assert db.scalar(select(Job.dataset_id).where(Job.id == "job_1")) == "ds_3", "a job keeps its dataset"
+                names = dict(db.execute(select(DATASETS.c.id, DATASETS.c.name)).all())
+                assert db.scalar(select(JOBS.c.dataset_id).where(JOBS.c.id == "job_1")) == "ds_3", "a job keeps its dataset"
             assert names == {
                 "ds_1": "pets",
                 "ds_2": "pets (2)",
@@ -97,9 +137,11 @@ def test_0004_renames_duplicate_dataset_names_then_makes_them_unique(backend, tm
                 "ds_l2": LONG[:124] + " (2)",
             }
             with pytest.raises(IntegrityError), engine.begin() as db:
-                db.execute(insert(Dataset.__table__), [dataset("ds_5", "tn_a", "pets", 8)])
-            migrate_to(url, "0003", down=True)  # and back: the constraint goes, the names stay
+                db.execute(insert(DATASETS), [dataset("ds_5", "tn_a", "pets", 8)])
+            migrate_to(url, "head")  # the later migrations on top
+            migrate_to(url, before, down=True)  # and back: the index goes, the names stay
             with engine.begin() as db:
-                db.execute(insert(Dataset.__table__), [dataset("ds_5", "tn_a", "pets", 8)])
+                db.execute(insert(DATASETS), [dataset("ds_5", "tn_a", "pets", 8)])
+                assert db.scalar(select(DATASETS.c.name).where(DATASETS.c.id == "ds_3")) == "pets (3)"
         finally:
             engine.dispose()

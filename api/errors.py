@@ -1,18 +1,33 @@
 """One error body for every 4xx: {"detail": "..."}, or for field errors FastAPI's own validation shape
 {"detail": [{"loc": [...], "msg": "...", "type": "..."}]}, so clients parse one format.
 
-Failures of the layers below (a bad job spec, a tenant's job limit, acting on a finished job) are
-mapped to their status here, once."""
+Failures of the layers below (a bad job spec, a tenant's job limit, acting on a finished job, a database
+that cannot be reached) are mapped to their status here, once."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sqlalchemy_errors
 
 from core.db.datasets import DatasetInUse
+from core.db.errors import DatabaseUnavailable
 from core.db.jobs import ActiveJobLimit, JobActive, JobFinished
 from core.engine.errors import SpecError
+
+log = logging.getLogger(__name__)
+# what says the database cannot serve now, whichever path asked: the drivers' connection failures (SQLAlchemy wraps
+# them as OperationalError, SQLite's "database is locked" too), a pool with no connection free, the asyncpg reads'
+DATABASE_UNAVAILABLE = (
+    sqlalchemy_errors.OperationalError,
+    sqlalchemy_errors.InterfaceError,
+    sqlalchemy_errors.TimeoutError,
+    DatabaseUnavailable,
+)
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 class FieldError(BaseModel):
@@ -35,6 +50,7 @@ ERROR_DESCRIPTIONS = {
     413: "Over a size limit or quota (the detail names it)",
     422: "Invalid input; `detail` names each field at fault",
     429: "A per-tenant limit is reached; retry after `Retry-After` seconds",
+    503: "The database is unavailable; retry after `Retry-After` seconds",
 }
 
 
@@ -84,3 +100,15 @@ def register_error_handlers(app: FastAPI) -> None:
 
     for kind in (JobFinished, JobActive, DatasetInUse):
         app.add_exception_handler(kind, conflict)
+
+    async def database_unavailable(request: Request, err: Exception) -> JSONResponse:
+        # the operator's log says what failed; the client learns only that the database is away (no host names)
+        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, f"{type(err).__name__}: {err}".splitlines()[0])
+        return _body(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the database is unavailable; retry in a few seconds",
+            {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+
+    for kind in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(kind, database_unavailable)

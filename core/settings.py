@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     tenant_max_storage_bytes: int = Field(50 * 1024**3, description="default per-tenant total of uploaded datasets (413 above it)")
     sweep_interval: float = Field(600.0, description="seconds between the API's sweeps of files no row points at")
     upload_idle_timeout: float = Field(60.0, description="an upload that sends nothing for this long is dropped (408)")
+    sse_keep_alive_seconds: float = Field(
+        15.0, gt=0, description="an event stream sends a keep-alive comment this often, whatever its job does (proxies cut silent ones)"
+    )
     estimate_device: str = Field("auto", description="device class job estimates are made for: h100, cpu, or auto (this host's)")
     max_job_hours: float = Field(
         168.0, description="default per-tenant limit on a job's estimated hours on the estimate device (422 above it)"

@@ -6,9 +6,11 @@ Every path is derived from server-generated ids, never from user input: a storag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +18,12 @@ from .engine.state_io import atomic_write
 
 CHUNK = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
+# An upload in progress holds a lease: a file named by its dataset id whose mtime the API refreshes while the
+# upload is received, validated and recorded. A lease not refreshed for UPLOAD_LEASE_EXPIRY seconds belongs to
+# a process that stopped.
+UPLOADS_IN_PROGRESS = "uploads-in-progress"
+UPLOAD_LEASE_REFRESH = 10.0
+UPLOAD_LEASE_EXPIRY = 120.0
 
 
 class UploadTooLarge(Exception):
@@ -79,6 +87,34 @@ class Storage:
             partial.unlink(missing_ok=True)
             raise
         return size, digest.hexdigest()
+
+    @contextlib.asynccontextmanager
+    async def upload_in_progress(self, dataset_id: str, refresh: float = UPLOAD_LEASE_REFRESH) -> AsyncIterator[None]:
+        """While the body holds, the upload of `dataset_id` is in progress: the sweep in any process (another
+        API process, `peeraid-service sweep`) leaves its files alone, however slowly its bytes arrive."""
+        lease = self.root / UPLOADS_IN_PROGRESS / dataset_id
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        lease.touch()
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(refresh)
+                lease.touch()
+
+        keeper = asyncio.create_task(keep(), name=f"lease {dataset_id}")
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            lease.unlink(missing_ok=True)
+
+    def upload_leases(self) -> dict[str, float]:
+        """Dataset id → seconds since its lease was refreshed, for every upload lease on disk."""
+        now, leases = time.time(), {}
+        for lease in (self.root / UPLOADS_IN_PROGRESS).glob("*"):
+            with contextlib.suppress(FileNotFoundError):  # released meanwhile
+                leases[lease.name] = now - lease.stat().st_mtime
+        return leases
 
     def delete(self, key: str) -> None:
         path = self.path(key)

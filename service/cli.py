@@ -10,16 +10,19 @@ peeraid-service set-limits TENANT [--max-concurrent-jobs N] [--max-upload-bytes 
 peeraid-service reconcile        one reconciler pass (re-send lost messages, re-queue lost workers)
 peeraid-service sweep            remove interrupted uploads and files no database row points at
 peeraid-service demo             submit a job on the offline dataset through the REST API and check the result
+                                 (to the server whose URL `serve`/`api` wrote to data_dir/api_url, unless told)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.db import tenants
@@ -27,6 +30,7 @@ from core.db.session import database
 from core.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+URL_FILE = "api_url"  # in the data dir, while an API serves: the URL a client on this host reaches it at
 log = logging.getLogger("peeraid")
 
 
@@ -86,16 +90,39 @@ def worker_command(settings: Settings, name: str = "worker") -> list[str]:
     ]
 
 
+def client_url(settings: Settings) -> str:
+    """Where a client on this host reaches the API: the public URL, or the address it listens on (a wildcard
+    address on loopback)."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = "127.0.0.1" if settings.api_host in ("", "0.0.0.0") else "::1" if settings.api_host == "::" else settings.api_host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.api_port}"
+
+
+@contextlib.contextmanager
+def announced(settings: Settings) -> Iterator[None]:
+    """While the API serves, data_dir/api_url holds its URL: `make demo` finds a server started on another port."""
+    path, url = settings.data_dir / URL_FILE, client_url(settings)
+    path.write_text(url + "\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip() == url:  # not another server's, started since on the same data dir
+                path.unlink()
+
+
 def run_api(settings: Settings) -> None:
     import uvicorn
 
     options = dict(host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
-    if settings.api_workers > 1:  # several processes, each building the app from the environment's settings
-        uvicorn.run("api.main:create_app", factory=True, workers=settings.api_workers, **options)
-        return
-    from api.main import create_app
+    with announced(settings):
+        if settings.api_workers > 1:  # several processes, each building the app from the environment's settings
+            uvicorn.run("api.main:create_app", factory=True, workers=settings.api_workers, **options)
+            return
+        from api.main import create_app
 
-    uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings), **options)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,11 +240,37 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def demo_target(args: argparse.Namespace, settings: Settings) -> tuple[str, str]:
+    """The service the demo talks to, and why that one: --url; the URL settings given here name; else the URL
+    the running server wrote to its data dir (`make run` on another port); else the default."""
+    if args.url:
+        return args.url, "--url"
+    explicit = sorted({"public_url", "api_host", "api_port"} & settings.model_fields_set)
+    if explicit:
+        return client_url(settings), "from " + ", ".join(f"PEERAID_{name.upper()}" for name in explicit)
+    recorded = settings.data_dir / URL_FILE
+    with contextlib.suppress(OSError):
+        if url := recorded.read_text().strip():
+            return url, f"the URL the running server wrote to {recorded}"
+    return client_url(settings), f"the default: no running server wrote its URL to {recorded}"
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
-    key = args.api_key or os.environ.get("PEERAID_API_KEY") or (settings.data_dir / "api_key").read_text().strip()
-    return run_demo(args.url or settings.resolved_public_url, key, epochs=args.epochs)
+    key_file = settings.data_dir / "api_key"
+    key = args.api_key or os.environ.get("PEERAID_API_KEY")
+    if not key:
+        try:
+            key = key_file.read_text().strip()
+        except OSError:
+            print(
+                f"error: no API key: pass --api-key, set PEERAID_API_KEY, or start the service (`make run` writes {key_file})",
+                file=sys.stderr,
+            )
+            return 1
+    url, where = demo_target(args, settings)
+    return run_demo(url, key, epochs=args.epochs, where=where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,10 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     limits.set_defaults(func=cmd_set_limits)
     sub.add_parser("reconcile", help="one reconciler pass").set_defaults(func=cmd_reconcile)
     sweep = sub.add_parser("sweep", help="remove interrupted uploads and other files no database row points at")
-    sweep.add_argument("--older-than", type=float, default=3600, help="only files untouched this many seconds (default 3600)")
+    sweep.add_argument(
+        "--older-than",
+        type=float,
+        default=3600,
+        help="only files untouched this many seconds (default 3600); uploads in progress are never removed",
+    )
     sweep.set_defaults(func=cmd_sweep)
     demo = sub.add_parser("demo", help="robustify a model on the offline dataset through the REST API")
-    demo.add_argument("--url", help="service URL (default: PEERAID_PUBLIC_URL or http://127.0.0.1:8000)")
+    demo.add_argument(
+        "--url",
+        help="service URL (default: PEERAID_PUBLIC_URL or PEERAID_API_HOST/PORT if set, else the URL the running server "
+        "wrote to data_dir/api_url, else http://127.0.0.1:8000)",
+    )
     demo.add_argument("--api-key", help="default: PEERAID_API_KEY or data_dir/api_key")
     demo.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (shorter demo)")
     demo.set_defaults(func=cmd_demo)

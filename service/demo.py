@@ -9,13 +9,15 @@ import sys
 import tempfile
 from typing import Any
 
-from peeraid_client import Client, PeeraidError
+from peeraid_client import Client, ConnectionFailed, PeeraidError
 from peeraid_client.progress import TERMINAL_STATUSES, describe_progress
 
 
-def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
+def run_demo(url: str, api_key: str, epochs: int | None = None, where: str | None = None) -> int:
+    """`where`: how `url` was found, said first (a demo at the wrong address is otherwise a puzzle)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the progress
     spec: dict[str, Any] = {} if epochs is None else {"epochs": epochs}  # the preset's schedule follows, in proportion
+    print(f"PeerAiD service at {url}" + (f" ({where})" if where else ""), flush=True)
     try:
         with Client(url, api_key) as client:
             job = client.submit_job(preset="digits-demo", spec=spec)
@@ -29,6 +31,9 @@ def run_demo(url: str, api_key: str, epochs: int | None = None) -> int:
                 return 1
             print("\n" + _report(job["result"]))
             weights = client.download_artifact(job["id"], "student", tempfile.mkdtemp(prefix="peeraid-demo-"))
+    except ConnectionFailed as err:
+        print(f"error: {err}\nhint: is the service running? `make run` in another terminal, or --url", file=sys.stderr)
+        return 1
     except PeeraidError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

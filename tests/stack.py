@@ -1,8 +1,12 @@
 """Real service stacks for the tests: the API (uvicorn) and a Celery worker as separate processes,
 over the embedded default (SQLite + kombu's SQLAlchemy transport) or over PostgreSQL + Redis.
 
-PostgreSQL and Redis are looked for on 127.0.0.1:5432 and :6379. Where they are missing, their
-tests skip and say why, unless REQUIRE_SERVICES=1 (as in CI), where they fail."""
+PostgreSQL and Redis are those of PEERAID_TEST_PG_URL (an administrative connection, which creates and
+drops a throwaway database `peeraid_test_*` per stack; default postgresql://postgres@127.0.0.1:5432/postgres)
+and PEERAID_TEST_REDIS_URL (default redis://127.0.0.1:6379/0; each stack's queue is its own, `peeraid-test-*`,
+and nothing else is touched). Every test that uses either takes it from here, the load tools the tests start
+included. Where they are missing, their tests skip and say why, unless REQUIRE_SERVICES=1 (as in CI), where
+they fail."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from sqlalchemy import create_engine, insert
 from bench._http import Connection, StreamEnded
 from bench._load import Sample, closed_loop, hold_streams, open_loop, percentile, stream_openings
 from bench.load_hostile import slow_upload
-from tests.stack import POSTGRES_GROUP, require_services
+from tests.stack import PG_ADMIN_URL, POSTGRES_GROUP, REDIS_URL, _postgres_available, require_services
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,19 +264,27 @@ def test_naive_app_reads_a_job_like_the_service(tmp_path):
 # the tools end to end, against the real API on PostgreSQL
 
 
+def test_the_tools_the_tests_start_use_the_test_servers():
+    """PEERAID_TEST_PG_URL / PEERAID_TEST_REDIS_URL point every test elsewhere, the load tools they start included."""
+    elsewhere = {"PEERAID_TEST_PG_URL": "postgresql://tester@127.0.0.2:5433/admin", "PEERAID_TEST_REDIS_URL": "redis://127.0.0.2:6380/15"}
+    code = (
+        "import subprocess, sys\n"
+        "from tests.test_bench_tools import tool_env\n"
+        "tool = 'import bench._stack as s; print(s.PG_ADMIN_URL, s.REDIS_URL)'\n"
+        "print(subprocess.run([sys.executable, '-c', tool], env=tool_env(), capture_output=True, text=True, check=True).stdout)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **elsewhere}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [elsewhere["PEERAID_TEST_PG_URL"], elsewhere["PEERAID_TEST_REDIS_URL"]]
+
+
+def tool_env() -> dict[str, str]:
+    """The environment the tools run in: the test servers (PEERAID_TEST_PG_URL, PEERAID_TEST_REDIS_URL) as theirs."""
+    return {**os.environ, "PEERAID_BENCH_PG_URL": PG_ADMIN_URL, "PEERAID_BENCH_REDIS_URL": REDIS_URL}
+
+
 def services_problem() -> str | None:
-    from bench._stack import REDIS_URL, postgres_problem
-
-    problem = postgres_problem()
-    if problem:
-        return problem
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as err:
-        return f"Redis not reachable at {REDIS_URL}: {err}"
-    return None
+    return _postgres_available()
 
 
 # The tools' tests compare the throwaway databases and queues before and after each, so they run one at a
@@ -295,8 +304,6 @@ def postgres():
 def bench_redis_keys() -> set[bytes]:
     import redis
 
-    from bench._stack import REDIS_URL
-
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
     try:
         return set(client.scan_iter(match="*peeraid-bench-*"))
@@ -307,14 +314,12 @@ def bench_redis_keys() -> set[bytes]:
 def bench_databases() -> set[str]:
     import psycopg
 
-    from bench._stack import PG_ADMIN_URL
-
     with psycopg.connect(PG_ADMIN_URL) as conn:
         return {name for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'peeraid_bench_%'")}
 
 
 def run_tool(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -382,6 +387,7 @@ def test_ctrl_c_stops_the_servers_and_drops_the_database(postgres):
     tool = subprocess.Popen(
         [sys.executable, "-m", "bench.load_hostile", "--seconds", "60", "--streams", "5", "--uploads", "1"],
         cwd=REPO,
+        env=tool_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,7 +15,7 @@ from ..deps import ArtifactName, DatabaseDep, OwnedJob, SettingsDep, StorageDep
 from ..errors import responses
 from ..schemas import ArtifactOut
 
-router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"], responses=responses(401))
+router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"], responses=responses(401, 503))
 
 
 def _out(artifact: Artifact, request: Request, settings: Settings) -> ArtifactOut:

@@ -13,7 +13,7 @@ from ..deps import TenantDep
 from ..errors import responses
 from ..schemas import ArchitectureOut, PresetOut
 
-router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401))
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401, 503))
 
 
 @cache

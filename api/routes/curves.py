@@ -16,7 +16,7 @@ from ..deps import DatabaseDep, OwnedJob
 from ..errors import responses
 from ..plots import training_curves_png
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 503))
 
 
 async def curves_png(request: Request, db: Database, job: Job, title: str = "") -> Response:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from core.db import datasets
 from core.db.models import Dataset
@@ -17,7 +18,7 @@ from ..schemas import PRINTABLE, DatasetList, DatasetOut
 from ..services import datasets as dataset_service
 from ..uploads import IncomingFile
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 503))
 
 
 def builtin_datasets() -> list[DatasetOut]:
@@ -48,7 +49,7 @@ def builtin_datasets() -> list[DatasetOut]:
             },
         }
     },
-    responses=responses(408, 413, 422, 429),
+    responses=responses(408, 409, 413, 422, 429),
 )
 async def datasets_upload(
     request: Request,
@@ -63,7 +64,8 @@ async def datasets_upload(
             min_length=1,
             max_length=128,
             pattern=PRINTABLE,
-            description="your name for the dataset (default: the file's name without extension)",
+            description="your name for the dataset, unique among yours (409 if taken): jobs may name it by it "
+            "(default: the file's name without extension)",
         ),
     ] = None,
     filename: Annotated[
@@ -116,6 +118,13 @@ async def datasets_get(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep
 async def datasets_delete(dataset_id: DatasetId, db: DatabaseDep, tenant: TenantDep, storage: StorageDep) -> Response:
     if dataset_id in BUILTIN_DATASETS:
         raise HTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, f"{dataset_id} is built in and cannot be deleted")
-    key = await db.arun(lambda session: datasets.delete_unused(session, find_owned(session, Dataset, dataset_id, tenant)))
+
+    def delete(session: Session) -> str:
+        locked = datasets.lock(session, dataset_id)  # before reading it: a delete that won a race is seen (404)
+        if locked is None or locked.tenant_id != tenant.id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
+        return datasets.delete_unused(session, locked)
+
+    key = await db.arun(delete)
     await run_in_threadpool(storage.delete, key)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -11,12 +11,24 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Integer, Select, bindparam, func, select
+from sqlalchemy.orm import Session
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext
 
-from ..deps import DatabaseDep, JobId, JobQueueDep, JobWatcherDep, OwnedJob, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
+from ..deps import (
+    DatabaseDep,
+    JobId,
+    JobQueueDep,
+    JobWatcherDep,
+    OwnedJob,
+    SettingsDep,
+    StorageDep,
+    StreamSlotsDep,
+    TenantDep,
+    find_owned,
+)
 from ..errors import responses
 from ..schemas import (
     JOB_SUMMARY,
@@ -34,8 +46,7 @@ from ..schemas import (
 from ..services import jobs as job_service
 from ..streams import JobWatcher, TenantSlots
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401))
-KEEP_ALIVE_SECONDS = 15
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 503))
 # built once: constructing and compiling a statement costs more than running it
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
@@ -68,8 +79,23 @@ async def jobs_create(
     queue: JobQueueDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=256, description="retries with the same key return the same job")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=256, description="a fresh unique value (a UUID) per new job; retries with the same key return the same job"),
+    ] = None,
 ) -> Response:
+    if idempotency_key is not None and not idempotency_key.strip():  # `$(uuidgen)` with no uuidgen sends it empty
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "Idempotency-Key: must not be empty; send a fresh unique value (a UUID) with each new job, "
+                    "or leave the header out",
+                    "type": "value_error",
+                }
+            ],
+        )
     # one thread for the whole submission: the pre-flight counts arithmetic, the enqueue talks to the broker
     job, created = await run_in_threadpool(job_service.submit, db, queue, settings, tenant, body, idempotency_key)
     return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
@@ -126,17 +152,24 @@ async def jobs_metrics(job: OwnedJob, db: DatabaseDep) -> list[EpochMetric]:
     return await db.arun(lambda session: jobs.epochs(session, job.id))
 
 
+def _locked_job(session: Session, tenant: TenantContext, job_id: str) -> Job:
+    """The tenant's job, read under the tenant's lock: a cancel or delete racing another request's delete
+    finds the job gone (404) once that delete has committed, instead of acting on a row that vanished."""
+    jobs.lock_tenant(session, tenant.id)
+    return find_owned(session, Job, job_id, tenant)
+
+
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job", responses=responses(404, 409, 422))
-async def jobs_cancel(job: OwnedJob, db: DatabaseDep) -> Job:
-    return await db.arun(lambda session: jobs.request_cancel(session, session.get_one(Job, job.id)))
+async def jobs_cancel(job_id: JobId, tenant: TenantDep, db: DatabaseDep) -> Job:
+    return await db.arun(lambda session: jobs.request_cancel(session, _locked_job(session, tenant, job_id)))
 
 
 @router.delete(
     "/{job_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a finished job and its files", responses=responses(404, 409, 422)
 )
-async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Response:
-    await db.arun(lambda session: jobs.delete_finished(session, session.get_one(Job, job.id)))
-    await run_in_threadpool(storage.delete_job, job.id)
+async def jobs_delete(job_id: JobId, tenant: TenantDep, db: DatabaseDep, storage: StorageDep) -> Response:
+    await db.arun(lambda session: jobs.delete_finished(session, _locked_job(session, tenant, job_id)))
+    await run_in_threadpool(storage.delete_job, job_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -153,7 +186,7 @@ async def jobs_delete(job: OwnedJob, db: DatabaseDep, storage: StorageDep) -> Re
     },
 )
 async def jobs_events(
-    job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep
+    job_id: JobId, tenant: TenantDep, db: DatabaseDep, watcher: JobWatcherDep, slots: StreamSlotsDep, settings: SettingsDep
 ) -> StreamingResponse:
     slots.acquire(tenant.id)  # before any database work: a tenant opening streams by the hundred costs one lookup each, at most
     try:
@@ -164,14 +197,24 @@ async def jobs_events(
         slots.release(tenant.id)
         raise
     first = JobOut.model_validate(rows[0]).model_dump(mode="json")
-    return StreamingResponse(_events(first, tenant, watcher, slots), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _events(first, tenant, watcher, slots, settings.sse_keep_alive_seconds),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
-async def _events(first: dict[str, Any], tenant: TenantContext, watcher: JobWatcher, slots: TenantSlots) -> AsyncIterator[str]:
+async def _events(
+    first: dict[str, Any], tenant: TenantContext, watcher: JobWatcher, slots: TenantSlots, keep_alive: float
+) -> AsyncIterator[str]:
+    """The job's state whenever it changes, and a keep-alive comment every `keep_alive` seconds on a clock of
+    its own: the watcher hands over the job's state every round, changed or not, and that must not put it off."""
+    loop = asyncio.get_running_loop()
     try:
         async with watcher.watch(first["id"], tenant.key_prefix) as subscription:
             state: dict[str, Any] | None = first
             last_sent = None
+            next_keep_alive = loop.time() + keep_alive
             while True:
                 if state is None:
                     yield "event: deleted\ndata: {}\n\n"
@@ -186,8 +229,9 @@ async def _events(first: dict[str, Any], tenant: TenantContext, watcher: JobWatc
                         yield f"event: end\ndata: {json.dumps({'status': state['status']})}\n\n"
                         return
                 try:
-                    state = await asyncio.wait_for(subscription.news.get(), timeout=KEEP_ALIVE_SECONDS)
+                    state = await asyncio.wait_for(subscription.news.get(), timeout=max(0.0, next_keep_alive - loop.time()))
                 except TimeoutError:
                     yield ": keep-alive\n\n"
+                    next_keep_alive = loop.time() + keep_alive
     finally:
         slots.release(tenant.id)

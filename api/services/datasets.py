@@ -8,6 +8,7 @@ import re
 
 from fastapi import HTTPException, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import datasets, jobs
@@ -16,12 +17,14 @@ from core.db.session import Database
 from core.db.tenants import TenantContext
 from core.engine.dataset_files import inspect_dataset_file, parse_resize
 from core.engine.errors import DatasetError
+from core.engine.sources import BUILTIN_DATASETS
 from core.settings import Settings
 from core.storage import Storage, UploadStalled, UploadTooLarge
 
 from ..uploads import IncomingFile
 
 FILE_NAME = re.compile(r"^[\w.\- ]{1,200}$")
+NAME_LENGTH = 128  # Dataset.name's column
 
 
 def _stem(filename: str) -> str:
@@ -37,6 +40,19 @@ def upload_limit(settings: Settings, tenant: TenantContext) -> int:
 
 def storage_quota(settings: Settings, tenant: TenantContext) -> int:
     return tenant.max_storage_bytes or settings.tenant_max_storage_bytes
+
+
+def name_taken(session: Session, tenant: TenantContext, name: str) -> HTTPException | None:
+    """409 naming the dataset that already has this name (a tenant's names are unique: a name is a reference)."""
+    if name in BUILTIN_DATASETS:
+        return HTTPException(status.HTTP_409_CONFLICT, f"'{name}' is the name of a built-in dataset ({name}): upload under another name")
+    existing = datasets.named(session, tenant.id, name)
+    if existing is None:
+        return None
+    return HTTPException(
+        status.HTTP_409_CONFLICT,
+        f"you already have a dataset named '{name}' ({existing.id}): upload under another name, or delete that one first",
+    )
 
 
 def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTTPException:
@@ -68,8 +84,16 @@ async def upload(
         size_to = parse_resize(resize) if resize else None
     except DatasetError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
+    if name is None and incoming.filename is not None:  # known before the body: refuse a taken name before it is sent
+        name = _stem(incoming.filename)[:NAME_LENGTH]
     limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
-    used = await db.arun(lambda session: datasets.storage_used(session, tenant.id))
+
+    def before_receiving(session: Session) -> int:
+        if name is not None and (taken := name_taken(session, tenant, name)) is not None:
+            raise taken
+        return datasets.storage_used(session, tenant.id)
+
+    used = await db.arun(before_receiving)
     if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
         if int(declared_size) > limit:
             raise HTTPException(
@@ -80,52 +104,61 @@ async def upload(
 
     dataset_id = new_id("ds")
     key = storage.dataset_key(tenant.id, dataset_id, "upload")
-    try:
-        size, sha256 = await storage.receive(key, incoming.chunks(), min(limit, max(0, quota - used)), settings.upload_idle_timeout)
-    except UploadTooLarge:
-        filename = incoming.filename or filename  # a form's file name arrives with its first bytes
-        if limit <= quota - used:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
-        raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
-    except UploadStalled as err:
-        filename = incoming.filename or filename
-        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
-    filename = incoming.filename or filename
-    try:
-        if size == 0:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body")
+    async with storage.upload_in_progress(dataset_id):  # no sweep removes its files until it is recorded or refused
         try:
-            async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
-                summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
-        except DatasetError as err:
-            message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
-        dataset = Dataset(
-            id=dataset_id,
-            tenant_id=tenant.id,
-            name=name or _stem(filename),
-            file_name=filename,
-            format=summary["format"],
-            size_bytes=size,
-            sha256=sha256,
-            fingerprint=summary["fingerprint"],
-            num_train=summary["num_train"],
-            num_test=summary["num_test"],
-            classes=summary["classes"],
-            input_shape=list(summary["input_shape"]),
-            resize=list(size_to) if size_to else None,
-            storage_key=key,
-        )
+            size, sha256 = await storage.receive(key, incoming.chunks(), min(limit, max(0, quota - used)), settings.upload_idle_timeout)
+        except UploadTooLarge:
+            filename = incoming.filename or filename  # a form's file name arrives with its first bytes
+            if limit <= quota - used:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+            raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
+        except UploadStalled as err:
+            filename = incoming.filename or filename
+            raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
+        filename = incoming.filename or filename
+        try:
+            if size == 0:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body"
+                )
+            try:
+                async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
+                    summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
+            except DatasetError as err:
+                message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
+            dataset = Dataset(
+                id=dataset_id,
+                tenant_id=tenant.id,
+                name=name or _stem(filename)[:NAME_LENGTH],
+                file_name=filename,
+                format=summary["format"],
+                size_bytes=size,
+                sha256=sha256,
+                fingerprint=summary["fingerprint"],
+                num_train=summary["num_train"],
+                num_test=summary["num_test"],
+                classes=summary["classes"],
+                input_shape=list(summary["input_shape"]),
+                resize=list(size_to) if size_to else None,
+                storage_key=key,
+            )
 
-        def record(session: Session) -> None:
-            jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant cannot both slip under the quota
-            now_used = datasets.storage_used(session, tenant.id)
-            if now_used + size > quota:
-                raise _quota_reached(filename, size, quota, now_used)
-            session.add(dataset)
+            def record(session: Session) -> None:
+                jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant: one name each, all under the quota
+                if (taken := name_taken(session, tenant, dataset.name)) is not None:
+                    raise taken
+                now_used = datasets.storage_used(session, tenant.id)
+                if now_used + size > quota:
+                    raise _quota_reached(filename, size, quota, now_used)
+                session.add(dataset)
 
-        await db.arun(record)
-    except BaseException:
-        storage.delete(key)
-        raise
+            try:
+                await db.arun(record)
+            except IntegrityError:  # the unique index, should anything have slipped past the lock
+                taken = await db.arun(lambda session: name_taken(session, tenant, dataset.name))
+                raise taken or HTTPException(status.HTTP_409_CONFLICT, f"you already have a dataset named '{dataset.name}'") from None
+        except BaseException:
+            storage.delete(key)
+            raise
     return dataset

@@ -146,7 +146,8 @@ def submit(
     job, created = db.run(create)
     if created:
         queue.enqueue(db, job.id)
-        job = db.run(lambda session: session.get_one(Job, job.id))
+        # as it is after the enqueue; a request that cancelled and deleted it meanwhile leaves the one we made
+        job = db.run(lambda session, made=job: session.get(Job, made.id) or made)
     return job, created
 
 
@@ -161,8 +162,8 @@ def _replay(existing: Job, request_hash: str) -> Job:
 
 
 def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *, lock: bool) -> Dataset | None:
-    """None for a built-in; else this tenant's upload with that id, or else with that name (which must be
-    unambiguous); with `lock`, locked against deletion until the transaction ends."""
+    """None for a built-in; else this tenant's upload with that id, or else with that name (unique per
+    tenant); with `lock`, locked against deletion until the transaction ends."""
     if reference in BUILTIN_DATASETS:
         return None
     if not re.fullmatch(PRINTABLE, reference):
@@ -171,17 +172,7 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *,
     if dataset is not None and dataset.tenant_id == tenant.id:
         return dataset
     named = datasets.named(session, tenant.id, reference)
-    if len(named) > 1:
-        raise field_errors(
-            [
-                (
-                    "dataset",
-                    f"{len(named)} of your datasets are named '{reference}' ({', '.join(d.id for d in named)}): "
-                    "use the id of the one you mean",
-                )
-            ]
-        )
-    if not named:
+    if named is None:
         raise field_errors(
             [
                 (
@@ -191,4 +182,4 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *,
                 )
             ]
         )
-    return datasets.lock(session, named[0].id) if lock else named[0]
+    return datasets.lock(session, named.id) if lock else named

@@ -1,4 +1,5 @@
-"""Uploaded datasets: the row of a validated upload, and deletion that cannot race a submission."""
+"""Uploaded datasets: the row of a validated upload (its name unique within its tenant), and deletion that
+cannot race a submission."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def of_tenant(session: Session, tenant_id: str) -> list[Dataset]:
     return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant_id).order_by(Dataset.created_at.desc())))
 
 
-def named(session: Session, tenant_id: str, name: str) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name).order_by(Dataset.created_at)))
+def named(session: Session, tenant_id: str, name: str) -> Dataset | None:
+    """The tenant's dataset of this name (names are unique per tenant)."""
+    return session.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name))
 
 
 def delete_unused(session: Session, dataset: Dataset) -> str:

@@ -87,6 +87,8 @@ class UISession(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # a tenant refers to its datasets by name, so one name names one dataset (migration 0004)
+    __table_args__ = (Index("uq_datasets_tenant_name", "tenant_id", "name", unique=True),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

@@ -24,10 +24,23 @@ from sqlalchemy import make_url
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as AsyncpgDialect
 from sqlalchemy.sql import Select
 
+from .errors import DatabaseUnavailable
+
 MAX_STATEMENTS = 64  # the hot reads are a handful of statements built at import; more means one is built per call
 Processor = Callable[[Any], Any] | None
 # a connection the server dropped (a restart): the pool is renewed and the read tried once more
 CONNECTION_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)
+# no connection to be had (the server down, starting or shutting down, the database dropped, no slot free, a
+# refused login): DatabaseUnavailable, which the API answers with 503
+UNAVAILABLE = (
+    *CONNECTION_LOST,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    TimeoutError,
+)
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection: a host that does not answer fails the read, it does not hang it
 
 
 @dataclass(frozen=True)
@@ -71,15 +84,18 @@ class PostgresReads:
     async def fetch(self, statement: Select[Any], parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         compiled = self.compile(statement)
         arguments = compiled.arguments(parameters or {})
-        pool = await self._pool()
-        for attempt in (1, 2):
-            try:
-                async with pool.acquire() as connection:
-                    return [compiled.row(record) for record in await connection.fetch(compiled.sql, *arguments)]
-            except CONNECTION_LOST:
-                if attempt == 2:
-                    raise
-                await pool.expire_connections()
+        try:
+            pool = await self._pool()
+            for attempt in (1, 2):
+                try:
+                    async with pool.acquire(timeout=CONNECT_TIMEOUT) as connection:
+                        return [compiled.row(record) for record in await connection.fetch(compiled.sql, *arguments)]
+                except CONNECTION_LOST:
+                    if attempt == 2:
+                        raise
+                    await pool.expire_connections()
+        except UNAVAILABLE as err:
+            raise DatabaseUnavailable(f"{type(err).__name__}: {err}".splitlines()[0]) from err
         raise AssertionError("unreachable")
 
     async def _pool(self) -> asyncpg.Pool:
@@ -95,6 +111,7 @@ class PostgresReads:
                     init=_decode_json,
                     reset=_keep_session,
                     max_inactive_connection_lifetime=300,
+                    timeout=CONNECT_TIMEOUT,
                 )
             )
         return await asyncio.shield(opening)  # shared by the requests that came before it was open

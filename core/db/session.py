@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 # enough connections kept open for a busy API process, so they are reused rather than opened and closed per request
 POOL = {"pool_size": 20, "max_overflow": 10, "pool_recycle": 1800, "pool_timeout": 10}
+# seconds to open a PostgreSQL connection (libpq waits indefinitely by default): a host that does not answer
+# fails the request (the API answers 503) or the worker's try (it retries), instead of hanging it
+CONNECT_ARGS = {"connect_timeout": 5}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -47,7 +50,7 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping: after a PostgreSQL restart, stale pooled connections are replaced instead of failing a request
-    return create_engine(url, pool_pre_ping=True, **POOL)
+    return create_engine(url, pool_pre_ping=True, connect_args=CONNECT_ARGS, **POOL)
 
 
 def make_async_engine(url: str) -> AsyncEngine:
@@ -57,7 +60,7 @@ def make_async_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     # no pre-ping (a round trip per request): a connection a restart broke is retried once instead (arun)
-    return create_async_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), **POOL)
+    return create_async_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), connect_args=CONNECT_ARGS, **POOL)
 
 
 def is_transient(err: BaseException) -> bool:

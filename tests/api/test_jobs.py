@@ -93,19 +93,38 @@ def test_catalog_health_readiness_and_metrics(client):
     assert client.get("/docs").status_code == 200 and "/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
 
-def test_datasets_are_named_by_id_or_by_unambiguous_name(new_client, settings, digits_npz_bytes):
+def test_datasets_are_named_by_id_or_by_name_and_a_name_is_unique_per_tenant(new_client, settings, digits_npz_bytes):
     client = new_client()
     first = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
     by_name = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
     assert by_name.status_code == 201 and by_name.json()["dataset_id"] == first["id"]
     assert by_name.json()["spec"]["dataset"] == first["id"] and by_name.json()["dataset"] == "pets"
     assert run_job_here(settings, by_name.json()["id"])["status"] == "succeeded"  # the worker finds it
-    second = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes).json()
-    ambiguous = client.post("/v1/jobs", json={**SHORT, "dataset": "pets"})
-    assert ambiguous.status_code == 422 and first["id"] in ambiguous.text and second["id"] in ambiguous.text
-    by_id = client.post("/v1/jobs", json={**SHORT, "dataset": second["id"]})
-    assert by_id.status_code == 201 and by_id.json()["dataset_id"] == second["id"]
-    client.post(f"/v1/jobs/{by_id.json()['id']}/cancel")
+
+    stored = {p for p in (settings.data_dir / "datasets").rglob("*") if p.is_file()}
+    again = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes)
+    assert again.status_code == 409, again.text
+    assert again.json()["detail"] == (
+        f"you already have a dataset named 'pets' ({first['id']}): upload under another name, or delete that one first"
+    )
+    assert {p for p in (settings.data_dir / "datasets").rglob("*") if p.is_file()} == stored, "nothing of the refused upload stays"
+    assert [d["id"] for d in client.get("/v1/datasets").json()["items"] if d["name"] == "pets"] == [first["id"]]
+    assert client.post("/v1/jobs", json={**SHORT, "dataset": "pets"}).json()["dataset_id"] == first["id"], "the name still works"
+
+    unnamed = client.post("/v1/datasets", params={"filename": "cats.npz"}, content=digits_npz_bytes)  # named after its file
+    assert unnamed.status_code == 201 and unnamed.json()["name"] == "cats"
+    assert client.post("/v1/datasets", params={"filename": "cats.npz"}, content=digits_npz_bytes).status_code == 409
+    builtin = client.post("/v1/datasets", params={"name": "digits"}, content=digits_npz_bytes)
+    assert builtin.status_code == 409 and "built-in" in builtin.json()["detail"], builtin.text
+
+    other_tenant = new_client().post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes)
+    assert other_tenant.status_code == 201, "names are unique per tenant, not across tenants"
+    client.delete(f"/v1/jobs/{by_name.json()['id']}")
+    for job in client.get("/v1/jobs").json()["items"]:
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/datasets/{first['id']}").status_code == 204
+    reused = client.post("/v1/datasets", params={"name": "pets"}, content=digits_npz_bytes)
+    assert reused.status_code == 201, "a deleted dataset's name is free again"
 
 
 def test_artifacts_of_an_unfinished_job_are_a_conflict_not_missing(client):
@@ -201,3 +220,22 @@ def test_the_client_sdk_and_cli_dry_run(new_client, app, settings, capsys):
     assert print_preflight(plan) == 0
     out = capsys.readouterr().out
     assert out.startswith("admitted: peeraid with a small_cnn student on 'digits', 3 epochs") and "h100" in out and "cpu" in out
+
+
+def test_an_empty_idempotency_key_is_refused_naming_the_header(new_client):
+    """`-H "Idempotency-Key: $(uuidgen)"` where uuidgen is missing sends an empty key: refused, not a job without one."""
+    client = new_client()
+    for blank in ("", "   "):
+        response = client.post("/v1/jobs", json=SHORT, headers={"Idempotency-Key": blank})
+        assert response.status_code == 422, response.text
+        assert response.json() == {
+            "detail": [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "Idempotency-Key: must not be empty; send a fresh unique value (a UUID) with each new job, "
+                    "or leave the header out",
+                    "type": "value_error",
+                }
+            ]
+        }
+    assert client.get("/v1/jobs").json()["total"] == 0, "no job was made"

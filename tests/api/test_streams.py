@@ -106,3 +106,19 @@ def test_evaluation_progress_reaches_the_api(new_client, settings):
         )
     assert client.get(f"/v1/jobs/{job['id']}").json()["progress"]["evaluation"] == evaluation
     client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_a_stream_on_an_unchanged_job_sends_a_keep_alive_every_interval(settings):
+    """The watcher re-delivers an unchanged job every round; that must not put off the keep-alive, or a
+    stream on a queued job stays silent until a proxy (or the SDK's read timeout) cuts it."""
+    from api.streams import JobWatcher
+
+    app = create_app(settings.model_copy(update={"sse_keep_alive_seconds": 0.3}))
+    app.state.job_watcher = JobWatcher(app.state.database, interval=0.05)  # news far more often than the keep-alive
+    with TestClient(app, headers={"Authorization": f"Bearer {create_key(settings)}"}) as client:
+        job = client.post("/v1/jobs", json=QUEUED).json()
+        threading.Timer(2.0, lambda: client.post(f"/v1/jobs/{job['id']}/cancel")).start()
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
+            lines = list(response.iter_lines())  # until the cancel ends the stream
+    assert lines.count(": keep-alive") >= 4, lines
+    assert [line for line in lines if line.startswith("event:")] == ["event: job", "event: job", "event: end"], lines

@@ -115,7 +115,7 @@ def test_watch_exits_1_when_the_job_does_not_succeed(env):
 
 def test_errors_print_the_service_message_and_exit_1(stack, env):
     bad_key = run_cli("--api-key", "pk_0000_nonsense", "jobs", "list", env=env)
-    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: the service refused the API key")
+    assert bad_key.returncode == 1 and bad_key.stderr.startswith("error: the API key was refused (pk_0000_…, from --api-key)")
     assert "Authorization" not in bad_key.stderr  # words for a command-line user, not for an HTTP client
     no_key = run_cli("jobs", "list", env={k: v for k, v in env.items() if k != "PEERAID_API_KEY"})
     assert no_key.returncode == 1 and "no API key configured" in no_key.stderr
@@ -160,3 +160,38 @@ def test_the_config_file_and_its_precedence(stack, api_key, tmp_path):
     broken.write_text("url = \n")
     result = run_cli("jobs", "list", env=cli_env(HOME=str(home), PEERAID_CONFIG=str(broken)))
     assert result.returncode == 1 and result.stderr.startswith(f"error: config file {broken}")
+
+
+def test_uploading_a_name_twice_is_refused_naming_the_dataset_that_has_it(env, digits_file):
+    first = run_cli("datasets", "upload", str(digits_file), "--name", "cli-twice", env=env)
+    assert first.returncode == 0, first.stderr
+    dataset_id = first.stdout.strip()
+    again = run_cli("datasets", "upload", str(digits_file), "--name", "cli-twice", env=env)
+    assert again.returncode == 1 and again.stdout == ""
+    assert again.stderr.splitlines() == [
+        f"error: you already have a dataset named 'cli-twice' ({dataset_id}): upload under another name, or delete that one first",
+        f"hint: --name NEW_NAME, or `peeraid datasets delete {dataset_id}`",
+    ], again.stderr
+
+
+def test_api_keys_are_stripped_and_never_printed(env, api_key, tmp_path):
+    secret = api_key.split("_", 2)[2]
+    for padded in (f"{api_key}\n", f"{api_key} ", f"  {api_key}\r\n"):
+        listed = run_cli("jobs", "list", env={**env, "PEERAID_API_KEY": padded})
+        assert listed.returncode == 0 and listed.stdout.startswith("ID"), listed.stderr
+    config = tmp_path / "padded.toml"
+    config.write_text(f'url = "{env["PEERAID_URL"]}"\napi_key = "{api_key}\\n"\n')
+    from_file = run_cli("jobs", "list", env={k: v for k, v in env.items() if k != "PEERAID_API_KEY"} | {"PEERAID_CONFIG": str(config)})
+    assert from_file.returncode == 0, from_file.stderr
+
+    refused = run_cli("jobs", "list", env={**env, "PEERAID_API_KEY": api_key[:-4] + "XXXX"})
+    assert refused.returncode == 1 and secret[:-4] not in refused.stderr + refused.stdout
+    prefix = api_key.split("_", 2)[1]
+    assert refused.stderr.strip() == (
+        f"error: the API key was refused (pk_{prefix}_…, from PEERAID_API_KEY): it is mistyped or was revoked; "
+        f"check --api-key, PEERAID_API_KEY or api_key in {env['HOME']}/.config/peeraid/config.toml"
+    ), refused.stderr
+
+    broken = run_cli("jobs", "list", env={**env, "PEERAID_API_KEY": f"{api_key[:20]}\n{api_key[20:]}"})
+    assert broken.returncode == 1 and "cannot reach" not in broken.stderr
+    assert api_key[20:] not in broken.stderr and "PEERAID_API_KEY" in broken.stderr, broken.stderr

@@ -106,7 +106,9 @@ def test_typed_errors_carry_the_service_message(stack, sdk, finished_job, tmp_pa
     _, job = finished_job
     with pytest.raises(AuthenticationError) as err:
         Client(stack.url, "pk_0000_nonsense").list_jobs()
-    assert err.value.status_code == 401 and "invalid API key" in str(err.value)
+    assert err.value.status_code == 401 and str(err.value) == (
+        "the API key was refused (pk_0000_…, from the api_key argument): it is mistyped or was revoked"
+    )
 
     with pytest.raises(NotFound) as err:
         sdk.get_job("job_doesnotexist")

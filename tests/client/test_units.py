@@ -115,3 +115,41 @@ def test_a_failed_job_is_never_shown_as_done():
     assert progress_text({"status": "succeeded", "progress": {"fraction": 0.2}}) == "done"
     assert progress_text({"status": "failed", "progress": {"fraction": 1.0}}) == "failed at 100%"
     assert progress_text({"status": "running", "progress": {"fraction": 0.25}}) == "25%"
+
+
+SECRET = "Zq8secretpartofthekey_-x"
+KEY = f"pk_0123456789ab_{SECRET}"
+
+
+def test_api_keys_are_stripped_wherever_they_come_from(clean_env, tmp_path):
+    assert resolve_settings(api_key=f" {KEY}\n").api_key == KEY
+    clean_env.setenv("PEERAID_API_KEY", f"{KEY} \n")  # as `export PEERAID_API_KEY="$(cat key)\n"` or a copied line
+    assert resolve_settings().api_key == KEY
+    clean_env.delenv("PEERAID_API_KEY")
+    config = tmp_path / "config.toml"
+    config.write_text(f'api_key = "{KEY}\\n "\n')
+    clean_env.setenv("PEERAID_CONFIG", str(config))
+    assert resolve_settings().api_key == KEY
+    clean_env.setenv("PEERAID_API_KEY", " \n")  # blank counts as unset
+    assert resolve_settings().api_key == KEY
+
+
+def test_a_key_that_cannot_be_sent_is_refused_without_showing_it(clean_env):
+    from peeraid_client import Client
+
+    for broken in (f"pk_0123456789ab_{SECRET[:8]}\n{SECRET[8:]}", f"pk_0123456789ab_{SECRET} extra", f"pk_0123456789ab_{SECRET}é"):
+        clean_env.setenv("PEERAID_API_KEY", broken)
+        with pytest.raises(ConfigError) as err:
+            Client("http://127.0.0.1:9")
+        message = str(err.value)
+        assert "PEERAID_API_KEY" in message and "pk_0123456789ab_…" in message, message
+        assert SECRET[:8] not in message and SECRET[8:] not in message, message
+
+
+def test_key_hints_show_the_prefix_at_most():
+    from peeraid_client.config import key_hint
+
+    assert key_hint(KEY) == "pk_0123456789ab_…"
+    assert SECRET not in key_hint(KEY)
+    assert key_hint("not-a-key-at-all") == "a key not of the form pk_<prefix>_<secret>"
+    assert key_hint("pk_" + "a" * 40) == "a key not of the form pk_<prefix>_<secret>"

@@ -12,11 +12,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.stack import FAST_JOB, wait_until
+from tests.stack import FAST_JOB, PG_ADMIN_URL, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +172,10 @@ def test_redis_restarted_while_jobs_are_queued_and_running_loses_none(stack):
 
 
 def _pg_cluster() -> list[str] | None:
+    """The local cluster's control command, if the tests' PostgreSQL is the local cluster (PEERAID_TEST_PG_URL)."""
+    url = urlsplit(PG_ADMIN_URL)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1") or (url.port or 5432) != 5432:
+        return None
     versions = sorted(Path("/etc/postgresql").glob("*")) if Path("/etc/postgresql").exists() else []
     if not versions or not shutil.which("pg_ctlcluster"):
         return None
@@ -181,7 +186,7 @@ def _pg_cluster() -> list[str] | None:
 def test_postgres_restarted_during_a_running_job_loses_nothing(stack):
     cluster = _pg_cluster()
     if cluster is None:
-        pytest.skip("needs a local PostgreSQL cluster to restart (pg_ctlcluster)")
+        pytest.skip("needs the tests' PostgreSQL to be a local cluster it may restart (pg_ctlcluster, 127.0.0.1:5432)")
     client = stack.new_tenant()
     job_id = submit(client, epochs=6, lr_decay_epochs=[5])
     wait_until(lambda: len(epochs_of(client, job_id)) >= 1, 180, "a first epoch")

@@ -7,6 +7,7 @@ import contextlib
 import secrets
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -134,3 +135,51 @@ def test_open_streams_and_slow_uploads_hold_no_connection_and_do_not_starve_othe
             stream.__exit__(None, None, None)
         hostile.post(f"/v1/jobs/{job['id']}/cancel")
     wait_until(lambda: _connections_in_transaction(stack) == 0, 10, "no connection left in a transaction")
+
+
+def _finished_job(stack, client) -> str:
+    job = client.post("/v1/jobs", json=LONG).json()
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    stack.wait_for_job(client, job["id"], "cancelled", timeout=60)
+    return job["id"]
+
+
+def test_cancelling_or_deleting_a_job_another_request_deletes_answers_404_or_409_never_500(stack):
+    client = stack.new_tenant()
+    outcomes, wrong = Counter(), []
+    for i in range(20):
+        job_id = _finished_job(stack, client)
+        second = "cancel" if i % 2 == 0 else "delete"  # the other request: a cancel, or a second delete
+        delete, other = together(
+            2,
+            lambda n, job_id=job_id, second=second: (
+                client.delete(f"/v1/jobs/{job_id}") if n == 0 or second == "delete" else client.post(f"/v1/jobs/{job_id}/cancel")
+            ),
+        )
+        outcomes[(second, delete.status_code, other.status_code)] += 1
+        loser = other if delete.status_code == 204 else delete
+        if sorted([delete.status_code, other.status_code]) not in ([204, 404], [204, 409]) or job_id not in loser.text:
+            wrong.append((second, delete.status_code, other.status_code, loser.text[:200]))  # the loser names the job
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    print(f"\n(second request, delete, second) outcomes seen: {dict(outcomes)}")
+    assert not wrong, wrong
+
+
+def test_deleting_a_dataset_twice_at_once_answers_204_and_404_never_500(stack, digits_npz_bytes):
+    client = stack.new_tenant()
+    for i in range(6):
+        dataset = client.post("/v1/datasets", params={"name": f"twice-{i}"}, content=digits_npz_bytes).json()
+        codes = sorted(r.status_code for r in together(2, lambda _, dataset_id=dataset["id"]: client.delete(f"/v1/datasets/{dataset_id}")))
+        assert codes == [204, 404], codes
+
+
+def test_two_uploads_of_one_name_at_once_record_one(stack, digits_npz_bytes):
+    client = stack.new_tenant()
+    for i in range(4):
+        answers = together(2, lambda _, i=i: client.post("/v1/datasets", params={"name": f"same-{i}"}, content=digits_npz_bytes))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201, 409], [a.text for a in answers]
+        winner = next(a.json() for a in answers if a.status_code == 201)
+        assert winner["id"] in next(a.json()["detail"] for a in answers if a.status_code == 409)
+    names = [d["name"] for d in client.get("/v1/datasets").json()["items"] if not d["builtin"]]
+    assert sorted(names) == [f"same-{i}" for i in range(4)]

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .client import ARTIFACT_NAMES, Client
-from .config import config_path
-from .errors import AuthenticationError, PeeraidError, ValidationError
+from .config import config_path, key_hint
+from .errors import AuthenticationError, Conflict, PeeraidError, ValidationError
 from .progress import TERMINAL_STATUSES, describe_progress, epoch_text, format_bytes, format_duration, percent, progress_text
 
 JOB_STATUSES = ("queued", "running", "evaluating", "succeeded", "failed", "cancelled")
@@ -26,6 +27,14 @@ JOB_STATUSES = ("queued", "running", "evaluating", "succeeded", "failed", "cance
 
 class UsageError(Exception):
     """Bad command-line input found after parsing (exit status 2, like argparse's own)."""
+
+
+class Hinted(PeeraidError):
+    """A service error with what to do about it on the command line (printed as `hint: ...`)."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(None, message)
+        self.hint = hint
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -187,6 +196,11 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> int:
         dataset = client.upload_dataset(
             path, name=args.name, resize=args.resize, on_progress=(lambda sent, _: bar.update(sent - bar.n)) if bar else None
         )
+    except Conflict as err:
+        taken = re.search(r"\((ds_\w+)\)", err.message)  # the dataset that has the name
+        if taken is None:
+            raise
+        raise Hinted(err.message, f"--name NEW_NAME, or `peeraid datasets delete {taken.group(1)}`") from None
     finally:
         if bar is not None:
             bar.close()
@@ -425,14 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for field, message in err.errors or [("", err.message)]:
             print(f"error: {field}: {message}" if field else f"error: {message}", file=sys.stderr)
     except AuthenticationError:
-        if client is not None and client.api_key is None:
+        if client is None or client.api_key is None:
             print(f"error: no API key configured: pass --api-key, set PEERAID_API_KEY, or put api_key in {config_path()}", file=sys.stderr)
         else:
+            source = "--api-key" if client.api_key_source == "argument" else client.api_key_source
             print(
-                "error: the service refused the API key (mistyped, or revoked): check --api-key, PEERAID_API_KEY or "
-                f"api_key in {config_path()}",
+                f"error: the API key was refused ({key_hint(client.api_key)}, from {source}): it is mistyped or was revoked; "
+                f"check --api-key, PEERAID_API_KEY or api_key in {config_path()}",
                 file=sys.stderr,
             )
+    except Hinted as err:
+        print(f"error: {err}\nhint: {err.hint}", file=sys.stderr)
     except PeeraidError as err:
         print(f"error: {err}", file=sys.stderr)
     except TimeoutError as err:

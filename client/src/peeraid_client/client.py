@@ -19,13 +19,23 @@ from urllib.parse import quote
 import httpx
 
 from . import __version__
-from .config import resolve_settings
-from .errors import ChecksumMismatch, ConnectionFailed, NotFound, PeeraidError, ServerError, error_from_response
+from .config import key_hint, resolve_settings
+from .errors import (
+    AuthenticationError,
+    ChecksumMismatch,
+    ConnectionFailed,
+    NotFound,
+    PeeraidError,
+    ServerError,
+    error_from_response,
+)
 from .progress import TERMINAL_STATUSES, JobProgressBar
 
 JSON = dict[str, Any]
 UPLOAD_CHUNK = 1 << 20
 DOWNLOAD_CHUNK = 1 << 20
+# The service sends a keep-alive every 15 s on an event stream, so this much silence means the connection is gone.
+STREAM_READ_TIMEOUT = 60.0
 # The artifacts of a finished job (the service's core.engine.job.ARTIFACTS; tests keep the two in step).
 ARTIFACT_NAMES = (
     "student",
@@ -84,7 +94,10 @@ class Client:
     `url` and `api_key` default to $PEERAID_URL / $PEERAID_API_KEY, then the config file
     (see `peeraid_client.config`), then http://127.0.0.1:8000 and no key.
     Idempotent reads and job submission (made idempotent with an Idempotency-Key) are retried
-    `retries` times on connection failures and 5xx answers, waiting backoff × 2^attempt seconds."""
+    `retries` times on connection failures and 5xx answers, waiting backoff × 2^attempt seconds; an
+    event stream that breaks is reconnected as many times in a row. `stream_read_timeout`: seconds an
+    event stream may stay silent before its connection counts as lost (default: 60, or `timeout` if
+    longer; the service sends a keep-alive every 15 s)."""
 
     def __init__(
         self,
@@ -94,14 +107,17 @@ class Client:
         *,
         retries: int = 3,
         backoff: float = 0.5,
+        stream_read_timeout: float | None = None,
         transport: httpx.BaseTransport | None = None,
     ):
         settings = resolve_settings(url, api_key)
         self.url = settings.url
         self.api_key = settings.api_key
+        self.api_key_source = settings.api_key_source
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.stream_read_timeout = stream_read_timeout or max(timeout, STREAM_READ_TIMEOUT)
         headers = {"User-Agent": f"peeraid-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -122,7 +138,18 @@ class Client:
     # --- transport -------------------------------------------------------------------------------
 
     def _connection_failed(self, err: Exception) -> ConnectionFailed:
-        return ConnectionFailed(None, f"cannot reach the service at {self.url}: {type(err).__name__}: {err}".rstrip(": "))
+        message = f"cannot reach the service at {self.url}: {type(err).__name__}: {err}".rstrip(": ")
+        if self.api_key:  # a transport's message may quote the request's headers
+            message = message.replace(self.api_key, key_hint(self.api_key))
+        return ConnectionFailed(None, message)
+
+    def _error(self, response: httpx.Response) -> PeeraidError:
+        """The typed error of a 4xx/5xx answer (its body read); a refused key is said in words, by its prefix."""
+        error = error_from_response(response)
+        if isinstance(error, AuthenticationError) and self.api_key:
+            source = {"argument": "the api_key argument"}.get(self.api_key_source or "", self.api_key_source)
+            error.message = f"the API key was refused ({key_hint(self.api_key)}, from {source}): it is mistyped or was revoked"
+        return error
 
     def _request(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> httpx.Response:
         attempts = 1 + (self.retries if retry else 0)
@@ -139,7 +166,7 @@ class Client:
                 if response.status_code < 400:
                     return response
                 if response.status_code < 500 or last:
-                    raise error_from_response(response)
+                    raise self._error(response)
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -154,7 +181,7 @@ class Client:
             with self._http.stream("GET", path, timeout=timeout or self.timeout) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise error_from_response(response)
+                    raise self._error(response)
                 yield response
         except httpx.HTTPError as err:
             raise self._connection_failed(err) from err
@@ -171,7 +198,9 @@ class Client:
     ) -> JSON:
         """Upload a .npz or a .zip / .tar / .tar.gz of class folders, streamed from disk. `resize="32x32"`
         (WIDTHxHEIGHT) resizes every image, for datasets whose images differ in size.
-        `on_progress(sent, total)` is called after each chunk. Not retried: the body is a one-shot stream."""
+        `on_progress(sent, total)` is called after each chunk. Not retried: the body is a one-shot stream.
+        Names are unique among your datasets: a name you already use raises Conflict, naming the dataset
+        that has it (before the file is sent, where the name is known)."""
         path = Path(path)
         try:
             file = path.open("rb")
@@ -262,11 +291,34 @@ class Client:
         self._request("DELETE", f"/v1/jobs/{_q(job_id)}")
 
     def events(self, job_id: str) -> Iterator[tuple[str, Any]]:
-        """The job's server-sent events: ("job", job) on every change, then ("end", {"status"})."""
-        yield from self._sse(job_id, read_timeout=max(self.timeout, 60.0))
+        """The job's server-sent events: ("job", job) on every change, then ("end", {"status"}); or
+        ("deleted", {}) if the job is deleted, ("error", {"detail"}) if the API key is revoked.
+
+        A stream that breaks (a dropped connection, a restarted service, silence past
+        `stream_read_timeout`) is reconnected, up to `retries` times in a row with backoff, and resumed:
+        the service starts again with the job's current state, which is yielded only if it is new."""
+        last_update: Any = None
+        failures = 0
+        while True:
+            try:
+                for event, data in self._sse(job_id, read_timeout=self.stream_read_timeout):
+                    failures = 0
+                    if event == "job" and isinstance(data, dict):
+                        if last_update is not None and data.get("updated_at") == last_update:
+                            continue  # the state we had before the reconnection
+                        last_update = data.get("updated_at")
+                    yield event, data
+                    if event in ("end", "deleted", "error"):
+                        return
+                error: PeeraidError = ConnectionFailed(None, f"the event stream of job {job_id} ended before the job did")
+            except (ConnectionFailed, ServerError) as err:
+                error = err
+            failures += 1
+            if failures > self.retries:
+                raise error
+            time.sleep(self.backoff * 2**failures)
 
     def _sse(self, job_id: str, read_timeout: float) -> Iterator[tuple[str, Any]]:
-        # the service sends a keep-alive every 15 s, so a silent minute means the connection is gone
         with self._stream(f"/v1/jobs/{_q(job_id)}/events", timeout=httpx.Timeout(self.timeout, read=read_timeout)) as response:
             yield from parse_sse(response.iter_lines())
 
@@ -300,7 +352,8 @@ class Client:
         while True:
             if stream:
                 try:
-                    remaining = 60.0 if deadline is None else max(1.0, min(60.0, deadline - time.monotonic()))
+                    read_timeout = self.stream_read_timeout
+                    remaining = read_timeout if deadline is None else max(1.0, min(read_timeout, deadline - time.monotonic()))
                     for event, data in self._sse(job_id, read_timeout=remaining):
                         if event == "job":
                             failures = 0

@@ -18,7 +18,7 @@ from core.sweep import sweep_orphans
 from worker.queue import JobQueue
 
 from .errors import register_error_handlers
-from .metrics import MetricsMiddleware, register_job_collector
+from .metrics import MetricsMiddleware
 from .request_limits import BodyLimits, InFlightLimit, register_validation_handler
 from .routes import artifacts, catalog, curves, datasets, health, jobs, ui
 from .security import KeyCache
@@ -69,7 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.validations = asyncio.Semaphore(settings.max_parallel_validations)
     register_error_handlers(app)
     register_validation_handler(app)
-    register_job_collector(settings.resolved_database_url)
     app.add_middleware(BodyLimits, max_bytes=settings.max_json_bytes, streamed_paths=("/v1/datasets",))
     app.add_middleware(InFlightLimit, limit=settings.key_max_in_flight)
     app.add_middleware(MetricsMiddleware)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,9 +43,12 @@ class JobCollector:
         yield gauge
 
 
-def register_job_collector(database_url: str) -> None:
-    if not any(isinstance(c, JobCollector) for c in list(REGISTRY._collector_to_names)):
-        REGISTRY.register(JobCollector(database_url))
+def job_metrics(database_url: str) -> bytes:
+    """The jobs gauge of this app's database, in the exposition format (a registry per scrape: the request
+    metrics' registry is the process's, and several apps with their own databases may share a process)."""
+    registry = CollectorRegistry()
+    registry.register(JobCollector(database_url))
+    return generate_latest(registry)
 
 
 class MetricsMiddleware:

@@ -13,7 +13,7 @@ from core.db.session import database
 
 from ..deps import OperatorDep, SettingsDep
 from ..errors import responses
-from ..metrics import REGISTRY
+from ..metrics import REGISTRY, job_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -70,4 +70,4 @@ def health_metrics(settings: SettingsDep, operator: OperatorDep) -> Response:
     if not operator:
         hint = "send the operator token" if settings.operator_token else "set PEERAID_OPERATOR_TOKEN to enable them"
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"metrics are for the operator: {hint}", headers={"WWW-Authenticate": "Bearer"})
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(REGISTRY) + job_metrics(settings.resolved_database_url), media_type=CONTENT_TYPE_LATEST)

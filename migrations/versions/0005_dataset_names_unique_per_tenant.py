@@ -1,7 +1,7 @@
 """Dataset names unique per tenant
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-02
 
 A dataset's name is how users refer to it (`"dataset": "pets"`), so a tenant may hold only one dataset of
@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = "0004"
-down_revision: Union[str, Sequence[str], None] = "0003"
+revision: str = "0005"
+down_revision: Union[str, Sequence[str], None] = "0004"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

@@ -232,7 +232,7 @@ class EvaluationTracker:
                 batch=int(batch),
                 batches=stage.batches,
                 accuracy_so_far=accuracy,
-                eta_seconds=elapsed / done * (self.total - done) if done > 0 and batch > 0 else None,
+                eta_seconds=elapsed / done * (self.total - done) if done > 0 else None,
                 fraction=round(min(1.0, done / self.total), 4),
                 images_per_sec=stage.images * batch / stage.batches / stage_elapsed if batch > 0 and stage_elapsed > 0 else None,
             )

@@ -47,6 +47,7 @@ def test_paper_presets_are_the_authors_configs(preset):
     assert (s.eval_pgd_steps, s.evaluation.pgd_steps, s.evaluation.autoattack, s.evaluation.n_examples) == (10, 20, True, None)
     assert (s.augment, s.crop_padding) == (True, 4)
     assert (s.selection, s.student_adv_forwards) == ("test", 2)  # the script's protocol and its two S(x') forwards
+    assert not s.recalibrate_batchnorm  # validation on the running statistics training left, as the script
 
 
 def test_every_preset_is_in_the_table_or_says_it_is_not_the_paper():

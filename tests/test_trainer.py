@@ -239,3 +239,28 @@ def test_a_checkpoint_naming_the_splits_fingerprint_of_earlier_versions_still_re
     save_tensors(path, tensors, {**meta, "dataset_fingerprint": "0" * 64})
     with pytest.raises(CheckpointError, match="different dataset"):
         Trainer(spec, splits, workdir=tmp_path)
+
+
+def test_recalibrated_batchnorm_validates_the_student_on_statistics_of_its_own_weights(tiny_splits, tmp_path):
+    """With recalibrate_batchnorm (the small-data preset), the student's running statistics before validation are
+    one clean pass over the training data with its current weights, as the SWA student's; without it (the paper
+    presets), whatever training left."""
+    from core.engine.trainer import recalibrate_batchnorm
+
+    def running_means(model):
+        return [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    spec = tiny_spec(epochs=1, lr_decay_epochs=[], swa=False, recalibrate_batchnorm=True)
+    trainer = Trainer(spec, tiny_splits, workdir=tmp_path / "on")
+    trainer.run_epoch(0)
+    recalibrated = running_means(trainer.nets.student)
+    again = copy.deepcopy(trainer.nets.student)
+    trainer.train_loader.set_epoch(trainer.bn_pass_epoch(0))
+    recalibrate_batchnorm(again, trainer.train_loader)
+    assert all(torch.allclose(a, b) for a, b in zip(recalibrated, running_means(again), strict=True))
+    kept = [v for k, v in trainer.best_student.state.items() if k.endswith("running_mean")]
+    assert all(torch.equal(a, b) for a, b in zip(recalibrated, kept, strict=True))  # the selected student keeps them
+
+    plain = Trainer(tiny_spec(epochs=1, lr_decay_epochs=[], swa=False), tiny_splits, workdir=tmp_path / "off")
+    plain.run_epoch(0)
+    assert not all(torch.allclose(a, b) for a, b in zip(recalibrated, running_means(plain.nets.student), strict=True))

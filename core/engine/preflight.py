@@ -178,8 +178,8 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     selection_images = shape.num_test if spec.selection == "test" else held_out
     swa_epochs = max(0, spec.epochs - spec.resolved_swa_start) if spec.swa else 0
     validation = selection_images * (1 + 3 * spec.eval_pgd_steps) * student_flops * (spec.epochs + swa_epochs)
-    swa_batchnorm = train * student_flops * swa_epochs
-    training = per_image * train * spec.epochs + validation + swa_batchnorm
+    batchnorm_passes = swa_epochs + (spec.epochs if spec.recalibrate_batchnorm else 0)
+    training = per_image * train * spec.epochs + validation + train * student_flops * batchnorm_passes
 
     ev = spec.evaluation
     n_eval = min(ev.n_examples or shape.num_test, shape.num_test)

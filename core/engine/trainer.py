@@ -228,6 +228,9 @@ class Trainer:
         losses = self._finite_means(sums, seen, epoch)
 
         eval_started = time.perf_counter()
+        if s.recalibrate_batchnorm:
+            self.train_loader.set_epoch(self.bn_pass_epoch(epoch))
+            recalibrate_batchnorm(self.nets.student, self.train_loader)
         swa = self.swa if self.swa is not None and epoch >= s.resolved_swa_start else None
         if swa is not None:
             swa.update_parameters(self.nets.student)
@@ -262,7 +265,7 @@ class Trainer:
 
     @staticmethod
     def bn_pass_epoch(epoch: int) -> int:
-        """The loader epoch whose shuffle and augmentation the SWA BatchNorm pass after `epoch` uses."""
+        """The loader epoch whose shuffle and augmentation the BatchNorm passes after `epoch` use."""
         return 10_000_019 + epoch
 
     def _finite_means(self, sums: dict[str, torch.Tensor], seen: int, epoch: int) -> dict[str, float]:

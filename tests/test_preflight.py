@@ -43,3 +43,19 @@ def test_the_estimate_follows_the_epochs_and_refuses_too_small_images():
         preflight(build_spec("digits-demo", {"student": "resnet18", "peer": "resnet18"}), DataShape(3, 4, 4, 2, 100, 20))
     with pytest.raises(DatasetError, match="at least 2"):
         preflight(build_spec("digits-demo"), DataShape(1, 16, 16, 1, 100, 20))
+
+
+def test_autoattacks_work_follows_its_target_classes_and_small_networks_pay_its_overhead():
+    from core.engine.evaluation import autoattack_work
+    from core.engine.preflight import DEVICE_RATES
+
+    assert autoattack_work(100, 10) == pytest.approx(300_000)  # the standard version: 9 targets
+    assert autoattack_work(100, 4) == pytest.approx(0.64 * 300_000)  # 3 targets
+    assert autoattack_work(100, 2) < autoattack_work(100, 3) < autoattack_work(100, 4)
+    cpu = DEVICE_RATES["cpu"]
+    small, large = (
+        cpu.evaluation_seconds("small_cnn", 1000, f) / (1000 * f / cpu.evaluation_flops_per_second("small_cnn")) for f in (1.25e6, 5.6e6)
+    )
+    assert small > large > 1  # a 1.25 MFLOP network pays relatively more of the per-pass overhead than a 5.6 MFLOP one
+    ten, four = (preflight(build_spec("small-data", {"dataset": "digits"}), DataShape(3, 32, 32, c, 600, 200)) for c in (10, 4))
+    assert four.evaluation_hours["cpu"] < ten.evaluation_hours["cpu"]

@@ -125,7 +125,7 @@ def run_job(
     callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
     work = {(key, first_pass_label(ev.pgd_steps)): first_pass_work(len(test), ev.pgd_steps) for key in models}
     if ev.autoattack:
-        work |= {(key, "AutoAttack"): autoattack_work(aa_images) for key in models}
+        work |= {(key, "AutoAttack"): autoattack_work(aa_images, len(splits.classes)) for key in models}
     tracker = EvaluationTracker(callbacks, work)
     subset = subset_warning(len(splits.test), len(test), aa_images if ev.autoattack else None, spec.seed)
     warnings: list[dict[str, str]] = [subset] if subset else []

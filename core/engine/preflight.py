@@ -9,16 +9,20 @@ Rates are measured throughputs, turned into arithmetic per second:
 - h100: the authors' step (ResNet-18 student and peer, CIFAR-100, batch 128, eager, TF32) ran at
   1,157 images/s on one H100 (../shared/PEERAID_SPEC.md); the fast paths here aim higher, so GPU
   estimates are upper bounds.
-- cpu: whole jobs on this project's 2-core machine (`python -m bench.preflight`, 2026-11-26, torch's
-  two threads): training reached 26 GFLOP/s with small_cnn at 1×16×16 (digits-demo and small-data
-  alike) and 124 GFLOP/s with ResNet-18 at 3×32×32; small_cnn's final evaluation 7 GFLOP/s (AutoAttack's
-  small batches of a small network use the cores less well). Architectures not measured get half of
-  ResNet-18's rate.
-The final evaluation is counted as if every point survived every attack: an upper bound, reached by a
-robust model (a model with little robustness is broken early and finishes sooner; ResNet-18 after one
-epoch took 5% of its estimate). Small networks use the arithmetic units far less well than large
-ones, hence rates per architecture where measured (one small_cnn rate fits both its cases' training
-within 2%); dataset loading and the last, smaller batch of each epoch are not counted."""
+- cpu: whole jobs on this project's 2-core machine with one torch thread, as the embedded service's
+  worker runs (`python -m bench.preflight --threads 1`, 2026-12-02, an ordinary day): training reached
+  60 GFLOP/s with small_cnn (at 1×16×16 and at 3×32×32 alike) and 230 with ResNet-18 at 3×32×32;
+  architectures not measured get half of ResNet-18's. The final evaluation of small_cnn reached 22 GFLOP/s
+  at 1×16×16 and 42 at 3×32×32: AutoAttack's many small batches cost about 2 MFLOP-equivalents of
+  overhead per image and pass, whatever the network (`evaluation_overhead_flops`), which only small
+  networks notice. (On 2026-11-26, with two threads on a loaded machine, the same jobs ran 3.5× slower:
+  one thread is also the steadier choice on a shared host.)
+AutoAttack's work is counted as for a model of the robustness of bench.preflight's digits job, and
+scales with the number of target classes (`evaluation.autoattack_work`): a robust model takes longer,
+one with little robustness is broken early and finishes sooner (ResNet-18 after one epoch took a tenth
+of its estimate). Small networks use the arithmetic units far less well than large ones, hence rates
+per architecture where measured; dataset loading and the last, smaller batch of each epoch are not
+counted. `python -m bench.preflight` prints each case's measured and estimated times side by side."""
 
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class DeviceRate:
     default: float
     by_architecture: dict[str, float] = field(default_factory=dict)
     evaluation_by_architecture: dict[str, float] = field(default_factory=dict)
+    evaluation_overhead_flops: float = 0.0  # per image and forward pass of the final evaluation, in FLOP-equivalents
     source: str = ""
 
     def flops_per_second(self, architecture: str) -> float:
@@ -71,11 +76,18 @@ class DeviceRate:
     def evaluation_flops_per_second(self, architecture: str) -> float:
         return self.evaluation_by_architecture.get(architecture, self.flops_per_second(architecture))
 
+    def evaluation_seconds(self, architecture: str, passes: float, flops_per_pass: float) -> float:
+        return passes * (flops_per_pass + self.evaluation_overhead_flops) / self.evaluation_flops_per_second(architecture)
+
 
 DEVICE_RATES: dict[str, DeviceRate] = {
     "h100": DeviceRate(55.3e12, source="authors' eager TF32 step, ResNet-18, 1,157 images/s on one H100"),
     "cpu": DeviceRate(
-        62e9, {"small_cnn": 26e9, "resnet18": 124e9}, {"small_cnn": 7e9}, source="whole jobs on a 2-core CPU (bench.preflight)"
+        115e9,
+        {"small_cnn": 60e9, "resnet18": 230e9},
+        {"small_cnn": 57e9},
+        evaluation_overhead_flops=2.0e6,
+        source="whole jobs on a 2-core CPU, one torch thread (bench.preflight --threads 1)",
     ),
 }
 
@@ -184,14 +196,16 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     ev = spec.evaluation
     n_eval = min(ev.n_examples or shape.num_test, shape.num_test)
     n_autoattack = min(ev.autoattack_n_examples or n_eval, n_eval) if ev.autoattack else 0
-    passes = int(first_pass_work(n_eval, ev.pgd_steps) + autoattack_work(n_autoattack))
+    passes = int(first_pass_work(n_eval, ev.pgd_steps) + autoattack_work(n_autoattack, shape.num_classes))
     models = 2 if spec.swa else 1
     evaluation = passes * student_flops * models
 
     parameters = [sum(p.numel() for p in m.parameters()) for m in (student, peer) if m is not None]
     kept = spec.batch_size * (student_activations * (spec.student_adv_forwards + 1) + peer_activations)
     memory = (3 * sum(parameters) + kept) * BYTES_PER_VALUE + shape.num_train * shape.in_channels * shape.height * shape.width
-    evaluation_hours = {device: evaluation / rate.evaluation_flops_per_second(spec.student) / 3600 for device, rate in DEVICE_RATES.items()}
+    evaluation_hours = {
+        device: rate.evaluation_seconds(spec.student, passes * models, student_flops) / 3600 for device, rate in DEVICE_RATES.items()
+    }
     hours = {d: training / rate.flops_per_second(spec.student) / 3600 + evaluation_hours[d] for d, rate in DEVICE_RATES.items()}
     warnings = []
     if train < 20 * shape.num_classes:

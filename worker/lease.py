@@ -155,6 +155,6 @@ def claim(settings: Settings, job_id: str) -> tuple[Database, jobs.Lease, Job] |
     me = worker_name()
     job = db.run(lambda session: jobs.claim(session, job_id, me, is_stale=lambda j, now: is_stale(j, settings, now)), retry=True)
     if job is None:
-        log.info("job %s not claimable here (already owned, finished or cancelled); message dropped", job_id)
+        log.info("job %s not claimable by %s (already owned, finished or cancelled); message dropped", job_id, me)
         return None
     return db, jobs.Lease(job_id, me, job.attempts), job

@@ -25,7 +25,7 @@ from bench import user_data
 from core.engine.callbacks import Stage, TrainingCallbacks
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint, split_validation
 from core.engine.job import run_job
-from core.engine.preflight import DEVICE_RATES, DataShape, preflight
+from core.engine.preflight import DEVICE_RATES, DataShape, device_class, preflight
 from core.engine.sources import load_digits, load_splits
 from core.engine.spec import JobSpec, build_spec
 
@@ -91,7 +91,8 @@ def measure(name: str, case: Case, device: str) -> dict:
     end = time.monotonic()
     training = clock.at[Stage.EXPORTING] - clock.started
     evaluation = end - clock.at[Stage.EVALUATING]
-    rate = DEVICE_RATES["cpu" if device == "cpu" else "h100"]
+    device_kind = device_class(device)
+    rate = DEVICE_RATES[device_kind]
     return {
         "case": name,
         "student": spec.student,
@@ -101,10 +102,10 @@ def measure(name: str, case: Case, device: str) -> dict:
         "training_estimate_s": estimate.training_flops / rate.flops_per_second(spec.student),
         "training_rate": estimate.training_flops / training,
         "evaluation_s": evaluation,
-        "evaluation_estimate_s": estimate.evaluation_hours["cpu" if device == "cpu" else "h100"] * 3600,
+        "evaluation_estimate_s": estimate.evaluation_hours[device_kind] * 3600,
         "evaluation_rate": estimate.evaluation_flops / evaluation,
         "total_s": end - clock.started,
-        "estimate_s": estimate.hours["cpu" if device == "cpu" else "h100"] * 3600,
+        "estimate_s": estimate.hours[device_kind] * 3600,
     }
 
 

@@ -60,13 +60,13 @@ def migrate_to(url: str, revision: str, down: bool = False) -> None:
     (command.downgrade if down else command.upgrade)(config(url), revision)
 
 
-def unique_names_revision() -> tuple[str, str]:
-    """(the revision that makes dataset names unique, the one before it), found by what it says it does."""
+def revision_doing(prefix: str) -> tuple[str, str]:
+    """(the revision whose description starts with `prefix`, the one before it): migrations found by what they do."""
     for script in ScriptDirectory.from_config(config("sqlite://")).walk_revisions():
-        if (script.doc or "").startswith("Dataset names unique per tenant"):
+        if (script.doc or "").startswith(prefix):
             assert isinstance(script.down_revision, str)
             return script.revision, script.down_revision
-    raise AssertionError("no migration makes dataset names unique per tenant")
+    raise AssertionError(f"no migration says {prefix!r}")
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def dataset(id_: str, tenant_id: str, name: str, minute: int) -> dict:
 
 @pytest.mark.parametrize("backend", [sqlite, pytest.param(postgres, marks=pytest.mark.xdist_group(POSTGRES_GROUP))])
 def test_dataset_names_made_unique_by_renaming_the_later_duplicates(backend, tmp_path):
-    unique_names, before = unique_names_revision()
+    unique_names, before = revision_doing("Dataset names unique per tenant")
     with backend(tmp_path) as url:
         migrate_to(url, before)
         engine = create_engine(url)
@@ -143,5 +143,42 @@ def test_dataset_names_made_unique_by_renaming_the_later_duplicates(backend, tmp
             with engine.begin() as db:
                 db.execute(insert(DATASETS), [dataset("ds_5", "tn_a", "pets", 8)])
                 assert db.scalar(select(DATASETS.c.name).where(DATASETS.c.id == "ds_3")) == "pets (3)"
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize("backend", [sqlite, pytest.param(postgres, marks=pytest.mark.xdist_group(POSTGRES_GROUP))])
+def test_queued_jobs_an_earlier_version_left_are_made_claimable_or_cancelled(backend, tmp_path):
+    """An earlier version re-queued jobs naming their last worker, and could leave a queued job with a cancel asked,
+    which no claim took and the reconciler resent forever."""
+    sends, before = revision_doing("Jobs count the messages sent")
+    jobs = sa.table("jobs", *(sa.column(n) for n in ("id", "status", "worker", "heartbeat_at", "cancel_requested", "finished_at", "sends")))
+    with backend(tmp_path) as url:
+        migrate_to(url, before)
+        engine = create_engine(url)
+        try:
+            with engine.begin() as db:
+                db.execute(insert(TENANTS), [{"id": "tn_a", "name": "tn_a", "created_at": NOW}])
+                rows = [
+                    ("job_requeued", "queued", "host:1", False),
+                    ("job_stuck", "queued", None, True),
+                    ("job_running", "running", "host:2", True),
+                ]
+                for id_, status, _worker, cancel in rows:
+                    job = dict(zip(JOB_COLUMNS, (id_, "tn_a", None, "digits", "{}", status, "x", "{}", 1, 3), strict=True))
+                    db.execute(insert(JOBS), [{**job, "cancel_requested": cancel, "created_at": NOW, "updated_at": NOW}])
+                for id_, _, worker, _ in rows:
+                    db.execute(sa.text("UPDATE jobs SET worker = :w, heartbeat_at = :t WHERE id = :id"), {"w": worker, "t": NOW, "id": id_})
+            migrate_to(url, sends)
+            with engine.begin() as db:
+                after = {r.id: r for r in db.execute(select(jobs))}
+            assert (after["job_requeued"].status, after["job_requeued"].worker, after["job_requeued"].heartbeat_at) == (
+                "queued",
+                None,
+                None,
+            )
+            assert after["job_stuck"].status == "cancelled" and after["job_stuck"].finished_at is not None
+            assert (after["job_running"].status, after["job_running"].worker) == ("running", "host:2")  # its worker still owns it
+            assert {r.sends for r in after.values()} == {0}
         finally:
             engine.dispose()

@@ -67,7 +67,7 @@ def test_a_silent_worker_gives_its_job_back_until_attempts_run_out(settings):
     exhausted = add_job(settings, status="running", attempts=3, worker="elsewhere:2", heartbeat_at=ago(120))
     alive = add_job(settings, status="running", attempts=1, worker="elsewhere:3", heartbeat_at=ago(1))
     counts = reconcile(settings, JobQueue.for_settings(settings))
-    assert counts == {"requeued_lost_workers": 1, "failed_lost_workers": 1, "cancelled_queued": 0, "resent_messages": 1}
+    assert counts == {"requeued_lost_workers": 1, "failed_lost_workers": 1, "resent_messages": 1}
     requeued = job(settings, retry)
     assert requeued.status == "queued" and requeued.enqueued_at is not None
     assert requeued.worker is None and requeued.heartbeat_at is None  # a queued job has no owner
@@ -140,3 +140,27 @@ def test_a_dropped_duplicate_message_costs_one_transaction_not_an_engine_start(s
     outcomes, torch_loaded, seconds = out.stdout.rsplit(" ", 2)
     assert outcomes == "['skipped', 'skipped']" and torch_loaded == "False", out.stdout
     print(f"\ntwo dropped messages: {float(seconds) * 1000:.0f} ms in all, torch not loaded")
+
+
+def test_a_process_that_ran_a_job_is_recycled_and_one_that_dropped_messages_is_not():
+    """worker_max_memory_per_child must separate the two: above it once the engine is loaded (a job's process is
+    replaced after the job), below it with only the worker's own modules (a dropped message leaves it)."""
+    from worker.celery_app import RECYCLE_ABOVE_KIB
+
+    # as a pool process is made: forked from the worker's main process (peak memory is inherited through exec,
+    # not through fork, which starts from the parent's resident memory)
+    script = (
+        "import os, resource\n"
+        "import worker.tasks, worker.signals\n"
+        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "if os.fork() == 0:\n"
+        "    before = peak()\n"
+        "    import worker.runner\n"
+        "    print(before, peak(), flush=True)\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    without_engine, with_engine = (int(kib) for kib in out.stdout.split())
+    assert without_engine < RECYCLE_ABOVE_KIB / 2 and with_engine > RECYCLE_ABOVE_KIB * 1.5, (without_engine, with_engine)

@@ -38,14 +38,15 @@ class DatabaseCallbacks(TrainingCallbacks):
         epoch_seconds = self._epoch_seconds(p)
         # the evaluation's time, scaled from the training's as measured by the estimate's ratio of the two
         share = self.evaluation_share
-        self.expected_evaluation_seconds = p.epochs * epoch_seconds * share / (1 - share)
+        # unknown (no estimate's share) is not "no time": leave the evaluation's ETA to its own pace
+        self.expected_evaluation_seconds = p.epochs * epoch_seconds * share / (1 - share) if share > 0 else None
         progress = {
             "epoch": p.epoch,
             "epochs": p.epochs,
             "step": p.step,
             "steps_per_epoch": p.steps_per_epoch,
             "images_per_sec": round(p.images_per_sec, 1),
-            "eta_seconds": round((p.epochs - done) * epoch_seconds + self.expected_evaluation_seconds, 1),
+            "eta_seconds": round((p.epochs - done) * epoch_seconds + (self.expected_evaluation_seconds or 0.0), 1),
             "fraction": round(done / p.epochs * (1 - share), 4),
             "losses": p.losses,
         }
@@ -73,13 +74,13 @@ class DatabaseCallbacks(TrainingCallbacks):
 
     def on_resume(self, history: list[EpochRecord]) -> None:
         self.history = list(history)
-        self.lease.write(jobs.record_epochs, self.lease.attempt, [r.to_dict() for r in history], replace=False)
+        self.lease.write(jobs.record_epochs, [r.to_dict() for r in history], replace=False)
         log.info("job %s resumes after epoch %d", self.lease.job_id, len(history))
 
     def on_epoch(self, record: EpochRecord) -> None:
         self.history.append(record)
         latest = {"epoch": record.epoch, "lr": record.lr, "student": record.student, "swa_student": record.swa_student}
-        self.lease.write(jobs.record_epochs, self.lease.attempt, [record.to_dict()], latest=latest, best=record.best)
+        self.lease.write(jobs.record_epochs, [record.to_dict()], latest=latest, best=record.best)
 
     def on_stage(self, stage: Stage, detail: str = "") -> None:
         status = JobStatus.EVALUATING if stage == Stage.EVALUATING else JobStatus.RUNNING

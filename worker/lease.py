@@ -158,3 +158,10 @@ def claim(settings: Settings, job_id: str) -> tuple[Database, jobs.Lease, Job] |
         log.info("job %s not claimable by %s (already owned, finished or cancelled); message dropped", job_id, me)
         return None
     return db, jobs.Lease(job_id, me, job.attempts), job
+
+
+def give_back(claimed: tuple[Database, jobs.Lease, Job], reason: str) -> None:
+    """A job this worker claimed but cannot run, released as its worker's loss would release it (queued again,
+    or failed once its attempts are spent, or cancelled if asked), without waiting for its heartbeat to age."""
+    db, _lease, job = claimed
+    db.run(lambda session: jobs.release(session, job, reason), retry=True)

@@ -6,8 +6,7 @@ this pass every reconcile_interval seconds (and once at start):
 - a queued job whose message may be lost (never sent, a broker restart, a worker killed before
   it acknowledged) is sent again, with a doubling interval while it stays unclaimed (a job waiting
   behind busy workers is not sent without bound). Duplicate messages are harmless: only one claim
-  succeeds, and a worker drops a copy in one short transaction;
-- a queued job with a cancel asked is cancelled (no transition leaves one, but rows of earlier versions may).
+  succeeds, and a worker drops a copy in one short transaction.
 
 Times are judged by the database's clock, so hosts whose clocks differ agree on what is stale."""
 
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def reconcile(settings: Settings, queue: JobQueue) -> dict[str, int]:
     db = database(settings.resolved_database_url)
-    counts = {"requeued_lost_workers": 0, "failed_lost_workers": 0, "cancelled_queued": 0, "resent_messages": 0}
+    counts = {"requeued_lost_workers": 0, "failed_lost_workers": 0, "resent_messages": 0}
 
     def recover(session: Session) -> list[str]:
         now = jobs.clock(session)
@@ -43,7 +42,6 @@ def reconcile(settings: Settings, queue: JobQueue) -> dict[str, int]:
                     counts["requeued_lost_workers"] += 1
                 elif outcome == JobStatus.FAILED:
                     counts["failed_lost_workers"] += 1
-        counts["cancelled_queued"] += jobs.cancel_queued(session)
         return jobs.due_for_delivery(session, now, dt.timedelta(seconds=settings.requeue_after))
 
     for job_id in db.run(recover):

@@ -4,13 +4,14 @@ however many copies of its message arrive, one worker at a time owns the job."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from core.db import jobs
-from core.db.models import Dataset, Job, JobStatus, utcnow
+from core.db.models import Dataset, Job, JobStatus
 from core.db.session import Database
 from core.engine.datasets import DatasetSplits
 from core.engine.errors import (
@@ -61,9 +62,9 @@ def failure_message(err: BaseException) -> str:
     return f"internal error: {type(err).__name__}: {err}"
 
 
-def limits_for(settings: Settings, job: Job) -> JobLimits:
-    """The job's deadline counts from its first start, across attempts."""
-    elapsed = (utcnow() - job.started_at).total_seconds() if job.started_at else 0.0
+def limits_for(settings: Settings, job: Job, now: dt.datetime) -> JobLimits:
+    """The job's deadline counts from its first start, across attempts (`now` and the start both by the database's clock)."""
+    elapsed = (now - job.started_at).total_seconds() if job.started_at else 0.0
     return JobLimits(
         deadline=time.monotonic() + settings.max_job_seconds - elapsed,
         max_memory_bytes=settings.worker_max_memory_bytes or int(0.8 * host_memory_bytes()),
@@ -87,7 +88,8 @@ def run(settings: Settings, job_id: str) -> str:
 def run_claimed(settings: Settings, db: Database, lease: jobs.Lease, job: Job) -> str:
     """Run a job this worker claimed (`lease`), under its lease's heartbeat."""
     log.info("job %s claimed by %s (attempt %d)", job.id, lease.worker, lease.attempt)
-    with JobLease(db, lease, settings.heartbeat_interval, limits_for(settings, job)) as held:
+    limits = limits_for(settings, job, db.run(jobs.clock, retry=True))
+    with JobLease(db, lease, settings.heartbeat_interval, limits) as held:
         return _train(settings, db, job, held)
 
 

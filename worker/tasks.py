@@ -9,7 +9,7 @@ from core.logs import job_context
 from core.settings import Settings, get_settings
 
 from .celery_app import RUN_JOB_TASK, app
-from .lease import claim, host_memory_bytes
+from .lease import claim, give_back, host_memory_bytes
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -19,13 +19,17 @@ def run_job(job_id: str) -> str:
         claimed = claim(settings, job_id)  # before the engine loads: a duplicate message costs one short transaction
         if claimed is None:
             return "skipped"
-        from .runner import run_claimed  # the engine (torch) loads in the pool's child process, not in the worker's main process
+        try:
+            from .runner import run_claimed  # the engine (torch) loads in the pool's child process, not in the worker's main process
 
-        limit_memory(settings)
-        if settings.worker_threads:
-            import torch
+            limit_memory(settings)
+            if settings.worker_threads:
+                import torch
 
-            torch.set_num_threads(settings.worker_threads)
+                torch.set_num_threads(settings.worker_threads)
+        except BaseException as err:  # the job is claimed but no lease holds it yet: give it back at once, with why
+            give_back(claimed, f"its worker could not start it ({type(err).__name__}: {err})")
+            raise
         return run_claimed(settings, *claimed)
 
 

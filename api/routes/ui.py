@@ -25,6 +25,7 @@ from core.db import tenants
 from core.db.models import ACTIVE_STATUSES, Job
 from core.db.tenants import TenantContext
 from core.engine.evaluation import metric_label
+from core.engine.model_card import MODEL_LABELS, per_class_table
 from core.settings import Settings
 
 from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
@@ -199,27 +200,14 @@ async def jobs_page(
     )
 
 
-MODEL_LABELS = {"student": "Student", "swa_student": "SWA student"}
-
-
 def _per_class_tables(job: Job) -> list[tuple[str, list[str], list[tuple[str, str, list[Any]]]]]:
-    """Per model: (label, metric keys, rows of (class, its test images, accuracy per metric)); AutoAttack's
-    images per class in brackets where it ran on fewer."""
-    counts = ((job.evaluation or {}).get("sample") or {}).get("per_class") or {}
-    evaluated, autoattack = counts.get("evaluated") or {}, counts.get("autoattack") or {}
+    """Per model of the report: (label, metric keys, rows of (class, its test images, accuracy per metric))."""
     tables = []
-    for key, label in MODEL_LABELS.items():
-        by_metric = ((job.result or {}).get(key) or {}).get("test_per_class") or {}
-        if not by_metric:
-            continue
-        classes = list(dict.fromkeys(c for figures in by_metric.values() for c in figures))
-        rows = []
-        for name in classes:
-            images = str(evaluated.get(name, "–"))
-            if "autoattack_acc" in by_metric and autoattack != evaluated:
-                images += f" ({autoattack.get(name, 0)} AutoAttack)"
-            rows.append((name, images, [by_metric[m].get(name) for m in by_metric]))
-        tables.append((label, list(by_metric), rows))
+    for key, metrics in (job.result or {}).items():
+        columns, rows = per_class_table(metrics, job.evaluation or {})
+        if rows:
+            shown = [(name, f"{n}" if aa is None else f"{n} ({aa} AutoAttack)", values) for name, n, aa, values in rows]
+            tables.append((MODEL_LABELS.get(key, key), columns, shown))
     return tables
 
 
@@ -237,12 +225,12 @@ async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: D
             "spec": json.dumps(job.spec, indent=2),
             "metric_keys": list(dict.fromkeys(k for m in result.values() for k in m.get("test") or {})),
             "same_images": [
-                (label, result[key]["test_on_autoattack_images"])
-                for key, label in MODEL_LABELS.items()
-                if (result.get(key) or {}).get("test_on_autoattack_images")
+                (MODEL_LABELS.get(key, key), m["test_on_autoattack_images"])
+                for key, m in result.items()
+                if m.get("test_on_autoattack_images")
             ],
             "per_class": _per_class_tables(job),
-            "model_labels": MODEL_LABELS,
+            "model_labels": {key: MODEL_LABELS.get(key, key) for key in result},
             "refresh": job.status in ACTIVE_STATUSES,
             "version": int(job.updated_at.timestamp()),
         },

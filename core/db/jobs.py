@@ -11,8 +11,8 @@ nothing. Times that are compared with each other (heartbeats, messages sent) com
 clock (`database_now`), never from the clocks of the hosts that write them.
 
 The states, and who moves a job between them:
-- queued (no owner) → running: a worker's `claim`; → cancelled: the user's `request_cancel`, or a claim
-  or the reconciler finding a cancel already asked. A queued job is always claimable or about to end.
+- queued (no owner) → running: a worker's `claim`; → cancelled: the user's `request_cancel` (or a claim
+  finding a cancel already asked, which no transition leaves). A queued job is always claimable or ended.
 - running ⇄ evaluating (owned): the worker; → succeeded / failed / cancelled: the worker (`succeed`,
   `finish`); → queued (owner cleared), failed or cancelled: `release`, once its worker stopped responding.
 - A queued job's message is sent again (`due_for_delivery`) only with a growing interval while nothing
@@ -296,7 +296,6 @@ def report_progress(session: Session, lease: Lease, progress: dict[str, Any], ph
 def record_epochs(
     session: Session,
     lease: Lease,
-    attempt: int,
     records: list[dict[str, Any]],
     *,
     latest: dict[str, Any] | None = None,
@@ -320,7 +319,7 @@ def record_epochs(
     else:
         present = set(session.scalars(select(EpochMetric.epoch).where(*existing)))
     session.add_all(
-        EpochMetric(job_id=lease.job_id, epoch=r["epoch"], attempt=attempt, record=r) for r in records if r["epoch"] not in present
+        EpochMetric(job_id=lease.job_id, epoch=r["epoch"], attempt=lease.attempt, record=r) for r in records if r["epoch"] not in present
     )
     return True
 
@@ -403,16 +402,6 @@ def release(session: Session, job: Job, reason: str) -> JobStatus | None:
     if not _compare_and_set(session, job, worker=None, heartbeat_at=None, **values):
         return None
     return JobStatus(values["status"])
-
-
-def cancel_queued(session: Session) -> int:
-    """Queued jobs with a cancel asked, cancelled (none arise from the transitions here; older rows may hold one)."""
-    result = session.execute(
-        update(Job)
-        .where(Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(True))
-        .values(status=JobStatus.CANCELLED, phase="cancelled before it started", finished_at=database_now())
-    )
-    return result.rowcount  # type: ignore[attr-defined]
 
 
 def resend_interval(sends: int, requeue_after: dt.timedelta) -> dt.timedelta:

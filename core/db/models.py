@@ -87,7 +87,7 @@ class UISession(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
-    # a tenant refers to its datasets by name, so one name names one dataset (migration 0004)
+    # a tenant refers to its datasets by name, so one name names one dataset (migration 0005)
     __table_args__ = (Index("uq_datasets_tenant_name", "tenant_id", "name", unique=True),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
@@ -157,7 +157,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    worker: Mapped[str | None] = mapped_column(String(256))  # the owner while running or evaluating; None otherwise
+    worker: Mapped[str | None] = mapped_column(String(256))  # the owner while running or evaluating; none while queued; the last once ended
     sends: Mapped[int] = mapped_column(default=0, server_default="0")  # messages sent since the job last changed state
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     result = run_job(spec, splits, Path(args.workdir), device=args.device, callbacks=ProgressBar(), progress_interval=0.5)
     print(format_report(result))
-    print(f"weights and model card in {Path(args.workdir) / 'artifacts'}")
+    print(f"weights and model card (accuracy per class: model_card.md) in {Path(args.workdir) / 'artifacts'}")
     return 0
 
 

@@ -67,6 +67,10 @@ class DatasetSplits:
         """The fingerprint of the three splits, which checkpoints of earlier versions recorded."""
         return fingerprint(self.train, self.val, self.test)
 
+    def matches(self, recorded: str) -> bool:
+        """Whether a checkpoint's recorded fingerprint is of this data (this version's, or an earlier one's)."""
+        return recorded == self.fingerprint or recorded == self.split_fingerprint
+
     @property
     def protocol(self) -> str:
         """How the reported models were chosen, in words for the model card."""

@@ -78,7 +78,7 @@ def predictions(
     device = torch.device(device)
     batches = math.ceil(len(dataset) / batch_size)
     predicted: dict[str, list[torch.Tensor]] = {name: [] for name in attacks}
-    correct = dict.fromkeys(attacks, 0)
+    correct = {name: torch.zeros((), dtype=torch.int64, device=device) for name in attacks}
     seen = 0
     with eval_mode(model):
         for batch, (x, y) in enumerate(_batches(dataset, batch_size, device, _memory_format(model)), 1):
@@ -86,12 +86,12 @@ def predictions(
                 adversarial = x if attack is None else attack(model, x, y)
                 with torch.no_grad():
                     guess = model(adversarial).argmax(1)
-                predicted[name].append(guess.cpu())
-                correct[name] += int((guess == y).sum())
+                predicted[name].append(guess)  # kept on the device: no host sync per batch (the per-epoch validation)
+                correct[name] += (guess == y).sum()
             seen += len(y)
             if on_batch is not None:
-                on_batch(batch, batches, {name: c / seen for name, c in correct.items()})
-    return {name: torch.cat(p) if p else torch.zeros(0, dtype=torch.int64) for name, p in predicted.items()}
+                on_batch(batch, batches, {name: c.item() / seen for name, c in correct.items()})
+    return {name: torch.cat(p).cpu() if p else torch.zeros(0, dtype=torch.int64) for name, p in predicted.items()}
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -285,6 +285,17 @@ def autoattack_work(images: int, num_classes: int) -> float:
     return images * AUTOATTACK_FORWARDS_PER_IMAGE * (AUTOATTACK_FIXED_SHARE + AUTOATTACK_TARGET_SHARE * targets)
 
 
+def planned_work(
+    models: list[str], images: int, pgd_steps: int, autoattack_images: int | None, num_classes: int
+) -> dict[tuple[str, str], float]:
+    """The final evaluation's stages, (model, attack), with their planned work: the first pass on `images`,
+    then AutoAttack on `autoattack_images` (None: not run), for each model."""
+    work = {(model, first_pass_label(pgd_steps)): first_pass_work(images, pgd_steps) for model in models}
+    if autoattack_images is not None:
+        work |= {(model, "AutoAttack"): autoattack_work(autoattack_images, num_classes) for model in models}
+    return work
+
+
 @dataclass(frozen=True)
 class EvaluationSample:
     """The test images a final report evaluates: `index` into the test split (every attack runs on these) and
@@ -322,7 +333,8 @@ class EvaluationSample:
 
 
 def evaluation_sample(test: ImageDataset, n_examples: int | None, autoattack_n_examples: int | None, seed: int) -> EvaluationSample:
-    """The images `evaluation.n_examples` and `evaluation.autoattack_n_examples` (None: all) ask for."""
+    """The images `evaluation.n_examples` and `evaluation.autoattack_n_examples` (None: all; pass None where
+    AutoAttack does not run) ask for."""
     index = stratified_sample(test, n_examples or len(test), seed)
     autoattack_index = stratified_sample(test.subset(index), autoattack_n_examples or len(index), seed)
     return EvaluationSample(index, autoattack_index, seed)
@@ -370,9 +382,7 @@ def final_report(
     aa_test = test if autoattack_index is None else test.subset(autoattack_index)
     first_pass = first_pass_label(pgd_steps)
     if tracker is None:
-        planned = {(name, first_pass): first_pass_work(len(test), pgd_steps)}
-        if run_autoattack:
-            planned[(name, "AutoAttack")] = autoattack_work(len(aa_test), len(aa_test.classes))
+        planned = planned_work([name], len(test), pgd_steps, len(aa_test) if run_autoattack else None, len(test.classes))
         tracker = EvaluationTracker(callbacks or TrainingCallbacks(), planned)
     report = ModelReport()
     pgd_name = pgd_key(pgd_steps)

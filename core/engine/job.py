@@ -23,11 +23,9 @@ from .errors import CheckpointError
 from .evaluation import (
     AUTOATTACK_KEY,
     EvaluationTracker,
-    autoattack_work,
     evaluation_sample,
     final_report,
-    first_pass_label,
-    first_pass_work,
+    planned_work,
     report_keys,
     subset_warning,
 )
@@ -110,7 +108,7 @@ def run_job(
     exports = _export_portable(models, out_dir, splits.input_shape, artifacts)
 
     ev = spec.evaluation
-    sample = evaluation_sample(splits.test, ev.n_examples, ev.autoattack_n_examples, spec.seed)
+    sample = evaluation_sample(splits.test, ev.n_examples, ev.autoattack_n_examples if ev.autoattack else None, spec.seed)
     test = splits.test.subset(sample.index)
     aa_images = sample.autoattack_images
     planned = {key: aa_images if key == AUTOATTACK_KEY else len(test) for key in report_keys(ev.pgd_steps, ev.autoattack)}
@@ -123,9 +121,7 @@ def run_job(
     card = _write_cards(out_dir, spec, splits, artifacts, exports, metrics=metrics, evaluation=evaluation, **card_args)
 
     callbacks.on_stage(Stage.EVALUATING, "evaluating on the test set")
-    work = {(key, first_pass_label(ev.pgd_steps)): first_pass_work(len(test), ev.pgd_steps) for key in models}
-    if ev.autoattack:
-        work |= {(key, "AutoAttack"): autoattack_work(aa_images, len(splits.classes)) for key in models}
+    work = planned_work(list(models), len(test), ev.pgd_steps, aa_images if ev.autoattack else None, len(splits.classes))
     tracker = EvaluationTracker(callbacks, work)
     subset = subset_warning(len(splits.test), len(test), aa_images if ev.autoattack else None, spec.seed)
     warnings: list[dict[str, str]] = [subset] if subset else []
@@ -168,7 +164,7 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
     tensors, meta = load_tensors(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this version")
-    if meta["dataset_fingerprint"] not in (splits.fingerprint, splits.split_fingerprint):
+    if not splits.matches(meta["dataset_fingerprint"]):
         raise CheckpointError(f"{path} was written for a different dataset")
     spec = build_spec(None, meta["spec"])
     kwargs = dict(num_classes=len(splits.classes), in_channels=splits.input_shape[0])

@@ -290,32 +290,44 @@ def _md_metric_table(metrics: dict[str, Any], split: str, columns: list[str], va
 MAX_PER_CLASS_ROWS = 50
 
 
+PerClassRow = tuple[str, Any, Any, list[Any]]  # (class, its test images, AutoAttack's where it ran on fewer, else None, accuracies)
+
+
+def per_class_table(model_metrics: dict[str, Any], evaluation: dict[str, Any]) -> tuple[list[str], list[PerClassRow]]:
+    """One model's per-class figures as (metric keys, rows); no rows where the report has none. The card and
+    the web page both render it."""
+    by_metric = model_metrics.get("test_per_class") or {}
+    counts = (evaluation.get("sample") or {}).get("per_class") or {}
+    evaluated, autoattack = counts.get("evaluated") or {}, counts.get("autoattack") or {}
+    autoattack_fewer = "autoattack_acc" in by_metric and autoattack != evaluated
+    rows = [
+        (name, evaluated.get(name, "–"), autoattack.get(name, 0) if autoattack_fewer else None, [by_metric[k].get(name) for k in by_metric])
+        for name in dict.fromkeys(c for figures in by_metric.values() for c in figures)
+    ]
+    return list(by_metric), rows
+
+
 def _md_per_class(metrics: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:
     """Per model, a row per class: its test images and its accuracy under each attack (AutoAttack's on its own images)."""
-    counts = (evaluation.get("sample") or {}).get("per_class") or {}
     lines = ["### Per class"]
     for key, m in metrics.items():
-        by_metric = m.get("test_per_class") or {}
-        if not by_metric:
+        columns, rows = per_class_table(m, evaluation)
+        if not rows:
             continue
-        columns = list(by_metric)
-        classes = list(dict.fromkeys(c for figures in by_metric.values() for c in figures))
-        autoattack_fewer = "autoattack_acc" in columns and counts.get("autoattack") != counts.get("evaluated")
-        images = "Images (AutoAttack's)" if autoattack_fewer else "Images"
+        fewer = rows[0][2] is not None
+        images_column = "Images (AutoAttack's)" if fewer else "Images"
         lines += [
             "",
             f"{MODEL_LABELS.get(key, key)}:",
             "",
-            f"| Class | {images} | " + " | ".join(metric_label(c) for c in columns) + " |",
+            f"| Class | {images_column} | " + " | ".join(metric_label(c) for c in columns) + " |",
             "|---|---:|" + "---:|" * len(columns),
         ]
-        for name in classes[:MAX_PER_CLASS_ROWS]:
-            n = counts.get("evaluated", {}).get(name, "")
-            if autoattack_fewer:
-                n = f"{n} ({counts.get('autoattack', {}).get(name, 0)})"
-            lines.append(f"| {_text(name)} | {n} | " + " | ".join(_percent(by_metric[c].get(name)) for c in columns) + " |")
-        if len(classes) > MAX_PER_CLASS_ROWS:
-            lines += ["", f"… and {len(classes) - MAX_PER_CLASS_ROWS} more classes: every class is in model_card.json (`test_per_class`)."]
+        for name, n, n_autoattack, values in rows[:MAX_PER_CLASS_ROWS]:
+            images = f"{n} ({n_autoattack})" if fewer else f"{n}"
+            lines.append(f"| {_text(name)} | {images} | " + " | ".join(_percent(v) for v in values) + " |")
+        if len(rows) > MAX_PER_CLASS_ROWS:
+            lines += ["", f"… and {len(rows) - MAX_PER_CLASS_ROWS} more classes: every class is in model_card.json (`test_per_class`)."]
     return lines if len(lines) > 1 else []
 
 

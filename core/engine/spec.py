@@ -23,11 +23,20 @@ class _Strict(BaseModel):
 class EvaluationSpec(_Strict):
     """The final report on the test set, for the best student and the best SWA student."""
 
-    n_examples: int | None = Field(default=None, ge=1, le=1_000_000, description="test examples to attack (None: the whole test set)")
+    n_examples: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="test images to evaluate, a seeded class-stratified sample of the test split (None: the whole test split)",
+    )
     pgd_steps: int = Field(default=20, ge=1, le=1000)
     autoattack: bool = Field(default=True, description="run AutoAttack (L∞; the standard version from 10 classes, adapted below)")
     autoattack_n_examples: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="run AutoAttack on only the first this many of those examples (None: all)"
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="run AutoAttack on a seeded class-stratified sample of this many of those images, every other attack "
+        "being reported on them too (None: all)",
     )
     batch_size: int = Field(default=500, ge=1, le=8192)
 

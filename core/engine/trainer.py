@@ -320,7 +320,7 @@ class Trainer:
             meta = _upgrade_v1(meta)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
-        if meta["dataset_fingerprint"] not in (self.splits.fingerprint, self.splits.split_fingerprint):
+        if not self.splits.matches(meta["dataset_fingerprint"]):
             raise CheckpointError(f"{self.checkpoint_path} was written for a different dataset")
         if _stored_spec(meta["spec"]) != self.spec:
             raise CheckpointError(f"{self.checkpoint_path} was written for a different job spec")

@@ -25,6 +25,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('sends', sa.Integer(), server_default='0', nullable=False))
     # a re-queued job has no owner: rows an earlier version re-queued still name their last worker
     op.execute("UPDATE jobs SET worker = NULL, heartbeat_at = NULL WHERE status = 'queued'")
+    # and a queued job with a cancel asked is cancelled (an earlier version could leave one, resent forever)
+    op.execute(
+        "UPDATE jobs SET status = 'cancelled', phase = 'cancelled before it started', finished_at = CURRENT_TIMESTAMP "
+        "WHERE status = 'queued' AND cancel_requested"
+    )
 
 
 def downgrade() -> None:

@@ -84,6 +84,24 @@ def report_table(result: dict[str, Any]) -> str:
     return table(["model", "epoch", *(n.removesuffix("_acc") for n in names)], rows)
 
 
+MAX_PER_CLASS_ROWS = 20
+
+
+def per_class_table(job: dict[str, Any], model: str = "student") -> str:
+    """The model's accuracy per class under each attack (AutoAttack's on its own images), with each class's test
+    images; "" where the report has none."""
+    by_metric = ((job.get("result") or {}).get(model) or {}).get("test_per_class") or {}
+    if not by_metric:
+        return ""
+    counts = (((job.get("evaluation") or {}).get("sample") or {}).get("per_class") or {}).get("evaluated") or {}
+    classes = list(dict.fromkeys(c for figures in by_metric.values() for c in figures))
+    rows = [[name, counts.get(name), *(percent(by_metric[k].get(name)) for k in by_metric)] for name in classes[:MAX_PER_CLASS_ROWS]]
+    text = table(["class", "images", *(k.removesuffix("_acc") for k in by_metric)], rows)
+    if len(classes) > MAX_PER_CLASS_ROWS:
+        text += f"\n… and {len(classes) - MAX_PER_CLASS_ROWS} more classes (every class is in the model card)"
+    return text
+
+
 def job_summary(job: dict[str, Any]) -> str:
     spec, p = job.get("spec") or {}, job.get("progress") or {}
     model = f"{spec.get('method', '?')}: {spec.get('student', '?')} student"
@@ -125,8 +143,13 @@ def job_summary(job: dict[str, Any]) -> str:
     text = "\n".join(f"{k:<10}{v}" for k, v in lines)
     if job.get("result"):
         images = ", ".join(f"{n.removesuffix('_acc')} {count}" for n, count in (evaluation.get("images") or {}).items())
+        sample = evaluation.get("sample") or {}
+        if sample.get("seed") is not None:
+            images += f" ({sample['method']} of the {sample['test_images']} test images, seed {sample['seed']})"
         text += "\n\ntest-set report (best epoch by validation PGD accuracy" + (f"; images per attack: {images}" if images else "") + "):\n"
         text += report_table(job["result"])
+        if per_class := per_class_table(job):
+            text += "\n\nstudent, per class:\n" + per_class
     return text
 
 

@@ -1,6 +1,6 @@
 """What routes are given, declared once: settings, the database, storage, the job queue and watcher,
-the calling tenant (bearer key or the web UI's session cookie), and the job a path names — 404 unless
-the caller owns it.
+the calling tenant (bearer key or the web UI's session cookie, as the edge resolved it: `api.security.Caller`),
+and the job a path names — 404 unless the caller owns it.
 
 Every dependency is `async`: none takes a thread, and the ones that read the database do it in one
 short transaction on the event loop (`Database.arun`), holding a connection only while their queries
@@ -11,11 +11,10 @@ import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Cookie, Depends, HTTPException, Path, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from core.db import tenants
 from core.db.models import Dataset, Job
 from core.db.session import Database
 from core.db.tenants import TenantContext
@@ -23,8 +22,9 @@ from core.settings import Settings
 from core.storage import Storage
 from worker.queue import JobQueue
 
+from .cpu_work import CpuWork
 from .schemas import ID_PATTERN
-from .security import authenticate
+from .security import CALLER, Caller
 from .streams import JobWatcher, TenantSlots
 
 Owned = TypeVar("Owned", Job, Dataset)
@@ -84,25 +84,39 @@ async def get_upload_slots(request: Request) -> TenantSlots:
 UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]
 
 
-async def current_tenant(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
-    state = request.app.state
-    tenant = await authenticate(state.database, credentials.credentials, state.key_cache) if credentials else None
-    if tenant is None:
+async def get_cpu_work(request: Request) -> CpuWork:
+    return request.app.state.cpu_work
+
+
+CpuWorkDep = Annotated[CpuWork, Depends(get_cpu_work)]
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the edge (api.request_limits.Edge) found this request to come from: resolved once, before any route."""
+    return request.scope[CALLER]
+
+
+async def current_tenant(request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> TenantContext:
+    # `bearer` declares the scheme in OpenAPI; the key itself was checked at the edge
+    caller = caller_of(request)
+    if caller.tenant is None or caller.via != "key":
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return tenant
+    return caller.tenant
 
 
 TenantDep = Annotated[TenantContext, Depends(current_tenant)]
 
 
-async def is_operator(settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> bool:
+async def is_operator(
+    request: Request, settings: SettingsDep, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> bool:
     """The caller holds the operator's token (PEERAID_OPERATOR_TOKEN): cross-tenant counts and internal details."""
-    token = settings.operator_token
-    return bool(token) and credentials is not None and hmac.compare_digest(credentials.credentials.encode(), token.encode())
+    token, presented = settings.operator_token, caller_of(request).token
+    return bool(token) and presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
 OperatorDep = Annotated[bool, Depends(is_operator)]
@@ -110,10 +124,13 @@ OperatorDep = Annotated[bool, Depends(is_operator)]
 # The web UI (/ui) signs in once with an API key and keeps a session token (never the key) in an HttpOnly,
 # SameSite=Strict cookie, because a browser sends no Authorization header for page loads, <img> or downloads.
 UI_COOKIE = "peeraid_session"
+UI_FORM_MAX_BYTES = 4096  # the sign-in and sign-out forms' bodies (an API key at most), urlencoded
 
 
-async def ui_signed_in(db: DatabaseDep, token: Annotated[str | None, Cookie(alias=UI_COOKIE)] = None) -> TenantContext | None:
-    return await db.arun(lambda session: tenants.ui_session_tenant(session, token)) if token else None
+async def ui_signed_in(request: Request) -> TenantContext | None:
+    """The web session's tenant, checked at the edge on every page (a signed-out session or a revoked key ends it)."""
+    caller = caller_of(request)
+    return caller.tenant if caller.via == "session" else None
 
 
 async def ui_tenant(tenant: Annotated[TenantContext | None, Depends(ui_signed_in)]) -> TenantContext:

@@ -102,13 +102,18 @@ def register_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, conflict)
 
     async def database_unavailable(request: Request, err: Exception) -> JSONResponse:
-        # the operator's log says what failed; the client learns only that the database is away (no host names)
-        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, f"{type(err).__name__}: {err}".splitlines()[0])
-        return _body(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the database is unavailable; retry in a few seconds",
-            {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
-        )
+        return database_unavailable_response(request.method, request.url.path, err)
 
     for kind in DATABASE_UNAVAILABLE:
         app.add_exception_handler(kind, database_unavailable)
+
+
+def database_unavailable_response(method: str, path: str, err: BaseException) -> JSONResponse:
+    """503 with Retry-After for a request the database could not serve (routes and the edge alike): the operator's
+    log says what failed; the client learns only that the database is away (no host names)."""
+    log.warning("database unavailable for %s %s: %s", method, path, f"{type(err).__name__}: {err}".splitlines()[0])
+    return _body(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "the database is unavailable; retry in a few seconds",
+        {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+    )

@@ -28,19 +28,22 @@ log = logging.getLogger(__name__)
 
 
 class TenantSlots:
-    """At most `limit` concurrent streams (or uploads) per tenant in this process; 429 beyond it."""
+    """At most `limit` concurrent streams (or uploads, or CPU-heavy requests) per tenant in this process;
+    429 beyond it, with `retry_after` and what to do (`hint`)."""
 
-    def __init__(self, what: str, limit: int):
+    def __init__(self, what: str, limit: int, retry_after: int = 10, hint: str = "close one and retry"):
         self.what = what
         self.limit = limit
+        self.retry_after = retry_after
+        self.hint = hint
         self.held: Counter[str] = Counter()
 
     def acquire(self, tenant_id: str) -> None:
         if self.held[tenant_id] >= self.limit:
             raise HTTPException(
                 status.HTTP_429_TOO_MANY_REQUESTS,
-                f"too many {self.what} open at once (limit {self.limit} per tenant); close one and retry",
-                headers={"Retry-After": "10"},
+                f"too many {self.what} at once (limit {self.limit} per tenant); {self.hint}",
+                headers={"Retry-After": str(self.retry_after)},
             )
         self.held[tenant_id] += 1
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator
 
 from fastapi import HTTPException, status
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 
 UNSAFE_FILE_NAME_CHARACTERS = re.compile(r"[^\w.\- ]")
 
@@ -69,6 +69,12 @@ class IncomingFile:
         def on_part_end() -> None:
             state["in_file"] = False
 
+        if len(boundary) > MAX_BOUNDARY_LENGTH:  # the parser refuses it with an error of its own, as a 500 had it escaped
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"malformed multipart body: its boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY_LENGTH} "
+                "accepted (RFC 2046 allows 70)",
+            )
         parser = MultipartParser(
             boundary,
             {

@@ -43,10 +43,47 @@ class Settings(BaseSettings):
     max_job_memory_bytes: int = Field(64 * 1024**3, description="largest estimated memory of a job at its batch size (422 above it)")
     max_input_side: int = Field(256, description="largest image side a job may train on (422 above it; resize at upload)")
     max_evaluation_passes: int = Field(50_000_000, description="most forward passes the final report may make per model (422 above it)")
-    max_json_bytes: int = Field(256 * 1024, description="largest JSON or form request body (413 above it)")
+    max_json_bytes: int = Field(
+        256 * 1024,
+        description="largest request body of any content type, dataset uploads excepted: 413 above it, before the key is "
+        "checked (a declared Content-Length at once, unread; a chunked body cut there)",
+    )
     tenant_max_concurrent_jobs: int = Field(4, description="default per-tenant limit on queued + running jobs")
     key_max_in_flight: int = Field(
-        32, description="requests in flight per API key, per API process, open event streams included (429 above)"
+        32,
+        ge=1,
+        description="requests in flight per API key (however its Authorization header is spelled, its web sessions "
+        "included), per API process, open event streams included (429 above)",
+    )
+    session_max_in_flight: int = Field(
+        6,
+        ge=1,
+        description="requests in flight from one API key's web UI sessions together, per API process (429 above; "
+        "they count in the key's limit too): a browser opens at most six connections to a site",
+    )
+    address_max_in_flight: int = Field(
+        16,
+        ge=1,
+        description="requests in flight per client address without a valid API key or web session (unknown keys "
+        "being looked up included; /healthz excepted), per API process (429 above)",
+    )
+    tenant_max_cpu_work: int = Field(
+        2,
+        ge=1,
+        description="CPU-heavy requests (job pre-flights, submissions, training-curve images) one tenant may have "
+        "running at once, per API process (429 above); one whose client leaves is stopped",
+    )
+    refusal_delay_seconds: float = Field(
+        0.5,
+        ge=0,
+        description="every 429 answer (a per-key, per-address or per-tenant limit) is held back this long before it is "
+        "sent, so that a client retrying at once cannot spin on refusals; its Retry-After says when to come back",
+    )
+    cpu_workers: int = Field(
+        2,
+        ge=1,
+        description="worker processes that run CPU-heavy requests' arithmetic (pre-flights, curve images), per API process, "
+        "for all tenants together (more wait their turn); forked on first use, sharing torch's pages",
     )
     tenant_max_streams: int = Field(10, description="event streams one tenant may hold open at once, per API process (429 above)")
     tenant_max_uploads: int = Field(2, description="uploads one tenant may send at once, per API process (429 above)")

@@ -81,6 +81,9 @@ class Stack:
             "PEERAID_ALLOW_DOWNLOADS": "false",
             "PEERAID_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
             "PEERAID_MAX_ATTEMPTS": "6",  # the random-kill test restarts a job several times
+            # the race tests submit twenty jobs at once, which must meet in the database: the per-tenant limit on
+            # CPU-heavy requests (2, tested in process) would refuse eighteen of them before they race
+            "PEERAID_TENANT_MAX_CPU_WORK": "32",
             "OMP_NUM_THREADS": "1",  # the worker shares two cores with pytest and the API
             **env,
         }

@@ -6,7 +6,7 @@ import torch
 from peeraid_models import create_model
 
 from core.engine.errors import DatasetError
-from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, preflight, step_flops
+from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, network_cost, preflight, step_flops
 from core.engine.sources import load_digits
 from core.engine.spec import build_spec
 
@@ -59,3 +59,18 @@ def test_autoattacks_work_follows_its_target_classes_and_small_networks_pay_its_
     assert small > large > 1  # a 1.25 MFLOP network pays relatively more of the per-pass overhead than a 5.6 MFLOP one
     ten, four = (preflight(build_spec("small-data", {"dataset": "digits"}), DataShape(3, 32, 32, c, 600, 200)) for c in (10, 4))
     assert four.evaluation_hours["cpu"] < ten.evaluation_hours["cpu"]
+
+
+def test_a_networks_measures_are_counted_once_per_combination():
+    network_cost.cache_clear()
+    with torch.device("meta"):
+        model = create_model("resnet18", num_classes=7, in_channels=3)
+    flops, activations = forward_flops(model, DataShape(3, 24, 20, 7, 0, 0))
+    first = network_cost("resnet18", 7, 3, 24, 20)
+    assert (first.flops, first.activations) == (flops, activations)
+    assert first.parameters == sum(p.numel() for p in model.parameters())
+    assert network_cost("resnet18", 7, 3, 24, 20) is first and network_cost.cache_info().hits == 1
+    assert network_cost("resnet18", 8, 3, 24, 20).parameters > first.parameters  # classes, channels and sizes are part of the key
+    spec, shape = build_spec("digits-demo", {"student": "resnet18", "peer": "resnet18"}), DataShape(3, 24, 20, 7, 100, 20)
+    estimate = preflight(spec, shape)
+    assert estimate.student_parameters == estimate.peer_parameters == first.parameters and network_cost.cache_info().hits >= 3

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Integer, Select, bindparam, func, select
@@ -16,8 +17,10 @@ from sqlalchemy.orm import Session
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext
+from core.engine.preflight import preflight
 
 from ..deps import (
+    CpuWorkDep,
     DatabaseDep,
     JobId,
     JobQueueDep,
@@ -74,11 +77,13 @@ JOBS_PAGE = {by_status: _jobs_page(by_status) for by_status in (False, True)}
     },
 )
 async def jobs_create(
+    request: Request,
     body: JobCreate,
     db: DatabaseDep,
     queue: JobQueueDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    cpu_work: CpuWorkDep,
     idempotency_key: Annotated[
         str | None,
         Header(max_length=256, description="a fresh unique value (a UUID) per new job; retries with the same key return the same job"),
@@ -96,8 +101,13 @@ async def jobs_create(
                 }
             ],
         )
-    # one thread for the whole submission: the pre-flight counts arithmetic, the enqueue talks to the broker
-    job, created = await run_in_threadpool(job_service.submit, db, queue, settings, tenant, body, idempotency_key)
+    # CPU-heavy (the pre-flight builds and counts the networks): one of the tenant's few CPU slots, the arithmetic in a
+    # worker process, stopped if the client leaves before the job is made; the database work and the enqueue on a thread
+    job, created = await cpu_work.run(
+        request,
+        tenant.id,
+        lambda offload: job_service.submit(db, queue, settings, tenant, body, idempotency_key, functools.partial(offload, preflight)),
+    )
     return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
@@ -105,10 +115,14 @@ async def jobs_create(
     "/preflight",
     response_model=PreflightOut,
     summary="Check a job against its data and the limits, and estimate it, without submitting it",
-    responses=responses(413, 422),
+    responses=responses(413, 422, 429),
 )
-async def jobs_preflight(body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep) -> PreflightOut:
-    planned = await run_in_threadpool(job_service.plan, db, settings, tenant, body)
+async def jobs_preflight(
+    request: Request, body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep, cpu_work: CpuWorkDep
+) -> PreflightOut:
+    planned = await cpu_work.run(
+        request, tenant.id, lambda offload: job_service.plan(db, settings, tenant, body, functools.partial(offload, preflight))
+    )
     return PreflightOut(
         admitted=not planned.refusals,
         spec=planned.spec.model_dump(mode="json"),

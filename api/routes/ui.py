@@ -1,7 +1,10 @@
 """A small server-rendered web UI: sign in with an API key, follow your jobs, see curves and metrics, download artifacts.
 
-The key is kept in an HttpOnly, SameSite=Strict cookie (path /ui), marked Secure when served over HTTPS;
-serve the UI over HTTPS in production, since the cookie holds the API key itself."""
+Signing in starts a server-side session whose token (never the key) is kept in an HttpOnly, SameSite=Strict
+cookie (path /ui), marked Secure when served over HTTPS; serve the UI over HTTPS in production, since the
+token stands for the key until the session ends. The edge (api.request_limits) looks the session up on every
+page, counts the page among its key's requests in flight, and lets the sign-in form take only a small
+urlencoded body."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from core.engine.evaluation import metric_label
 from core.engine.model_card import MODEL_LABELS, per_class_table
 from core.settings import Settings
 
-from ..deps import UI_COOKIE, ArtifactName, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
+from ..deps import UI_COOKIE, ArtifactName, CpuWorkDep, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
@@ -238,8 +241,8 @@ async def job_page(job: UIOwnedJob, request: Request, tenant: UITenantDep, db: D
 
 
 @router.get("/jobs/{job_id}/curves.png", name="ui_job_curves")
-async def job_curves(job: UIOwnedJob, request: Request, db: DatabaseDep) -> Response:
-    return await curves_png(request, db, job)
+async def job_curves(job: UIOwnedJob, request: Request, db: DatabaseDep, cpu_work: CpuWorkDep) -> Response:
+    return await curves_png(request, db, cpu_work, job)
 
 
 @router.get("/jobs/{job_id}/artifacts/{name}", name="ui_artifact")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,11 @@ class Plan:
     refusals: list[tuple[str, str]]  # (spec field, why and how to change it)
 
 
-def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreate) -> Plan:
+Compute = Callable[[JobSpec, DataShape], Estimate]  # core.engine.preflight.preflight, or it run elsewhere (api.cpu_work)
+
+
+def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreate, compute: Compute = preflight) -> Plan:
+    """The job as it would run; `compute` makes the estimate (CPU-heavy: the API runs it in a worker process)."""
     overrides = body.spec.model_dump(mode="json", exclude_unset=True)
     if body.dataset is not None:
         overrides["dataset"] = body.dataset
@@ -55,7 +60,7 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
         else DataShape(*dataset.input_shape, num_classes=len(dataset.classes), num_train=dataset.num_train, num_test=dataset.num_test)
     )
     try:
-        estimate = preflight(spec, shape)
+        estimate = compute(spec, shape)
     except DatasetError as err:
         raise field_errors([("student", str(err))], within=("spec",)) from None
     device = estimate_device(settings)
@@ -112,13 +117,19 @@ def admission_refusals(
 
 
 def submit(
-    db: Database, queue: JobQueue, settings: Settings, tenant: TenantContext, body: JobCreate, idempotency_key: str | None
+    db: Database,
+    queue: JobQueue,
+    settings: Settings,
+    tenant: TenantContext,
+    body: JobCreate,
+    idempotency_key: str | None,
+    compute: Compute = preflight,
 ) -> tuple[Job, bool]:
     """The job (new, or the one this Idempotency-Key already made) and whether it was created now."""
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True).encode()).hexdigest()
     if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
         return _replay(replay, request_hash), False
-    planned = plan(db, settings, tenant, body)
+    planned = plan(db, settings, tenant, body, compute)
     if planned.refusals:
         raise field_errors(planned.refusals, within=("spec",))
     spec = planned.spec

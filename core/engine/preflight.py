@@ -4,6 +4,9 @@
 architecture by a dry forward on the meta device, the schedule against the epochs) and estimates
 the work: arithmetic per training step counted by PyTorch's FlopCounterMode on the meta device (no
 memory, no arithmetic), memory at the batch size, and hours per device class from measured rates.
+A network's parameters, arithmetic and activations depend only on its architecture, classes, channels
+and input size: `network_cost` measures each combination once per process (building and counting a
+WRN-70-16 takes 0.1-0.3 s of CPU; a pre-flight whose networks are counted already, about 10 µs).
 
 Rates are measured throughputs, turned into arithmetic per second:
 - h100: the authors' step (ResNet-18 student and peer, CIFAR-100, batch 128, eager, TF32) ran at
@@ -27,6 +30,7 @@ counted. `python -m bench.preflight` prints each case's measured and estimated t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -143,6 +147,22 @@ def forward_flops(model: nn.Module, shape: DataShape) -> tuple[float, int]:
     return float(counter.get_total_flops()), activations
 
 
+@dataclass(frozen=True)
+class NetworkCost:
+    parameters: int
+    flops: float  # one image's forward pass
+    activations: int  # values its layers output for one image
+
+
+@lru_cache(maxsize=512)
+def network_cost(architecture: str, num_classes: int, in_channels: int, height: int, width: int) -> NetworkCost:
+    """Built on the meta device and counted once per combination (an exception is not remembered)."""
+    with torch.device("meta"):
+        model = create_model(architecture, num_classes=num_classes, in_channels=in_channels).eval()
+    flops, activations = forward_flops(model, DataShape(in_channels, height, width, num_classes, 0, 0))
+    return NetworkCost(sum(p.numel() for p in model.parameters()), flops, activations)
+
+
 def step_flops(spec: JobSpec, student: float, peer: float) -> float:
     """Per training image; a backward pass costs about two forwards."""
     k = spec.attack_steps
@@ -174,15 +194,14 @@ def check_input_size(architecture: str, height: int, width: int) -> None:
 
 def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     check_fits(spec, shape)
-    with torch.device("meta"):
-        student = create_model(spec.student, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
-        peer = (
-            create_model(spec.peer_architecture, num_classes=shape.num_classes, in_channels=shape.in_channels).eval()
-            if spec.peer_architecture
-            else None
-        )
-    student_flops, student_activations = forward_flops(student, shape)
-    peer_flops, peer_activations = forward_flops(peer, shape) if peer is not None else (0.0, 0)
+    student = network_cost(spec.student, shape.num_classes, shape.in_channels, shape.height, shape.width)
+    peer = (
+        network_cost(spec.peer_architecture, shape.num_classes, shape.in_channels, shape.height, shape.width)
+        if spec.peer_architecture
+        else None
+    )
+    student_flops, student_activations = student.flops, student.activations
+    peer_flops, peer_activations = (peer.flops, peer.activations) if peer is not None else (0.0, 0)
     per_image = step_flops(spec, student_flops, peer_flops)
 
     held_out = 0 if spec.selection == "test" else round(spec.val_fraction * shape.num_train)
@@ -200,7 +219,7 @@ def preflight(spec: JobSpec, shape: DataShape) -> Estimate:
     models = 2 if spec.swa else 1
     evaluation = passes * student_flops * models
 
-    parameters = [sum(p.numel() for p in m.parameters()) for m in (student, peer) if m is not None]
+    parameters = [m.parameters for m in (student, peer) if m is not None]
     kept = spec.batch_size * (student_activations * (spec.student_adv_forwards + 1) + peer_activations)
     memory = (3 * sum(parameters) + kept) * BYTES_PER_VALUE + shape.num_train * shape.in_channels * shape.height * shape.width
     evaluation_hours = {

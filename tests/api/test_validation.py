@@ -164,6 +164,17 @@ def test_a_multipart_body_without_a_file_or_over_the_limit_is_refused_and_leaves
     assert stored_files(settings) == before
 
 
+def test_a_multipart_boundary_over_256_characters_is_a_4xx_naming_it(client, settings):
+    """python-multipart refuses such a boundary with an error of its own, which escaped as a 500."""
+    before = stored_files(settings)
+    boundary = "b" * 300
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.npz"\r\n\r\nhello\r\n--{boundary}--\r\n'
+    response = client.post("/v1/datasets", content=body.encode(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 422, response.text
+    assert "boundary is 300 characters long, over the 256 accepted" in response.json()["detail"]
+    assert stored_files(settings) == before
+
+
 def test_mixed_image_sizes_need_resize_and_a_job_trains_on_the_resized_images(new_client, settings, tmp_path):
     client = new_client()
     mixed = write_zip(tmp_path / "mixed.zip", {**class_tree(("cat", "dog"), 12), "dog/big.png": png(rgb(12))}).read_bytes()

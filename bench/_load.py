@@ -301,3 +301,33 @@ def tree_seconds(pid: int, processes: dict[int, tuple[str, int, float]]) -> dict
             tree[current] = processes[current][2]
         frontier.extend(child for child, (_, parent, _) in processes.items() if parent == current)
     return tree
+
+
+TRICKLE_INTERVAL = 0.1  # seconds between the pieces of a slow upload
+
+
+async def slow_upload(connection: Connection, path: str, size: int, until: float, bytes_per_second: float) -> str:
+    """A POST of `size` declared bytes, sent at `bytes_per_second` until `until`. Returns the status
+    the server answered with, or 'uploading at the end', or what went wrong."""
+    piece = b"\0" * max(1, round(bytes_per_second * TRICKLE_INTERVAL))
+    answer = None
+    try:
+        await connection.send_head("POST", path, {"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        answer = asyncio.create_task(connection.read_response())
+        try:
+            sent = 0
+            while time.perf_counter() < until and not answer.done() and sent + len(piece) < size:
+                await connection.send(piece)
+                sent += len(piece)
+                await asyncio.wait([answer], timeout=TRICKLE_INTERVAL)
+        except NETWORK_ERRORS:  # a server that answers and closes early may reset the connection under the body
+            await asyncio.wait([answer], timeout=1.0)
+            if not answer.done():
+                raise
+        return str(answer.result().status) if answer.done() else "uploading at the end"
+    except (TimeoutError, *NETWORK_ERRORS) as err:
+        return error_name(err)
+    finally:
+        if answer is not None:
+            answer.cancel()
+        connection.close()

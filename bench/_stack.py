@@ -175,6 +175,7 @@ class LocalService:
     api: Server
     keys: dict[str, str]  # tenant name: API key
     naive: Server | None = None
+    tmp_dir: Path | None = None  # the API's TMPDIR, its own, inside the throwaway data directory
 
 
 def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = False) -> LocalService:
@@ -188,7 +189,9 @@ def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = Fals
     env = service_env(database_url, data_dir, free_port())
     stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])  # after the API has stopped: it may still send messages until then
     keys = {tenant: create_key(env, tenant) for tenant in tenants}  # the first also applies the migrations
-    api = start_server("service API", "service", ["api"], env, data_dir / "api.log")
+    tmp_dir = data_dir / "tmp"
+    tmp_dir.mkdir()
+    api = start_server("service API", "service", ["api"], {**env, "TMPDIR": str(tmp_dir)}, data_dir / "api.log")
     stack.callback(api.stop)
     naive_app = None
     if naive:
@@ -196,7 +199,7 @@ def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = Fals
         stack.callback(naive_app.stop)
         naive_app.wait_until_up()
     api.wait_until_up()
-    return LocalService(database_url, api, keys, naive_app)
+    return LocalService(database_url, api, keys, naive_app, tmp_dir)
 
 
 def interrupt_on_ctrl_c_and_sigterm() -> None:

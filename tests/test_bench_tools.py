@@ -20,8 +20,7 @@ import pytest
 from sqlalchemy import create_engine, insert
 
 from bench._http import Connection, StreamEnded
-from bench._load import Sample, closed_loop, hold_streams, open_loop, percentile, stream_openings
-from bench.load_hostile import slow_upload
+from bench._load import Sample, closed_loop, hold_streams, open_loop, percentile, slow_upload, stream_openings
 from tests.stack import PG_ADMIN_URL, POSTGRES_GROUP, REDIS_URL, _postgres_available, require_services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,12 +351,14 @@ def test_load_hostile_runs_and_judges(postgres, tmp_path):
     out = run_tool(
         "bench.load_hostile",
         "--seconds",
-        "3",
+        "4.5",
         "--attack-after",
         "1",
         "--streams",
         "5",
         "--uploads",
+        "2",
+        "--spelling-requests",
         "2",
         "--rate",
         "10",
@@ -374,9 +375,18 @@ def test_load_hostile_runs_and_judges(postgres, tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(figures.read_text())
-    assert result["tenant_b"]["before"]["requests"] == 10 and result["tenant_b"]["during"]["requests"] == 20
-    assert result["healthz"]["requests"] > 10
-    assert sum(result["streams"].values()) == 5 and sum(result["uploads"].values()) == 2
+    phases = {phase["name"]: phase for phase in result["phases"]}
+    assert list(phases) == ["before the attack", "streams", "bodies", "json", "multipart", "preflights", "spellings", "charts"]
+    assert phases["before the attack"]["tenant_b"]["requests"] == 10
+    assert sum(p["tenant_b"]["requests"] for p in result["phases"]) > 25 and sum(p["healthz"]["requests"] for p in result["phases"]) > 20
+    assert phases["before the attack"]["api"]["rss_mib"]["start"] > 0 and phases["bodies"]["api"]["tmp_mib"]
+    attack = {name: phase["attack"] for name, phase in phases.items() if name != "before the attack"}
+    assert not [name for name, outcome in attack.items() if "error" in outcome], attack
+    assert sum(attack["streams"]["streams"].values()) == 5 and sum(attack["streams"]["uploads"].values()) == 2
+    assert sum(attack["spellings"]["outcomes"].values()) == 12  # six spellings, two requests each
+    for name in ("bodies", "json", "multipart", "preflights", "charts"):
+        assert attack[name]["outcomes"], (name, out.stdout)
+    assert {"413"} <= set(attack["bodies"]["outcomes"]) and {"415"} <= set(attack["multipart"]["outcomes"]), out.stdout
     assert result["pg_connections"] and "unavailable" not in result["pg_connections"][0]
     assert "PASS" in out.stdout
 

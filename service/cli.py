@@ -208,11 +208,10 @@ def cmd_set_limits(args: argparse.Namespace, settings: Settings) -> int:
             max_storage_bytes=args.max_storage_bytes,
             max_job_hours=args.max_job_hours,
         )
+        limits = tenants.effective_limits(tenant, settings)
         print(
-            f"tenant {tenant.name}: max_concurrent_jobs={tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs}, "
-            f"max_upload_bytes={tenant.max_upload_bytes or settings.max_upload_bytes}, "
-            f"max_storage_bytes={tenant.max_storage_bytes or settings.tenant_max_storage_bytes}, "
-            f"max_job_hours={tenant.max_job_hours or settings.max_job_hours}"
+            f"tenant {tenant.name}: max_concurrent_jobs={limits.concurrent_jobs}, max_upload_bytes={limits.upload_bytes}, "
+            f"max_storage_bytes={limits.storage_bytes}, max_job_hours={limits.job_hours}"
         )
     return 0
 

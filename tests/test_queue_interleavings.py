@@ -26,7 +26,7 @@ from contextlib import ExitStack, suppress
 import pytest
 from sqlalchemy import select
 
-from core.db import jobs
+from core.db import jobs, tenants
 from core.db.models import ACTIVE_STATUSES, LEASED_STATUSES, TERMINAL_STATUSES, Base, Job, JobStatus, Tenant
 from core.db.session import Database
 from core.settings import Settings
@@ -94,7 +94,7 @@ class World:
 
     def submit(self) -> None:
         def create(session):
-            jobs.lock_tenant(session, "tn_test")
+            tenants.lock_tenant(session, "tn_test")
             return jobs.create(session, tenant_id="tn_test", max_active=4, dataset_name="digits", spec={}, max_attempts=3).id
 
         try:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
-from core.db.tenants import TenantContext
+from core.db.tenants import TenantContext, lock_tenant
 from core.engine.preflight import preflight
 
 from ..deps import (
@@ -169,7 +169,7 @@ async def jobs_metrics(job: OwnedJob, db: DatabaseDep) -> list[EpochMetric]:
 def _locked_job(session: Session, tenant: TenantContext, job_id: str) -> Job:
     """The tenant's job, read under the tenant's lock: a cancel or delete racing another request's delete
     finds the job gone (404) once that delete has committed, instead of acting on a row that vanished."""
-    jobs.lock_tenant(session, tenant.id)
+    lock_tenant(session, tenant.id)
     return find_owned(session, Job, job_id, tenant)
 
 

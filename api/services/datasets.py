@@ -11,10 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.db import datasets, jobs
+from core.db import datasets
 from core.db.models import Dataset, new_id
 from core.db.session import Database
-from core.db.tenants import TenantContext
+from core.db.tenants import TenantContext, effective_limits, lock_tenant
 from core.engine.dataset_files import inspect_dataset_file, parse_resize
 from core.engine.errors import DatasetError
 from core.engine.sources import BUILTIN_DATASETS
@@ -32,14 +32,6 @@ def _stem(filename: str) -> str:
         if filename.lower().endswith(suffix):
             return filename[: -len(suffix)] or filename
     return filename
-
-
-def upload_limit(settings: Settings, tenant: TenantContext) -> int:
-    return tenant.max_upload_bytes or settings.max_upload_bytes
-
-
-def storage_quota(settings: Settings, tenant: TenantContext) -> int:
-    return tenant.max_storage_bytes or settings.tenant_max_storage_bytes
 
 
 def name_taken(session: Session, tenant: TenantContext, name: str) -> HTTPException | None:
@@ -86,7 +78,8 @@ async def upload(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
     if name is None and incoming.filename is not None:  # known before the body: refuse a taken name before it is sent
         name = _stem(incoming.filename)[:NAME_LENGTH]
-    limit, quota = upload_limit(settings, tenant), storage_quota(settings, tenant)
+    limits = effective_limits(tenant, settings)
+    limit, quota = limits.upload_bytes, limits.storage_bytes
 
     def before_receiving(session: Session) -> int:
         if name is not None and (taken := name_taken(session, tenant, name)) is not None:
@@ -145,7 +138,7 @@ async def upload(
             )
 
             def record(session: Session) -> None:
-                jobs.lock_tenant(session, tenant.id)  # concurrent uploads of one tenant: one name each, all under the quota
+                lock_tenant(session, tenant.id)  # concurrent uploads of one tenant: one name each, all under the quota
                 if (taken := name_taken(session, tenant, dataset.name)) is not None:
                     raise taken
                 now_used = datasets.storage_used(session, tenant.id)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from core.db import datasets, jobs
 from core.db.models import Dataset, Job
 from core.db.session import Database
-from core.db.tenants import TenantContext
+from core.db.tenants import TenantContext, effective_limits, lock_tenant
 from core.engine.errors import DatasetError
 from core.engine.preflight import BUILTIN_SHAPES, DataShape, Estimate, preflight
 from core.engine.sources import BUILTIN_DATASETS
@@ -78,7 +78,7 @@ def admission_refusals(
 ) -> list[tuple[str, str]]:
     """Which limits the job would break, each naming the limit and how to change it."""
     refusals = []
-    hours, max_hours = estimate.hours[device], tenant.max_job_hours or settings.max_job_hours
+    hours, max_hours = estimate.hours[device], effective_limits(tenant, settings).job_hours
     if hours > max_hours:
         refusals.append(
             (
@@ -135,14 +135,14 @@ def submit(
     spec = planned.spec
 
     def create(session: Session) -> tuple[Job, bool]:
-        jobs.lock_tenant(session, tenant.id)
+        lock_tenant(session, tenant.id)
         if idempotency_key and (existing := _earlier(session, tenant, idempotency_key)) is not None:
             return _replay(existing, request_hash), False  # a concurrent retry won the race
         dataset = _resolve_dataset(session, tenant, spec.dataset, lock=True)
         job = jobs.create(
             session,
             tenant_id=tenant.id,
-            max_active=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
+            max_active=effective_limits(tenant, settings).concurrent_jobs,
             dataset_id=dataset.id if dataset else None,
             dataset_name=dataset.name if dataset else spec.dataset,
             preset=body.preset,

@@ -38,7 +38,6 @@ from .models import (
     EpochMetric,
     Job,
     JobStatus,
-    Tenant,
     UTCDateTime,
     utcnow,
 )
@@ -117,15 +116,9 @@ class JobActive(Exception):
 # --- submission and the user's actions -----------------------------------------------------
 
 
-def lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise this tenant's submissions: a no-op write takes the row lock (PostgreSQL) or the
-    database's write lock (SQLite) before anything is counted, so count-then-insert is atomic."""
-    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
-
-
 def create(session: Session, *, tenant_id: str, max_active: int, **fields: Any) -> Job:
     """A new queued job, unless the tenant already has `max_active` queued or running ones.
-    Call `lock_tenant` first in the same transaction."""
+    Call `core.db.tenants.lock_tenant` first in the same transaction."""
     active = session.scalar(select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))) or 0
     if active >= max_active:
         raise ActiveJobLimit(active, max_active)

@@ -8,10 +8,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
+
+from core.settings import Settings
 
 from .models import ApiKey, Tenant, UISession, utcnow
 
@@ -41,6 +43,45 @@ TENANT_COLUMNS = (
     Tenant.max_job_hours,
     ApiKey.prefix,
 )
+
+
+class HasLimits(Protocol):
+    """A tenant's own limits, None where the deployment's default applies (a Tenant row or a TenantContext)."""
+
+    @property
+    def max_concurrent_jobs(self) -> int | None: ...
+    @property
+    def max_upload_bytes(self) -> int | None: ...
+    @property
+    def max_storage_bytes(self) -> int | None: ...
+    @property
+    def max_job_hours(self) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits that apply to a tenant: its own where the operator set them (set-limits), else the deployment's."""
+
+    concurrent_jobs: int
+    upload_bytes: int
+    storage_bytes: int
+    job_hours: float
+
+
+def effective_limits(tenant: HasLimits, settings: Settings) -> Limits:
+    return Limits(
+        concurrent_jobs=tenant.max_concurrent_jobs or settings.tenant_max_concurrent_jobs,
+        upload_bytes=tenant.max_upload_bytes or settings.max_upload_bytes,
+        storage_bytes=tenant.max_storage_bytes or settings.tenant_max_storage_bytes,
+        job_hours=tenant.max_job_hours or settings.max_job_hours,
+    )
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise what one tenant does that counts or names its things (submissions against its job limit, uploads
+    against its quota and names, a cancel or delete racing a delete): a no-op write takes the row lock (PostgreSQL)
+    or the database's write lock (SQLite) before anything is counted, so count-then-insert is atomic."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
 
 
 def _context(row: Any) -> TenantContext:

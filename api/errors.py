@@ -1,8 +1,8 @@
 """One error body for every 4xx: {"detail": "..."}, or for field errors FastAPI's own validation shape
 {"detail": [{"loc": [...], "msg": "...", "type": "..."}]}, so clients parse one format.
 
-Failures of the layers below (a bad job spec, a tenant's job limit, acting on a finished job, a database
-that cannot be reached) are mapped to their status here, once."""
+Failures of the layers below (the service layer's refusals, a bad job spec, a tenant's job limit, acting on a
+finished job, a database that cannot be reached) are mapped to their status here, once."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from core.db.errors import DatabaseUnavailable
 from core.db.jobs import ActiveJobLimit, JobActive, JobFinished
 from core.engine.errors import SpecError
 
+from .services.errors import IdempotencyKeyReused, InvalidFields, InvalidUpload, NameTaken, OverLimit, ServiceError, UploadTimedOut
+
 log = logging.getLogger(__name__)
 # what says the database cannot serve now, whichever path asked: the drivers' connection failures (SQLAlchemy wraps
 # them as OperationalError, SQLite's "database is locked" too), a pool with no connection free, the asyncpg reads'
@@ -28,6 +30,13 @@ DATABASE_UNAVAILABLE = (
     DatabaseUnavailable,
 )
 DATABASE_RETRY_AFTER_SECONDS = 5
+SERVICE_ERROR_STATUS: dict[type[ServiceError], int] = {
+    InvalidUpload: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    NameTaken: status.HTTP_409_CONFLICT,
+    IdempotencyKeyReused: status.HTTP_409_CONFLICT,
+    OverLimit: status.HTTP_413_CONTENT_TOO_LARGE,
+    UploadTimedOut: status.HTTP_408_REQUEST_TIMEOUT,
+}
 
 
 class FieldError(BaseModel):
@@ -79,6 +88,12 @@ def _body(code: int, detail: object, headers: dict[str, str] | None = None) -> J
 
 
 def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def refused(_request: Request, err: ServiceError) -> JSONResponse:
+        if isinstance(err, InvalidFields):
+            return _body(status.HTTP_422_UNPROCESSABLE_CONTENT, field_errors(err.errors, within=err.within).detail)
+        return _body(SERVICE_ERROR_STATUS[type(err)], str(err))
+
     @app.exception_handler(SpecError)
     async def bad_spec(_request: Request, err: SpecError) -> JSONResponse:
         detail = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 
-from fastapi import HTTPException, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,6 +21,7 @@ from core.settings import Settings
 from core.storage import Storage, UploadStalled, UploadTooLarge
 
 from ..uploads import IncomingFile
+from .errors import InvalidUpload, NameTaken, OverLimit, UploadTimedOut
 
 FILE_NAME = re.compile(r"^[\w.\- ]{1,200}$")
 NAME_LENGTH = 128  # Dataset.name's column
@@ -34,24 +34,19 @@ def _stem(filename: str) -> str:
     return filename
 
 
-def name_taken(session: Session, tenant: TenantContext, name: str) -> HTTPException | None:
-    """409 naming the dataset that already has this name (a tenant's names are unique: a name is a reference)."""
+def name_taken(session: Session, tenant: TenantContext, name: str) -> NameTaken | None:
+    """The refusal naming the dataset that already has this name (a tenant's names are unique: a name is a reference)."""
     if name in BUILTIN_DATASETS:
-        return HTTPException(status.HTTP_409_CONFLICT, f"'{name}' is the name of a built-in dataset ({name}): upload under another name")
+        return NameTaken(f"'{name}' is the name of a built-in dataset ({name}): upload under another name")
     existing = datasets.named(session, tenant.id, name)
     if existing is None:
         return None
-    return HTTPException(
-        status.HTTP_409_CONFLICT,
-        f"you already have a dataset named '{name}' ({existing.id}): upload under another name, or delete that one first",
-    )
+    return NameTaken(f"you already have a dataset named '{name}' ({existing.id}): upload under another name, or delete that one first")
 
 
-def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> HTTPException:
-    return HTTPException(
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        f"{filename}: {size} bytes would exceed your storage quota of {quota} bytes ({used} bytes used); "
-        "delete datasets you no longer need",
+def _quota_reached(filename: str, size: int | str, quota: int, used: int) -> OverLimit:
+    return OverLimit(
+        f"{filename}: {size} bytes would exceed your storage quota of {quota} bytes ({used} bytes used); delete datasets you no longer need"
     )
 
 
@@ -68,14 +63,12 @@ async def upload(
     validations: asyncio.Semaphore,
 ) -> Dataset:
     if incoming.filename is not None and not FILE_NAME.match(incoming.filename):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces"
-        )
+        raise InvalidUpload(f"filename {incoming.filename!r}: use letters, digits, '.', '-', '_' and spaces")
     filename = incoming.filename or "upload"
     try:
         size_to = parse_resize(resize) if resize else None
     except DatasetError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
+        raise InvalidUpload(str(err)) from None
     if name is None and incoming.filename is not None:  # known before the body: refuse a taken name before it is sent
         name = _stem(incoming.filename)[:NAME_LENGTH]
     limits = effective_limits(tenant, settings)
@@ -89,9 +82,7 @@ async def upload(
     used = await db.arun(before_receiving)
     if declared_size is not None and declared_size.isdigit() and not incoming.multipart:  # a form's length is more than its file
         if int(declared_size) > limit:
-            raise HTTPException(
-                status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes"
-            )
+            raise OverLimit(f"{filename}: {declared_size} bytes is over the upload limit of {limit} bytes")
         if int(declared_size) > quota - used:
             raise _quota_reached(filename, declared_size, quota, used)
 
@@ -103,23 +94,21 @@ async def upload(
         except UploadTooLarge:
             filename = incoming.filename or filename  # a form's file name arrives with its first bytes
             if limit <= quota - used:
-                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{filename}: over the upload limit of {limit} bytes") from None
+                raise OverLimit(f"{filename}: over the upload limit of {limit} bytes") from None
             raise _quota_reached(filename, f"over {quota - used}", quota, used) from None
         except UploadStalled as err:
             filename = incoming.filename or filename
-            raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT, f"{filename}: the upload stalled ({err}); send it again") from None
+            raise UploadTimedOut(f"{filename}: the upload stalled ({err}); send it again") from None
         filename = incoming.filename or filename
         try:
             if size == 0:
-                raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_CONTENT, f"{filename}: the request body is empty; send the file as the body"
-                )
+                raise InvalidUpload(f"{filename}: the request body is empty; send the file as the body")
             try:
                 async with validations:  # decoding is memory- and CPU-heavy: a few at a time, the others wait
                     summary = await run_in_threadpool(lambda: inspect_dataset_file(storage.path(key), resize=size_to))
             except DatasetError as err:
                 message = str(err).replace(storage.path(key).name, filename)  # the engine names our stored copy; name theirs
-                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, message) from None
+                raise InvalidUpload(message) from None
             dataset = Dataset(
                 id=dataset_id,
                 tenant_id=tenant.id,
@@ -150,7 +139,7 @@ async def upload(
                 await db.arun(record)
             except IntegrityError:  # the unique index, should anything have slipped past the lock
                 taken = await db.arun(lambda session: name_taken(session, tenant, dataset.name))
-                raise taken or HTTPException(status.HTTP_409_CONFLICT, f"you already have a dataset named '{dataset.name}'") from None
+                raise taken or NameTaken(f"you already have a dataset named '{dataset.name}'") from None
         except BaseException:
             storage.delete(key)
             raise

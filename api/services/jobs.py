@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,8 +25,8 @@ from core.engine.spec import JobSpec, build_spec
 from core.settings import Settings
 from worker.queue import JobQueue
 
-from ..errors import field_errors
 from ..schemas import PRINTABLE, JobCreate
+from .errors import IdempotencyKeyReused, InvalidFields
 
 
 @dataclass
@@ -62,7 +61,7 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
     try:
         estimate = compute(spec, shape)
     except DatasetError as err:
-        raise field_errors([("student", str(err))], within=("spec",)) from None
+        raise InvalidFields([("student", str(err))], within=("spec",)) from None
     device = estimate_device(settings)
     return Plan(spec, dataset, shape, device, estimate, admission_refusals(settings, tenant, shape, estimate, device))
 
@@ -131,7 +130,7 @@ def submit(
         return _replay(replay, request_hash), False
     planned = plan(db, settings, tenant, body, compute)
     if planned.refusals:
-        raise field_errors(planned.refusals, within=("spec",))
+        raise InvalidFields(planned.refusals, within=("spec",))
     spec = planned.spec
 
     def create(session: Session) -> tuple[Job, bool]:
@@ -168,7 +167,7 @@ def _earlier(session: Session, tenant: TenantContext, idempotency_key: str) -> J
 
 def _replay(existing: Job, request_hash: str) -> Job:
     if existing.request_hash != request_hash:
-        raise HTTPException(status.HTTP_409_CONFLICT, "Idempotency-Key was already used for a different request; use a new key")
+        raise IdempotencyKeyReused("Idempotency-Key was already used for a different request; use a new key")
     return existing
 
 
@@ -178,13 +177,13 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *,
     if reference in BUILTIN_DATASETS:
         return None
     if not re.fullmatch(PRINTABLE, reference):
-        raise field_errors([("dataset", "must be printable text: no NUL or other control characters")])
+        raise InvalidFields([("dataset", "must be printable text: no NUL or other control characters")])
     dataset = datasets.lock(session, reference) if lock else session.get(Dataset, reference)
     if dataset is not None and dataset.tenant_id == tenant.id:
         return dataset
     named = datasets.named(session, tenant.id, reference)
     if named is None:
-        raise field_errors(
+        raise InvalidFields(
             [
                 (
                     "dataset",

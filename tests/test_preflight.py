@@ -74,3 +74,19 @@ def test_a_networks_measures_are_counted_once_per_combination():
     spec, shape = build_spec("digits-demo", {"student": "resnet18", "peer": "resnet18"}), DataShape(3, 24, 20, 7, 100, 20)
     estimate = preflight(spec, shape)
     assert estimate.student_parameters == estimate.peer_parameters == first.parameters and network_cost.cache_info().hits >= 3
+
+
+@pytest.mark.parametrize("overrides,field", [({"student": "resnet19"}, "student"), ({"peer": "vgg"}, "peer")])
+def test_an_unknown_architecture_is_a_spec_error_naming_its_field_and_survives_pickling(overrides, field):
+    """Checked where networks are built (pre-flight, trainer), not by JobSpec, which torch-free processes read;
+    the error crosses from the API's CPU workers to the API, so it must keep its fields when pickled."""
+    import pickle
+
+    from core.engine.errors import SpecError
+
+    spec = build_spec("cifar10-resnet18", overrides)
+    with pytest.raises(SpecError) as caught:
+        preflight(spec, BUILTIN_SHAPES["cifar10"])
+    (error,) = pickle.loads(pickle.dumps(caught.value)).errors
+    assert error["field"] == field and f"unknown architecture '{overrides[field]}'" in error["message"]
+    assert "resnet18" in error["message"]  # the known ones are listed

@@ -47,8 +47,6 @@ def test_lr_schedule_at_the_decay_boundaries():
 @pytest.mark.parametrize(
     "overrides,field,fragment",
     [
-        ({"student": "resnet19"}, "student", "unknown architecture 'resnet19'"),
-        ({"peer": "vgg"}, "peer", "unknown architecture 'vgg'"),
         ({"epsilon": 2.0}, "epsilon", "less than or equal to 0.5"),
         ({"epsilon": -0.1}, "epsilon", "greater than 0"),
         ({"epsilon": "big"}, "epsilon", "valid number"),

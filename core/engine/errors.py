@@ -17,6 +17,9 @@ class SpecError(EngineError, ValueError):
         self.errors = errors
         super().__init__("; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors))
 
+    def __reduce__(self) -> tuple[type[SpecError], tuple[list[dict[str, str]]]]:  # it crosses processes (the API's CPU workers)
+        return SpecError, (self.errors,)
+
 
 class DatasetError(EngineError, ValueError):
     """A dataset could not be loaded; the message names the file, folder or field at fault."""

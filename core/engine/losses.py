@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+
+from .spec import PeerAiDWeights
 
 
 def kl_sum(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -28,29 +29,6 @@ def kl_mean(log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     the distillation terms by the number of classes."""
     # written out rather than reduction="mean", which PyTorch announces will turn into 'batchmean'
     return kl_sum(log_probs, probs) / log_probs.numel()
-
-
-class PeerAiDWeights(BaseModel):
-    """The loss weights and temperatures (paper notation), validated; the job spec's `peeraid` field.
-    Defaults: the paper's CIFAR-10 values."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tau: float = Field(default=5.0, gt=0, le=100, description="distillation temperature τ of the student loss")
-    gamma1: float = Field(default=1.0, ge=0, le=1000, description="γ1: weight of CE(p_adv, y) in the peer loss")
-    gamma2: float = Field(default=0.1, ge=0, le=1000, description="γ2: weight of the peer's re-distillation KL")
-    tau_peer: float = Field(default=1.0, gt=0, le=100, description="τp: re-distillation temperature of the peer loss")
-    lambda1: float = Field(default=0.0, ge=0, le=1000, description="λ1: weight of CE(s_adv, y) in the student loss")
-    lambda2: float = Field(default=1.0, ge=0, le=1000, description="λ2: weight of KL(s_adv ‖ p_adv)")
-    lambda3: float = Field(default=1.0, ge=0, le=1000, description="λ3: weight of KL(s_adv ‖ s_nat)")
-
-
-# The paper's table; the same values for ResNet-18 and WideResNet-34-10 students.
-PAPER_WEIGHTS = {
-    "cifar10": PeerAiDWeights(tau=5, gamma1=1, gamma2=0.1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
-    "cifar100": PeerAiDWeights(tau=5, gamma1=1, gamma2=1, tau_peer=1, lambda1=0, lambda2=1, lambda3=1),
-    "tinyimagenet": PeerAiDWeights(tau=1, gamma1=1, gamma2=100, tau_peer=1, lambda1=0.035, lambda2=35, lambda3=20),
-}
 
 
 def peer_loss(p_adv: torch.Tensor, s_adv: torch.Tensor, y: torch.Tensor, w: PeerAiDWeights) -> torch.Tensor:

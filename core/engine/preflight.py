@@ -34,12 +34,12 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from peeraid_models import InputTooSmallError, create_model, get_model_info
+from peeraid_models import InputTooSmallError, create_model, get_model_info, list_models
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .datasets import DatasetSplits
-from .errors import DatasetError
+from .errors import DatasetError, SpecError
 from .evaluation import autoattack_work, first_pass_work
 from .spec import JobSpec
 
@@ -175,8 +175,23 @@ def step_flops(spec: JobSpec, student: float, peer: float) -> float:
     return 3 * student
 
 
+def check_architectures(spec: JobSpec) -> None:
+    """SpecError naming each architecture of the spec that the models package does not have. (Checked here, where
+    the networks are built, not by JobSpec: the spec is read by processes that never load the networks.)"""
+    known = [m.name for m in list_models()]
+    errors = [
+        {"field": field, "message": f"unknown architecture '{name}'; known: {', '.join(known)}"}
+        for field, name in (("student", spec.student), ("peer", spec.peer))
+        if name is not None and name not in known
+    ]
+    if errors:
+        raise SpecError(errors)
+
+
 def check_fits(spec: JobSpec, shape: DataShape) -> None:
-    """Raise DatasetError when the data cannot train this spec: classes, input size (a dry forward)."""
+    """SpecError for an unknown architecture; DatasetError when the data cannot train this spec: classes, input
+    size (a dry forward)."""
+    check_architectures(spec)
     if shape.num_classes < 2:
         raise DatasetError(f"the dataset has {shape.num_classes} class; a classifier needs at least 2")
     for architecture in filter(None, (spec.student, spec.peer_architecture)):

@@ -25,7 +25,7 @@ from .evaluation import validation_metrics
 from .execution import Execution, StepRunner
 from .loader import BatchLoader
 from .methods import PGDAT, TRADES, AttackSettings, Natural, Networks, PeerAiD, TrainingMethod
-from .preflight import check_input_size
+from .preflight import check_architectures, check_input_size
 from .spec import JobSpec, build_spec
 from .state_io import (
     load_optimizer_state,
@@ -132,6 +132,7 @@ class Trainer:
             self.execution.configure_backends()
 
         in_channels, height, width = splits.input_shape
+        check_architectures(spec)
         peer_architecture = spec.peer_architecture if self.method.uses_peer else None
         for architecture in (spec.student, peer_architecture):
             if architecture is not None:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+from core.engine.report import metric_label
 from peeraid_client import Client, ConnectionFailed, PeeraidError
 from peeraid_client.progress import TERMINAL_STATUSES, describe_progress
 
@@ -57,18 +58,10 @@ def _follow(client: Client, job: dict[str, Any]) -> dict[str, Any]:
 
 def _report(result: dict[str, Any]) -> str:
     names = list(next(iter(result.values()))["test"])
-    lines = [f"{'model':<13}{'best epoch':>11}" + "".join(f"{_label(n):>12}" for n in names)]
+    lines = [f"{'model':<13}{'best epoch':>11}" + "".join(f"{metric_label(n):>12}" for n in names)]
     for key, m in result.items():
         lines.append(f"{key:<13}{m['best_epoch']:>11}" + "".join(f"{m['test'].get(n, float('nan')):>12.1%}" for n in names))
     return "\n".join(lines)
-
-
-def _label(metric: str) -> str:
-    """clean_acc → clean, fgsm_acc → FGSM, pgd20_acc → PGD-20, autoattack_acc → AutoAttack."""
-    name = metric.removesuffix("_acc")
-    if name.startswith("pgd"):
-        return f"PGD-{name[3:]}"
-    return {"fgsm": "FGSM", "autoattack": "AutoAttack"}.get(name, name)
 
 
 def _check_reproduced(job: dict[str, Any], weights: Any) -> int:

@@ -18,14 +18,12 @@ from core.engine.evaluation import (
     autoattack_accuracy,
     evaluation_sample,
     final_report,
-    metric_label,
     outcome_warnings,
-    pgd_key,
     predictions,
-    report_keys,
     subset_warning,
 )
 from core.engine.job import run_job
+from core.engine.report import metric_label, pgd_key, report_keys
 
 from .conftest import tiny_spec
 

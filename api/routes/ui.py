@@ -27,8 +27,7 @@ from core.db import jobs as job_rows
 from core.db import tenants
 from core.db.models import ACTIVE_STATUSES, Job
 from core.db.tenants import TenantContext
-from core.engine.evaluation import metric_label
-from core.engine.model_card import MODEL_LABELS, per_class_table
+from core.engine.report import MODEL_LABELS, metric_label, per_class_table
 from core.settings import Settings
 
 from ..deps import UI_COOKIE, ArtifactName, CpuWorkDep, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 from .errors import DatasetError, SpecError
-from .evaluation import AUTOATTACK_KEY, metric_label
 from .job import JobResult, run_job
+from .report import AUTOATTACK_KEY, metric_label
 from .sources import BUILTIN_DATASETS, load_splits
 from .spec import PRESETS, build_spec, merge_overrides
 

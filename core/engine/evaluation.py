@@ -22,33 +22,10 @@ from .datasets import ImageDataset, stratified_sample
 from .errors import TrainingCancelled
 from .faults import fault_point
 from .methods import eval_mode
+from .report import AUTOATTACK_KEY, CLEAN_KEY, FGSM_KEY, VALIDATION_PGD_KEY, metric_label, pgd_key
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 OnBatch = Callable[[float, int, float | None], None]  # (batches done, fractions within one included; batches; accuracy so far)
-
-# The final report's metric keys, in report order; every reader (card, CLI, UI, demo) takes them from here.
-CLEAN_KEY = "clean_acc"
-FGSM_KEY = "fgsm_acc"
-AUTOATTACK_KEY = "autoattack_acc"
-VALIDATION_PGD_KEY = "pgd_acc"  # per-epoch validation: PGD with the spec's eval_pgd_steps
-
-
-def pgd_key(steps: int) -> str:
-    return f"pgd{steps}_acc"
-
-
-def report_keys(pgd_steps: int, autoattack: bool) -> list[str]:
-    """The test metrics a final report holds: clean, FGSM, PGD-`pgd_steps` and (if run) AutoAttack."""
-    return [CLEAN_KEY, FGSM_KEY, pgd_key(pgd_steps)] + ([AUTOATTACK_KEY] if autoattack else [])
-
-
-def metric_label(key: str) -> str:
-    """ "PGD-20" for pgd20_acc; "Clean", "FGSM", "AutoAttack"; the key itself when unknown."""
-    fixed = {CLEAN_KEY: "Clean", FGSM_KEY: "FGSM", AUTOATTACK_KEY: "AutoAttack", VALIDATION_PGD_KEY: "PGD"}
-    if key in fixed:
-        return fixed[key]
-    match = re.fullmatch(r"pgd(\d+)_acc", key)
-    return f"PGD-{match.group(1)}" if match else key
 
 
 def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, memory_format: torch.memory_format):

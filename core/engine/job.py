@@ -20,17 +20,10 @@ from .attacks import AutoAttackSet
 from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
 from .errors import CheckpointError
-from .evaluation import (
-    AUTOATTACK_KEY,
-    EvaluationTracker,
-    evaluation_sample,
-    final_report,
-    planned_work,
-    report_keys,
-    subset_warning,
-)
+from .evaluation import EvaluationTracker, evaluation_sample, final_report, planned_work, subset_warning
 from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
+from .report import AUTOATTACK_KEY, report_keys
 from .spec import JobSpec, build_spec
 from .state_io import load_tensors, unprefixed
 from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_NAME, Trainer

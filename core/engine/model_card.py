@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .datasets import DatasetSplits
-from .evaluation import metric_label
 from .export import library_versions
+from .report import MODEL_LABELS, metric_label, per_class_table
 from .spec import JobSpec
 from .state_io import atomic_write
 
@@ -88,7 +88,6 @@ def build_model_card(
 # --- Markdown -----------------------------------------------------------------------------
 
 METHOD_NAMES = {"peeraid": "PeerAiD", "pgd_at": "PGD-AT", "trades": "TRADES", "natural": "natural (non-adversarial) training"}
-MODEL_LABELS = {"student": "Student", "swa_student": "SWA student", "last_student": "Student of the last epoch"}
 EXPORT_NAMES = {"onnx": "ONNX", "pt2": "torch.export", "markdown": "Markdown model card"}
 MAX_LISTED_CLASSES = 20
 
@@ -288,23 +287,6 @@ def _md_metric_table(metrics: dict[str, Any], split: str, columns: list[str], va
 
 
 MAX_PER_CLASS_ROWS = 50
-
-
-PerClassRow = tuple[str, Any, Any, list[Any]]  # (class, its test images, AutoAttack's where it ran on fewer, else None, accuracies)
-
-
-def per_class_table(model_metrics: dict[str, Any], evaluation: dict[str, Any]) -> tuple[list[str], list[PerClassRow]]:
-    """One model's per-class figures as (metric keys, rows); no rows where the report has none. The card and
-    the web page both render it."""
-    by_metric = model_metrics.get("test_per_class") or {}
-    counts = (evaluation.get("sample") or {}).get("per_class") or {}
-    evaluated, autoattack = counts.get("evaluated") or {}, counts.get("autoattack") or {}
-    autoattack_fewer = "autoattack_acc" in by_metric and autoattack != evaluated
-    rows = [
-        (name, evaluated.get(name, "–"), autoattack.get(name, 0) if autoattack_fewer else None, [by_metric[k].get(name) for k in by_metric])
-        for name in dict.fromkeys(c for figures in by_metric.values() for c in figures)
-    ]
-    return list(by_metric), rows
 
 
 def _md_per_class(metrics: dict[str, Any], evaluation: dict[str, Any]) -> list[str]:

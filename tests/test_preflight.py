@@ -5,8 +5,10 @@ import pytest
 import torch
 from peeraid_models import create_model
 
+from core.engine.builtin_datasets import BUILTIN_SHAPES
 from core.engine.errors import DatasetError
-from core.engine.preflight import BUILTIN_SHAPES, DataShape, forward_flops, network_cost, preflight, step_flops
+from core.engine.estimates import DataShape
+from core.engine.preflight import forward_flops, network_cost, preflight, step_flops
 from core.engine.sources import load_digits
 from core.engine.spec import build_spec
 
@@ -46,8 +48,8 @@ def test_the_estimate_follows_the_epochs_and_refuses_too_small_images():
 
 
 def test_autoattacks_work_follows_its_target_classes_and_small_networks_pay_its_overhead():
+    from core.engine.estimates import DEVICE_RATES
     from core.engine.evaluation import autoattack_work
-    from core.engine.preflight import DEVICE_RATES
 
     assert autoattack_work(100, 10) == pytest.approx(300_000)  # the standard version: 9 targets
     assert autoattack_work(100, 4) == pytest.approx(0.64 * 300_000)  # 3 targets

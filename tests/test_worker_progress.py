@@ -11,7 +11,8 @@ from core.db import jobs
 from core.db.models import Job
 from core.db.session import database
 from core.engine.callbacks import EpochRecord, EvaluationProgress, StepProgress
-from core.engine.preflight import DataShape, preflight
+from core.engine.estimates import DataShape
+from core.engine.preflight import preflight
 from worker.callbacks import DatabaseCallbacks
 from worker.lease import JobLease, JobLimits, is_stale
 

@@ -23,8 +23,9 @@ from core.engine.errors import (
     TrainingCancelled,
     TrainingDiverged,
 )
+from core.engine.estimates import DataShape
 from core.engine.job import JobResult, export_checkpoint_student, run_job
-from core.engine.preflight import DataShape, device_class, preflight
+from core.engine.preflight import device_class, preflight
 from core.engine.sources import load_splits
 from core.engine.spec import build_spec
 from core.engine.trainer import resolve_device

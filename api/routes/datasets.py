@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from core.db import datasets
 from core.db.models import Dataset
-from core.engine.sources import BUILTIN_DATASETS
+from core.engine.builtin_datasets import BUILTIN_DATASETS
 
 from ..deps import DatabaseDep, DatasetId, SettingsDep, StorageDep, TenantDep, UploadSlotsDep, find_owned
 from ..errors import responses

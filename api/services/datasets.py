@@ -14,9 +14,9 @@ from core.db import datasets
 from core.db.models import Dataset, new_id
 from core.db.session import Database
 from core.db.tenants import TenantContext, effective_limits, lock_tenant
+from core.engine.builtin_datasets import BUILTIN_DATASETS
 from core.engine.dataset_files import inspect_dataset_file, parse_resize
 from core.engine.errors import DatasetError
-from core.engine.sources import BUILTIN_DATASETS
 from core.settings import Settings
 from core.storage import Storage, UploadStalled, UploadTooLarge
 

@@ -5,31 +5,14 @@ architecture by a dry forward on the meta device, the schedule against the epoch
 the work: arithmetic per training step counted by PyTorch's FlopCounterMode on the meta device (no
 memory, no arithmetic), memory at the batch size, and hours per device class from measured rates.
 A network's parameters, arithmetic and activations depend only on its architecture, classes, channels
-and input size: `network_cost` measures each combination once per process (building and counting a
-WRN-70-16 takes 0.1-0.3 s of CPU; a pre-flight whose networks are counted already, about 10 µs).
+and input size: `network_cost` measures each combination once per process, so a repeated pre-flight builds
+no network.
 
-Rates are measured throughputs, turned into arithmetic per second:
-- h100: the authors' step (ResNet-18 student and peer, CIFAR-100, batch 128, eager, TF32) ran at
-  1,157 images/s on one H100 (../shared/PEERAID_SPEC.md); the fast paths here aim higher, so GPU
-  estimates are upper bounds.
-- cpu: whole jobs on this project's 2-core machine with one torch thread, as the embedded service's
-  worker runs (`python -m bench.preflight --threads 1`, 2026-12-02, an ordinary day): training reached
-  60 GFLOP/s with small_cnn (at 1×16×16 and at 3×32×32 alike) and 230 with ResNet-18 at 3×32×32;
-  architectures not measured get half of ResNet-18's. The final evaluation of small_cnn reached 22 GFLOP/s
-  at 1×16×16 and 42 at 3×32×32: AutoAttack's many small batches cost about 2 MFLOP-equivalents of
-  overhead per image and pass, whatever the network (`evaluation_overhead_flops`), which only small
-  networks notice. (On 2026-11-26, with two threads on a loaded machine, the same jobs ran 3.5× slower:
-  one thread is also the steadier choice on a shared host.)
-AutoAttack's work is counted as for a model of the robustness of bench.preflight's digits job, and
-scales with the number of target classes (`evaluation.autoattack_work`): a robust model takes longer,
-one with little robustness is broken early and finishes sooner (ResNet-18 after one epoch took a tenth
-of its estimate). Small networks use the arithmetic units far less well than large ones, hence rates
-per architecture where measured; dataset loading and the last, smaller batch of each epoch are not
-counted. `python -m bench.preflight` prints each case's measured and estimated times side by side."""
+The shapes, rates and the estimate's type are in `core.engine.estimates` (torch-free: the API reads them)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -38,92 +21,12 @@ from peeraid_models import InputTooSmallError, create_model, get_model_info, lis
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .datasets import DatasetSplits
 from .errors import DatasetError, SpecError
+from .estimates import DEVICE_RATES, DataShape, Estimate
 from .evaluation import autoattack_work, first_pass_work
 from .spec import JobSpec
 
 BYTES_PER_VALUE = 4  # fp32 weights, gradients, momentum and activations
-
-
-@dataclass(frozen=True)
-class DataShape:
-    in_channels: int
-    height: int
-    width: int
-    num_classes: int
-    num_train: int  # the training data before a validation split is held out of it
-    num_test: int
-
-    @classmethod
-    def of(cls, splits: DatasetSplits) -> DataShape:
-        """The shape of the data a job was given (its validation split counted back into the training data)."""
-        c, h, w = splits.input_shape
-        held_out = 0 if splits.selection == "test" else len(splits.val)
-        return cls(c, h, w, len(splits.classes), len(splits.train) + held_out, len(splits.test))
-
-
-@dataclass(frozen=True)
-class DeviceRate:
-    """Arithmetic per second a device class reaches, by architecture where measured; the final
-    evaluation's own rate where it was measured apart from training."""
-
-    default: float
-    by_architecture: dict[str, float] = field(default_factory=dict)
-    evaluation_by_architecture: dict[str, float] = field(default_factory=dict)
-    evaluation_overhead_flops: float = 0.0  # per image and forward pass of the final evaluation, in FLOP-equivalents
-    source: str = ""
-
-    def flops_per_second(self, architecture: str) -> float:
-        return self.by_architecture.get(architecture, self.default)
-
-    def evaluation_flops_per_second(self, architecture: str) -> float:
-        return self.evaluation_by_architecture.get(architecture, self.flops_per_second(architecture))
-
-    def evaluation_seconds(self, architecture: str, passes: float, flops_per_pass: float) -> float:
-        return passes * (flops_per_pass + self.evaluation_overhead_flops) / self.evaluation_flops_per_second(architecture)
-
-
-DEVICE_RATES: dict[str, DeviceRate] = {
-    "h100": DeviceRate(55.3e12, source="authors' eager TF32 step, ResNet-18, 1,157 images/s on one H100"),
-    "cpu": DeviceRate(
-        115e9,
-        {"small_cnn": 60e9, "resnet18": 230e9},
-        {"small_cnn": 57e9},
-        evaluation_overhead_flops=2.0e6,
-        source="whole jobs on a 2-core CPU, one torch thread (bench.preflight --threads 1)",
-    ),
-}
-
-
-# The built-in datasets' shapes (as core.engine.sources loads them; a test keeps them in step).
-BUILTIN_SHAPES = {
-    "digits": DataShape(1, 16, 16, 10, 1438, 359),
-    "cifar10": DataShape(3, 32, 32, 10, 50_000, 10_000),
-    "cifar100": DataShape(3, 32, 32, 100, 50_000, 10_000),
-    "tinyimagenet": DataShape(3, 64, 64, 200, 100_000, 10_000),
-}
-
-
-@dataclass
-class Estimate:
-    student_parameters: int
-    peer_parameters: int
-    flops_per_training_image: float
-    training_flops: float
-    evaluation_flops: float
-    evaluation_passes: int  # forward-equivalent passes of the final report, per model
-    memory_bytes: int  # at the batch size: weights, gradients and momentum of both networks, activations, the data
-    hours: dict[str, float]  # per device class
-    evaluation_hours: dict[str, float]  # of those, the final evaluation's
-    warnings: list[str]
-
-    def evaluation_share(self, device_class: str) -> float:
-        """The part of the job's time its final evaluation is expected to take on this device class."""
-        return self.evaluation_hours[device_class] / self.hours[device_class] if self.hours[device_class] > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def forward_flops(model: nn.Module, shape: DataShape) -> tuple[float, int]:

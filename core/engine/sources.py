@@ -11,18 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .builtin_datasets import BUILTIN_DATASETS
 from .dataset_files import load_dataset_file
 from .datasets import DatasetError, DatasetSplits, ImageDataset, fingerprint, split_validation
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "builtin_data"
 SELECTIONS = ("validation", "test")
-
-BUILTIN_DATASETS = {
-    "digits": "scikit-learn's bundled 8×8 handwritten digits (UCI), upscaled to 16×16 grey; 10 classes, 1,797 images. Needs no network.",
-    "cifar10": "CIFAR-10 via torchvision (32×32 RGB, 10 classes, 50,000 train / 10,000 test).",
-    "cifar100": "CIFAR-100 via torchvision (32×32 RGB, 100 classes, 50,000 train / 10,000 test).",
-    "tinyimagenet": "TinyImageNet-200 from its standard folder layout (64×64 RGB, 200 classes).",
-}
 
 
 def load_digits(size: int = 16, test_fraction: float = 0.2) -> tuple[ImageDataset, ImageDataset]:

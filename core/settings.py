@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     sse_keep_alive_seconds: float = Field(
         15.0, gt=0, description="an event stream sends a keep-alive comment this often, whatever its job does (proxies cut silent ones)"
     )
-    estimate_device: str = Field("auto", description="device class job estimates are made for: h100, cpu, or auto (this host's)")
+    estimate_device: str = Field(
+        "auto",
+        description="device class of the workers, which job estimates are made for: h100, cpu, or auto (from "
+        "worker_device: cpu, or a CUDA device as h100; with that on auto too, whether this host has an NVIDIA GPU)",
+    )
     max_job_hours: float = Field(
         168.0, description="default per-tenant limit on a job's estimated hours on the estimate device (422 above it)"
     )

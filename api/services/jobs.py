@@ -9,8 +9,8 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -18,9 +18,9 @@ from core.db import datasets, jobs
 from core.db.models import Dataset, Job
 from core.db.session import Database
 from core.db.tenants import TenantContext, effective_limits, lock_tenant
-from core.engine.errors import DatasetError
-from core.engine.preflight import BUILTIN_SHAPES, DataShape, Estimate, preflight
-from core.engine.sources import BUILTIN_DATASETS
+from core.engine.builtin_datasets import BUILTIN_DATASETS, BUILTIN_SHAPES
+from core.engine.errors import DatasetError, SpecError
+from core.engine.estimates import DataShape, Estimate
 from core.engine.spec import JobSpec, build_spec
 from core.settings import Settings
 from worker.queue import JobQueue
@@ -41,16 +41,24 @@ class Plan:
     refusals: list[tuple[str, str]]  # (spec field, why and how to change it)
 
 
-Compute = Callable[[JobSpec, DataShape], Estimate]  # core.engine.preflight.preflight, or it run elsewhere (api.cpu_work)
+Compute = Callable[[JobSpec, DataShape], Estimate]  # core.engine.preflight.preflight, run in a CPU worker (api.cpu_work)
 
 
-def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreate, compute: Compute = preflight) -> Plan:
+def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreate, compute: Compute) -> Plan:
     """The job as it would run; `compute` makes the estimate (CPU-heavy: the API runs it in a worker process)."""
+    spec = _spec(body)
+    dataset = db.run(lambda session: _resolve_dataset(session, tenant, spec.dataset))
+    return _plan(settings, tenant, spec, dataset, compute)
+
+
+def _spec(body: JobCreate) -> JobSpec:
     overrides = body.spec.model_dump(mode="json", exclude_unset=True)
     if body.dataset is not None:
         overrides["dataset"] = body.dataset
-    spec = build_spec(body.preset, overrides)
-    dataset = db.run(lambda session: _resolve_dataset(session, tenant, spec.dataset, lock=False))
+    return build_spec(body.preset, overrides)
+
+
+def _plan(settings: Settings, tenant: TenantContext, spec: JobSpec, dataset: Dataset | None, compute: Compute) -> Plan:
     if dataset is not None:  # named by its name: the job refers to it by id, which the worker resolves
         spec = spec.model_copy(update={"dataset": dataset.id})
     shape = (
@@ -67,9 +75,14 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
 
 
 def estimate_device(settings: Settings) -> str:
+    """The device class of the workers, which run the jobs: as set, else from their device setting (a CUDA device is
+    estimated as an H100), else, with both on auto, from whether this host has an NVIDIA GPU (the embedded service's
+    worker shares the API's host; elsewhere set PEERAID_WORKER_DEVICE or PEERAID_ESTIMATE_DEVICE for the API too)."""
     if settings.estimate_device != "auto":
         return settings.estimate_device
-    return "h100" if torch.cuda.is_available() else "cpu"
+    if settings.worker_device != "auto":
+        return "cpu" if settings.worker_device == "cpu" else "h100"
+    return "h100" if Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir()) else "cpu"
 
 
 def admission_refusals(
@@ -122,22 +135,35 @@ def submit(
     tenant: TenantContext,
     body: JobCreate,
     idempotency_key: str | None,
-    compute: Compute = preflight,
+    compute: Compute,
 ) -> tuple[Job, bool]:
-    """The job (new, or the one this Idempotency-Key already made) and whether it was created now."""
+    """The job (new, or the one this Idempotency-Key already made) and whether it was created now. The dataset is
+    resolved once, with the key's earlier job; the transaction that makes the job locks it by its id."""
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude_unset=True), sort_keys=True).encode()).hexdigest()
-    if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
-        return _replay(replay, request_hash), False
-    planned = plan(db, settings, tenant, body, compute)
+    try:
+        spec = _spec(body)
+    except SpecError:
+        if idempotency_key and (replay := db.run(lambda session: _earlier(session, tenant, idempotency_key))) is not None:
+            return _replay(replay, request_hash), False  # a key used for another request: 409, whatever its spec
+        raise
+
+    def look_up(session: Session) -> tuple[Job | None, Dataset | None]:
+        earlier = _earlier(session, tenant, idempotency_key) if idempotency_key else None
+        return earlier, None if earlier is not None else _resolve_dataset(session, tenant, spec.dataset)
+
+    earlier, dataset = db.run(look_up)
+    if earlier is not None:
+        return _replay(earlier, request_hash), False
+    planned = _plan(settings, tenant, spec, dataset, compute)
     if planned.refusals:
         raise InvalidFields(planned.refusals, within=("spec",))
-    spec = planned.spec
 
     def create(session: Session) -> tuple[Job, bool]:
         lock_tenant(session, tenant.id)
         if idempotency_key and (existing := _earlier(session, tenant, idempotency_key)) is not None:
             return _replay(existing, request_hash), False  # a concurrent retry won the race
-        dataset = _resolve_dataset(session, tenant, spec.dataset, lock=True)
+        if dataset is not None and datasets.lock(session, dataset.id) is None:  # locked against deletion until committed
+            raise InvalidFields([("dataset", f"dataset '{dataset.name}' ({dataset.id}) was deleted while the job was submitted")])
         job = jobs.create(
             session,
             tenant_id=tenant.id,
@@ -145,7 +171,7 @@ def submit(
             dataset_id=dataset.id if dataset else None,
             dataset_name=dataset.name if dataset else spec.dataset,
             preset=body.preset,
-            spec=spec.model_dump(mode="json"),
+            spec=planned.spec.model_dump(mode="json"),
             max_attempts=settings.max_attempts,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
@@ -171,14 +197,13 @@ def _replay(existing: Job, request_hash: str) -> Job:
     return existing
 
 
-def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *, lock: bool) -> Dataset | None:
-    """None for a built-in; else this tenant's upload with that id, or else with that name (unique per
-    tenant); with `lock`, locked against deletion until the transaction ends."""
+def _resolve_dataset(session: Session, tenant: TenantContext, reference: str) -> Dataset | None:
+    """None for a built-in; else this tenant's upload with that id, or else with that name (unique per tenant)."""
     if reference in BUILTIN_DATASETS:
         return None
     if not re.fullmatch(PRINTABLE, reference):
         raise InvalidFields([("dataset", "must be printable text: no NUL or other control characters")])
-    dataset = datasets.lock(session, reference) if lock else session.get(Dataset, reference)
+    dataset = session.get(Dataset, reference)
     if dataset is not None and dataset.tenant_id == tenant.id:
         return dataset
     named = datasets.named(session, tenant.id, reference)
@@ -192,4 +217,4 @@ def _resolve_dataset(session: Session, tenant: TenantContext, reference: str, *,
                 )
             ]
         )
-    return datasets.lock(session, named.id) if lock else named
+    return named

@@ -11,9 +11,12 @@ their arithmetic), and training-curve images (Matplotlib). Three bounds keep the
   loop.) Calls beyond them wait their turn; the rest of a request (its database work, the enqueue) runs in
   the API's thread pool as any other blocking work, so submissions still meet in the database at once;
 - a request whose client goes away (http.disconnect) is cancelled: before it starts it never runs; once
-  running, a torch dispatch mode (`Cancellable`) in the worker checks a flag the API sets before every tensor
+  running, a torch dispatch mode in the worker (`api.cpu_worker`) checks a flag the API sets before every tensor
   operation, so a pre-flight stops within milliseconds. The tenant's slot comes back only when the work has
   stopped, so leaving and retrying does not pile work up. (A curve image, about 0.2 s, runs to its end.)
+
+The API process imports neither torch nor Matplotlib: what runs in the workers is named by the functions of
+`api.cpu_worker`, which import the engine when called (in a worker, where the fork server has loaded it).
 
 The deterministic part of a pre-flight (a network's parameters, arithmetic and activations) is cached in
 each worker by the engine (`core.engine.preflight.network_cost`), the least recently busy worker taking the
@@ -25,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import signal
 import threading
 from collections.abc import Callable
 from ctypes import c_byte
@@ -34,57 +36,19 @@ from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import cpu_worker
+from .cpu_worker import Cancelled
 from .streams import TenantSlots
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # as nginx logs it: the answer had nobody left to read it
 # imported once by the fork server, shared by its workers; the first lowers their CPU priority below the API's
-PRELOAD = ["api.cpu_worker_priority", "api.cpu_work", "core.engine.preflight", "api.plots"]
-
-
-class Cancelled(Exception):
-    """The client went away: the work stopped."""
+PRELOAD = ["api.cpu_worker_priority", "api.cpu_worker", "core.engine.preflight", "api.plots"]
 
 
 class WorkerDied(RuntimeError):
     """A worker process ended in the middle of a call (it is started afresh for the next)."""
-
-
-class Cancellable(TorchDispatchMode):
-    """Raises Cancelled at the next tensor operation once `flag` is set (in the thread that entered it)."""
-
-    def __init__(self, flag: Any):  # a shared c_byte
-        super().__init__()
-        self.flag = flag
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.flag.value:
-            raise Cancelled
-        return func(*args, **(kwargs or {}))
-
-
-def _serve(conn: Connection, flag: Any) -> None:
-    """A worker process: calls from `conn`, one at a time, each cancellable through `flag`, until the API goes."""
-    import torch
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API's to handle; the worker ends with its pipe
-    torch.set_num_threads(1)
-    while True:
-        try:
-            work, args = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            with Cancellable(flag):
-                answer: tuple[str, Any] = ("ok", work(*args))
-        except Exception as err:
-            answer = ("error", err)
-        try:
-            conn.send(answer)
-        except Exception as err:  # an answer that does not pickle
-            conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}")))
 
 
 class Worker:
@@ -97,7 +61,7 @@ class Worker:
     def call(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
         if self.process is None or not self.process.is_alive():
             parent, child = self.context.Pipe()
-            self.process = self.context.Process(target=_serve, args=(child, self.flag), name="peeraid-cpu-work", daemon=True)
+            self.process = self.context.Process(target=cpu_worker.serve, args=(child, self.flag), name="peeraid-cpu-work", daemon=True)
             self.process.start()
             child.close()
             self.conn = parent
@@ -188,15 +152,6 @@ class WorkerPool:
             with self.condition:
                 self.idle.extend(workers)
                 self.condition.notify_all()
-
-
-def network_cache(clear: bool = False) -> dict[str, int]:
-    """In a worker (through `WorkerPool.each`): its cache of network measures, as hits, misses, currsize; emptied first with `clear`."""
-    from core.engine.preflight import network_cost
-
-    if clear:
-        network_cost.cache_clear()
-    return {k: v for k, v in network_cost.cache_info()._asdict().items() if v is not None}
 
 
 Offload = Callable[..., Any]  # offload(work, *args): work(*args) in a worker process

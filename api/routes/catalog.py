@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-from functools import cache
-
-from fastapi import APIRouter
-from peeraid_models import list_models
+from fastapi import APIRouter, Request
 
 from core.engine.spec import PRESETS
 
-from ..deps import TenantDep
+from .. import cpu_worker
+from ..deps import CpuWorkDep, TenantDep
 from ..errors import responses
 from ..schemas import ArchitectureOut, PresetOut
 
 router = APIRouter(prefix="/v1", tags=["catalog"], responses=responses(401, 503))
+_architectures: list[ArchitectureOut] = []  # measured once per process (by a dry forward), in a CPU worker
 
 
-@cache
-def _architectures() -> list[ArchitectureOut]:
-    return [
-        ArchitectureOut(
-            name=m.name, description=m.description, family=m.family, min_input_size=m.min_input_size, params_cifar10=m.num_params(10, 3)
-        )
-        for m in list_models()
-    ]
-
-
-@router.get("/architectures", response_model=list[ArchitectureOut], summary="Student and peer architectures")
-def catalog_architectures(_tenant: TenantDep) -> list[ArchitectureOut]:
-    return _architectures()
+@router.get("/architectures", response_model=list[ArchitectureOut], summary="Student and peer architectures", responses=responses(429))
+async def catalog_architectures(request: Request, tenant: TenantDep, cpu_work: CpuWorkDep) -> list[ArchitectureOut]:
+    if not _architectures:
+        measured = await cpu_work.run(request, tenant.id, lambda offload: offload(cpu_worker.architectures))
+        _architectures[:] = [ArchitectureOut(**m) for m in measured]
+    return _architectures
 
 
 @router.get("/presets", response_model=list[PresetOut], summary="Named job specs (the paper's settings and a CPU demo)")

@@ -12,10 +12,10 @@ from core.db import jobs
 from core.db.models import Job
 from core.db.session import Database
 
+from .. import cpu_worker
 from ..cpu_work import CpuWork
 from ..deps import CpuWorkDep, DatabaseDep, OwnedJob
 from ..errors import responses
-from ..plots import training_curves_png
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 503))
 RENDERED: OrderedDict[str, bytes] = OrderedDict()  # ETag → PNG, the most recently served last
@@ -33,7 +33,7 @@ async def curves_png(request: Request, db: Database, cpu_work: CpuWork, job: Job
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     png = RENDERED.get(etag)
     if png is None:
-        png = await cpu_work.run(request, job.tenant_id, lambda offload: offload(training_curves_png, records, title))
+        png = await cpu_work.run(request, job.tenant_id, lambda offload: offload(cpu_worker.training_curves_png, records, title))
         RENDERED[etag] = png
         while len(RENDERED) > MAX_RENDERED:
             RENDERED.popitem(last=False)

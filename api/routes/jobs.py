@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from core.db import jobs
 from core.db.models import EpochMetric, Job, JobStatus
 from core.db.tenants import TenantContext, lock_tenant
-from core.engine.preflight import preflight
 
+from .. import cpu_worker
 from ..deps import (
     CpuWorkDep,
     DatabaseDep,
@@ -106,7 +106,9 @@ async def jobs_create(
     job, created = await cpu_work.run(
         request,
         tenant.id,
-        lambda offload: job_service.submit(db, queue, settings, tenant, body, idempotency_key, functools.partial(offload, preflight)),
+        lambda offload: job_service.submit(
+            db, queue, settings, tenant, body, idempotency_key, functools.partial(offload, cpu_worker.preflight)
+        ),
     )
     return json_response(JobOut.model_validate(job), status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -121,7 +123,7 @@ async def jobs_preflight(
     request: Request, body: JobCreate, db: DatabaseDep, tenant: TenantDep, settings: SettingsDep, cpu_work: CpuWorkDep
 ) -> PreflightOut:
     planned = await cpu_work.run(
-        request, tenant.id, lambda offload: job_service.plan(db, settings, tenant, body, functools.partial(offload, preflight))
+        request, tenant.id, lambda offload: job_service.plan(db, settings, tenant, body, functools.partial(offload, cpu_worker.preflight))
     )
     return PreflightOut(
         admitted=not planned.refusals,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from api.cpu_work import network_cache
+from api.cpu_worker import network_cache
 from api.main import create_app
 from core.settings import Settings
 

@@ -73,7 +73,7 @@ def worker_command(settings: Settings, name: str = "worker") -> list[str]:
         "-m",
         "celery",
         "-A",
-        "worker.celery_app",
+        "worker.main",
         "worker",
         "--queues",
         settings.task_queue,

@@ -1,7 +1,8 @@
-"""The Celery application and its configuration, nothing else: one job at a time per worker process
-(one worker per GPU), a fresh process per job (but not per dropped duplicate message), and redelivery
-when a worker dies. Task options are declared with the task (worker/tasks.py); signal handlers live in
-worker/signals.py.
+"""The Celery application's configuration, nothing else: one job at a time per worker process (one worker
+per GPU), a fresh process per job (but not per dropped duplicate message), and redelivery when a worker dies.
+No app is built at import: the worker builds its own (worker/main.py, `celery -A worker.main`), the API its
+own in `create_app` (through worker.queue). Task options are declared with the task (worker/tasks.py, a
+shared task, so it belongs to whichever app runs it); signal handlers live in worker/signals.py.
 
 The database stays the source of truth: the reconciler re-sends what the broker lost."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 RUN_JOB_TASK = "peeraid.run_job"
 # A pool process is replaced once it has held more than this (in KiB). The engine alone takes 630 MiB, so every
@@ -36,6 +37,3 @@ def create_celery(settings: Settings) -> Celery:
         # an unacknowledged message comes back after this long, so it must outlast the longest job
         app.conf.broker_transport_options = {"visibility_timeout": settings.max_job_seconds + 3600}
     return app
-
-
-app = create_celery(get_settings())

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import resource
 
+from celery import shared_task
+
 from core.logs import job_context
 from core.settings import Settings, get_settings
 
-from .celery_app import RUN_JOB_TASK, app
+from .celery_app import RUN_JOB_TASK
 from .lease import claim, give_back, host_memory_bytes
 
 
-@app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     settings = get_settings()
     with job_context(job_id):

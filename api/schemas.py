@@ -9,6 +9,7 @@ from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 from pydantic_core import PydanticUndefined
 
+from core.db.job_listing import JobListing
 from core.db.models import Job, JobStatus
 from core.engine.spec import JobSpec
 
@@ -221,7 +222,7 @@ def columns_of(model: type[BaseModel]) -> tuple[Any, ...]:
 
 
 JOB_VIEW = columns_of(JobOut)
-JOB_SUMMARY = columns_of(JobSummary)
+JOB_LISTING = JobListing(columns_of(JobSummary))  # GET /v1/jobs and the web page's list
 
 
 class JobList(BaseModel):

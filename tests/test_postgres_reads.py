@@ -11,7 +11,8 @@ import psycopg
 import pytest
 from sqlalchemy import bindparam, select
 
-from api.routes.jobs import JOB_BY_ID, JOBS_PAGE
+from api.routes.jobs import JOB_BY_ID
+from api.schemas import JOB_LISTING
 from core.db.models import Base, Job, JobStatus
 from core.db.postgres_reads import MAX_STATEMENTS, PostgresReads
 from core.db.session import Database
@@ -86,13 +87,13 @@ def test_a_page_of_jobs_by_status_with_its_count(database):
     db, _ = database
     statuses = [JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.QUEUED]
     tenant_id, ids = add_jobs(db, "reads-page", statuses)
-    page, count = JOBS_PAGE[True]
+    page, count = JOB_LISTING.statements[True]
     parameters = {"tenant_id": tenant_id, "status": "queued", "limit": 2, "offset": 1}
 
     async def read():
         rows = await db.afetch(page, parameters)
         total = await db.afetch(count, parameters)
-        everything = await db.afetch(JOBS_PAGE[False][0], {**parameters, "limit": 10, "offset": 0})
+        everything = await db.afetch(JOB_LISTING.statements[False][0], {**parameters, "limit": 10, "offset": 0})
         await db.aclose()
         return rows, total, everything
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Integer, Select, bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.db import jobs
@@ -34,7 +34,7 @@ from ..deps import (
 )
 from ..errors import responses
 from ..schemas import (
-    JOB_SUMMARY,
+    JOB_LISTING,
     JOB_VIEW,
     EpochMetricOut,
     EstimateOut,
@@ -52,18 +52,6 @@ from ..streams import JobWatcher, TenantSlots
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 503))
 # built once: constructing and compiling a statement costs more than running it
 JOB_BY_ID = select(*JOB_VIEW).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
-
-
-def _jobs_page(by_status: bool) -> tuple[Select[Any], Select[Any]]:
-    """A page of the tenant's jobs (newest first) and the count of all of them, optionally of one status."""
-    query = select(*JOB_SUMMARY).where(Job.tenant_id == bindparam("tenant_id"))
-    if by_status:
-        query = query.where(Job.status == bindparam("status"))
-    page = query.order_by(Job.created_at.desc(), Job.id).limit(bindparam("limit", type_=Integer)).offset(bindparam("offset", type_=Integer))
-    return page, select(func.count().label("n")).select_from(query.subquery())
-
-
-JOBS_PAGE = {by_status: _jobs_page(by_status) for by_status in (False, True)}
 
 
 @router.post(
@@ -144,13 +132,7 @@ async def jobs_list(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> Response:
-    page, count = JOBS_PAGE[status_filter is not None]
-    parameters = {"tenant_id": tenant.id, "status": status_filter and status_filter.value, "limit": limit, "offset": offset}
-    rows = await db.afetch(page, parameters)
-    if offset == 0 and len(rows) < limit:
-        total = len(rows)  # the whole list is on this page: no count needed
-    else:
-        total = (await db.afetch(count, parameters))[0]["n"]
+    total, rows = await JOB_LISTING.page(db, tenant.id, status_filter, limit, offset)
     return json_response(JobList(items=[JobSummary.model_validate(r) for r in rows], total=total, limit=limit, offset=offset))
 
 

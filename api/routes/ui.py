@@ -31,6 +31,7 @@ from core.engine.report import MODEL_LABELS, metric_label, per_class_table
 from core.settings import Settings
 
 from ..deps import UI_COOKIE, ArtifactName, CpuWorkDep, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
+from ..schemas import JOB_LISTING
 from ..security import authenticate
 from .artifacts import artifact_file
 from .curves import curves_png
@@ -187,7 +188,7 @@ async def logout(request: Request, db: DatabaseDep, settings: SettingsDep) -> Re
 async def jobs_page(
     request: Request, db: DatabaseDep, tenant: UITenantDep, page_number: Annotated[int, Query(alias="page", ge=1, le=10**6)] = 1
 ) -> Response:
-    total, jobs = await db.arun(lambda session: job_rows.page(session, tenant.id, None, PAGE_SIZE, (page_number - 1) * PAGE_SIZE))
+    total, jobs = await JOB_LISTING.page(db, tenant.id, None, PAGE_SIZE, (page_number - 1) * PAGE_SIZE)
     return page(
         request,
         "jobs.html",
@@ -197,7 +198,7 @@ async def jobs_page(
             "total": total,
             "page": page_number,
             "pages": max(1, math.ceil(total / PAGE_SIZE)),
-            "refresh": any(j.status in ACTIVE_STATUSES for j in jobs),
+            "refresh": any(j["status"] in ACTIVE_STATUSES for j in jobs),
         },
     )
 

@@ -164,15 +164,6 @@ def delete_finished(session: Session, job: Job) -> None:
     session.delete(job)
 
 
-def page(session: Session, tenant_id: str, status: JobStatus | None, limit: int, offset: int) -> tuple[int, list[Job]]:
-    """A tenant's jobs, newest first: (total, this page)."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if status:
-        query = query.where(Job.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    return total, list(session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)))
-
-
 def artifacts(session: Session, job_id: str) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
 

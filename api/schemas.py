@@ -164,37 +164,6 @@ class Progress(BaseModel):
     evaluation: EvaluationProgressOut | None = Field(None, description="the final report's progress, once it has started")
 
 
-class JobOut(Out):
-    id: str
-    status: JobStatus
-    phase: str
-    dataset: str = Field(validation_alias="dataset_name")
-    dataset_id: str | None
-    preset: str | None
-    spec: dict[str, Any]
-    progress: Progress
-    latest_metrics: dict[str, Any] | None
-    best_metrics: dict[str, Any] | None
-    result: dict[str, Any] | None = Field(description="the test-set report: {model: {best_epoch, validation, test}}")
-    evaluation: dict[str, Any] | None = Field(
-        None,
-        description="what the report covers: status (complete / incomplete / pending), images per attack, failed attacks, "
-        "the AutoAttack set used",
-    )
-    warnings: list[dict[str, str]] | None = Field(
-        None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]"
-    )
-    execution: dict[str, Any] | None = Field(None, description="how the training steps ran: precision, CUDA graph or eager (and why)")
-    estimate: dict[str, Any] | None = Field(None, description="the pre-flight estimate made at submission")
-    error: str | None
-    attempts: int
-    cancel_requested: bool
-    created_at: dt.datetime
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    updated_at: dt.datetime
-
-
 class JobSummary(Out):
     """A job in a list: its state and progress; GET /v1/jobs/{id} has the rest (spec, report, evaluation, ...)."""
 
@@ -206,7 +175,9 @@ class JobSummary(Out):
     preset: str | None
     progress: Progress
     latest_metrics: dict[str, Any] | None
-    warnings: list[dict[str, str]] | None = None
+    warnings: list[dict[str, str]] | None = Field(
+        None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]"
+    )
     error: str | None
     attempts: int
     cancel_requested: bool
@@ -214,6 +185,21 @@ class JobSummary(Out):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     updated_at: dt.datetime
+
+
+class JobOut(JobSummary):
+    """A job in full: its summary, and the spec, the reports and the estimate."""
+
+    spec: dict[str, Any]
+    best_metrics: dict[str, Any] | None
+    result: dict[str, Any] | None = Field(description="the test-set report: {model: {best_epoch, validation, test}}")
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="what the report covers: status (complete / incomplete / pending), images per attack, failed attacks, "
+        "the AutoAttack set used",
+    )
+    execution: dict[str, Any] | None = Field(None, description="how the training steps ran: precision, CUDA graph or eager (and why)")
+    estimate: dict[str, Any] | None = Field(None, description="the pre-flight estimate made at submission")
 
 
 def columns_of(model: type[BaseModel]) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ from pydantic_core import PydanticUndefined
 
 from core.db.job_listing import JobListing
 from core.db.models import Job, JobStatus
+from core.engine.callbacks import JobProgress
 from core.engine.spec import JobSpec
 
 # Names and references users send: printable text only (no NUL or other control characters).
@@ -141,29 +142,6 @@ class PreflightOut(BaseModel):
     refusals: list[Refusal]
 
 
-class EvaluationProgressOut(BaseModel):
-    model: str = Field(description="student or swa_student")
-    attack: str = Field(description="e.g. 'clean, FGSM, PGD-20' or 'AutoAttack'")
-    batch: int = Field(description="batches done")
-    batches: int
-    accuracy_so_far: float | None = None
-    eta_seconds: float | None = Field(None, description="of the whole final evaluation (every model and attack)")
-    fraction: float = Field(0.0, description="of the whole final evaluation done, by planned work")
-    images_per_sec: float | None = Field(None, description="of this model's attack so far")
-
-
-class Progress(BaseModel):
-    epoch: int | None = Field(None, description="the epoch under way, from 1")
-    epochs: int | None = None
-    step: int | None = None
-    steps_per_epoch: int | None = None
-    images_per_sec: float | None = Field(None, description="training images per second; during the final evaluation, its own")
-    eta_seconds: float | None = Field(None, description="of the whole job: the training left, then the final evaluation")
-    fraction: float = Field(0.0, description="of the whole job done: the training, then the final evaluation")
-    losses: dict[str, float] | None = None
-    evaluation: EvaluationProgressOut | None = Field(None, description="the final report's progress, once it has started")
-
-
 class JobSummary(Out):
     """A job in a list: its state and progress; GET /v1/jobs/{id} has the rest (spec, report, evaluation, ...)."""
 
@@ -173,7 +151,7 @@ class JobSummary(Out):
     dataset: str = Field(validation_alias="dataset_name")
     dataset_id: str | None
     preset: str | None
-    progress: Progress
+    progress: JobProgress
     latest_metrics: dict[str, Any] | None
     warnings: list[dict[str, str]] | None = Field(
         None, description="outcomes to distrust, e.g. a model at chance: [{model, kind, message, advice}]"

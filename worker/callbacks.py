@@ -8,7 +8,7 @@ import logging
 
 from core.db import jobs
 from core.db.models import JobStatus
-from core.engine.callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
+from core.engine.callbacks import EpochRecord, EvaluationProgress, JobProgress, Stage, StepProgress, TrainingCallbacks
 
 from .lease import JobLease
 
@@ -24,7 +24,7 @@ class DatabaseCallbacks(TrainingCallbacks):
         self.batch_size = batch_size
         self.evaluation_share = min(max(evaluation_share, 0.0), 0.99)
         self.history: list[EpochRecord] = []
-        self.training: dict = {}  # the last training progress, kept beside the evaluation's
+        self.training = JobProgress()  # the last training progress, kept beside the evaluation's
         self.expected_evaluation_seconds: float | None = None
 
     def _epoch_seconds(self, p: StepProgress) -> float:
@@ -40,16 +40,16 @@ class DatabaseCallbacks(TrainingCallbacks):
         share = self.evaluation_share
         # unknown (no estimate's share) is not "no time": leave the evaluation's ETA to its own pace
         self.expected_evaluation_seconds = p.epochs * epoch_seconds * share / (1 - share) if share > 0 else None
-        progress = {
-            "epoch": p.epoch,
-            "epochs": p.epochs,
-            "step": p.step,
-            "steps_per_epoch": p.steps_per_epoch,
-            "images_per_sec": round(p.images_per_sec, 1),
-            "eta_seconds": round((p.epochs - done) * epoch_seconds + (self.expected_evaluation_seconds or 0.0), 1),
-            "fraction": round(done / p.epochs * (1 - share), 4),
-            "losses": p.losses,
-        }
+        progress = JobProgress(
+            epoch=p.epoch,
+            epochs=p.epochs,
+            step=p.step,
+            steps_per_epoch=p.steps_per_epoch,
+            images_per_sec=round(p.images_per_sec, 1),
+            eta_seconds=round((p.epochs - done) * epoch_seconds + (self.expected_evaluation_seconds or 0.0), 1),
+            fraction=round(done / p.epochs * (1 - share), 4),
+            losses=p.losses,
+        )
         self.training = progress
         self._best_effort(progress, f"training epoch {p.epoch}/{p.epochs}")
 
@@ -57,18 +57,18 @@ class DatabaseCallbacks(TrainingCallbacks):
         eta = p.eta_seconds
         if eta is None and self.expected_evaluation_seconds is not None:  # no pace measured yet: the training's
             eta = self.expected_evaluation_seconds * (1 - p.fraction)
-        progress = {
-            **self.training,
-            "fraction": round(1 - self.evaluation_share + self.evaluation_share * p.fraction, 4),
-            "eta_seconds": None if eta is None else round(eta, 1),
-            "images_per_sec": None if p.images_per_sec is None else round(p.images_per_sec, 1),
-            "evaluation": dataclasses.asdict(p),
-        }
+        progress = dataclasses.replace(
+            self.training,
+            fraction=round(1 - self.evaluation_share + self.evaluation_share * p.fraction, 4),
+            eta_seconds=None if eta is None else round(eta, 1),
+            images_per_sec=None if p.images_per_sec is None else round(p.images_per_sec, 1),
+            evaluation=p,
+        )
         self._best_effort(progress, f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})")
 
-    def _best_effort(self, progress: dict, phase: str) -> None:
+    def _best_effort(self, progress: JobProgress, phase: str) -> None:
         try:
-            self.lease.write(jobs.report_progress, progress, phase)
+            self.lease.write(jobs.report_progress, progress.to_dict(), phase)
         except Exception:  # progress is best effort; the next write or the epoch record catches up
             log.exception("progress write for job %s failed", self.lease.job_id)
 

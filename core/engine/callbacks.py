@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 
 class Stage(enum.StrEnum):
@@ -53,14 +55,33 @@ class EvaluationProgress:
     """The final report's progress: which model and attack, how far, and the robust accuracy so far; the
     fraction of the whole final evaluation done (every model and attack, by planned work) and its ETA."""
 
-    model: str  # "student" or "swa_student"
-    attack: str  # e.g. "clean, FGSM, PGD-20" or "AutoAttack"
-    batch: int  # batches done, 1-based
+    model: Annotated[str, Field(description="student or swa_student")]
+    attack: Annotated[str, Field(description="e.g. 'clean, FGSM, PGD-20' or 'AutoAttack'")]
+    batch: Annotated[int, Field(description="batches done, from 1")]
     batches: int
-    accuracy_so_far: float | None
-    eta_seconds: float | None  # of the whole final evaluation
-    fraction: float = 0.0  # of the whole final evaluation
-    images_per_sec: float | None = None  # in this model's attack so far
+    accuracy_so_far: float | None = None
+    eta_seconds: Annotated[float | None, Field(description="of the whole final evaluation (every model and attack)")] = None
+    fraction: Annotated[float, Field(description="of the whole final evaluation done, by planned work")] = 0.0
+    images_per_sec: Annotated[float | None, Field(description="of this model's attack so far")] = None
+
+
+@dataclass
+class JobProgress:
+    """A job's progress as the service reports it (a job's `progress`): the training's last step, then the final
+    evaluation's, with the fraction and the ETA of the whole job. All empty until the first step."""
+
+    epoch: Annotated[int | None, Field(description="the epoch under way, from 1")] = None
+    epochs: int | None = None
+    step: int | None = None
+    steps_per_epoch: int | None = None
+    images_per_sec: Annotated[float | None, Field(description="training images per second; during the final evaluation, its own")] = None
+    eta_seconds: Annotated[float | None, Field(description="of the whole job: the training left, then the final evaluation")] = None
+    fraction: Annotated[float, Field(description="of the whole job done: the training, then the final evaluation")] = 0.0
+    losses: dict[str, float] | None = None
+    evaluation: Annotated[EvaluationProgress | None, Field(description="the final report's progress, once it has started")] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class TrainingCallbacks:

@@ -116,7 +116,7 @@ async def is_operator(
 ) -> bool:
     """The caller holds the operator's token (PEERAID_OPERATOR_TOKEN): cross-tenant counts and internal details."""
     token, presented = settings.operator_token, caller_of(request).token
-    return bool(token) and presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+    return bool(token) and presented is not None and hmac.compare_digest(presented.encode(), (token or "").encode())
 
 
 OperatorDep = Annotated[bool, Depends(is_operator)]

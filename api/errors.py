@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import exc as sqlalchemy_errors
@@ -68,11 +68,10 @@ def responses(*codes: int) -> dict[int | str, dict[str, object]]:
     return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
-def field_errors(
-    errors: list[tuple[str, str]], code: int = status.HTTP_422_UNPROCESSABLE_CONTENT, *, within: tuple[str, ...] = ()
-) -> HTTPException:
-    """Errors about body fields; `within=("spec",)` for job-spec fields, whose messages name them as `--set` does."""
-    detail = [
+def field_error_detail(errors: list[tuple[str, str]], *, within: tuple[str, ...] = ()) -> list[dict[str, object]]:
+    """FastAPI's validation shape for errors about body fields; `within=("spec",)` for job-spec fields, whose
+    messages name them as `--set` does."""
+    return [
         {
             "loc": ["body", *within, *(field.split(".") if field else [])],
             "msg": f"{field}: {message}" if field else message,
@@ -80,7 +79,6 @@ def field_errors(
         }
         for field, message in errors
     ]
-    return HTTPException(code, detail)
 
 
 def _body(code: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -91,15 +89,15 @@ def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def refused(_request: Request, err: ServiceError) -> JSONResponse:
         if isinstance(err, InvalidFields):
-            return _body(status.HTTP_422_UNPROCESSABLE_CONTENT, field_errors(err.errors, within=err.within).detail)
+            return _body(status.HTTP_422_UNPROCESSABLE_CONTENT, field_error_detail(err.errors, within=err.within))
         return _body(SERVICE_ERROR_STATUS[type(err)], str(err))
 
     @app.exception_handler(SpecError)
     async def bad_spec(_request: Request, err: SpecError) -> JSONResponse:
-        detail = []
+        detail: list[dict[str, object]] = []
         for e in err.errors:  # the preset is a body field; everything else a field of the spec
             within = () if e["field"] in ("preset", "") else ("spec",)
-            detail += field_errors([(e["field"], e["message"])], within=within).detail
+            detail += field_error_detail([(e["field"], e["message"])], within=within)
         return _body(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
 
     @app.exception_handler(ActiveJobLimit)
@@ -113,8 +111,8 @@ def register_error_handlers(app: FastAPI) -> None:
     async def conflict(_request: Request, err: Exception) -> JSONResponse:
         return _body(status.HTTP_409_CONFLICT, str(err))
 
-    for kind in (JobFinished, JobActive, DatasetInUse):
-        app.add_exception_handler(kind, conflict)
+    for conflicting in (JobFinished, JobActive, DatasetInUse):
+        app.add_exception_handler(conflicting, conflict)
 
     async def database_unavailable(request: Request, err: Exception) -> JSONResponse:
         return database_unavailable_response(request.method, request.url.path, err)

@@ -32,7 +32,7 @@ class JobCollector:
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily("peeraid_jobs", "Jobs by status", labels=["status"])
-        counts = dict.fromkeys(JobStatus, 0)
+        counts: dict[str, int] = dict.fromkeys(JobStatus, 0)
         try:
             with database(self.database_url).transaction() as session:
                 counts.update({status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))})

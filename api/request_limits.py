@@ -25,6 +25,7 @@ import asyncio
 import email.message
 import json
 from collections import Counter
+from typing import Literal
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -74,7 +75,7 @@ def parsed_as_json(content_type: str) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def nesting_depth(body: bytes, limit: int | None = None) -> int:
+def nesting_depth(body: bytes | bytearray, limit: int | None = None) -> int:
     """The deepest [ / { nesting of a JSON text, strings skipped; linear, no recursion; with `limit`, it
     stops as soon as the depth passes it."""
     depth = deepest = 0
@@ -178,7 +179,7 @@ class Edge:
         if admitted is None:
             return
         tenant, places = admitted
-        via = None if tenant is None else "session" if cookie else "key"
+        via: Literal["key", "session"] | None = None if tenant is None else "session" if cookie else "key"
         scope[CALLER] = Caller(address=address, tenant=tenant, via=via, token=token)
 
         try:

@@ -72,7 +72,7 @@ def overrides_of(model: type[BaseModel], name: str) -> type[BaseModel]:
     users send it, documented in OpenAPI from the engine's own JobSpec, so the two never drift."""
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
-        annotation = info.annotation
+        annotation: Any = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             annotation = overrides_of(annotation, f"{annotation.__name__}Overrides")
         elif info.metadata:
@@ -182,7 +182,10 @@ class JobOut(JobSummary):
 
 def columns_of(model: type[BaseModel]) -> tuple[Any, ...]:
     """The job columns a response model is made of (the dataset's name comes from dataset_name), for reads without the ORM."""
-    return tuple(getattr(Job, field.validation_alias or name) for name, field in model.model_fields.items())
+    return tuple(
+        getattr(Job, field.validation_alias if isinstance(field.validation_alias, str) else name)
+        for name, field in model.model_fields.items()
+    )
 
 
 JOB_VIEW = columns_of(JobOut)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -105,7 +106,7 @@ class JobWatcher:
             if not watched:
                 break
             try:
-                snapshot = await self.db.arun(lambda session, watched=watched: _read(session, watched))
+                snapshot = await self.db.arun(functools.partial(_read, subscriptions=watched))
             except Exception:  # the database is away: streams keep waiting, the next round tries again
                 log.warning("job watcher could not read the database", exc_info=True)
                 continue

@@ -37,8 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "job_id", None):
-            entry["job_id"] = record.job_id
+        if job_id := getattr(record, "job_id", None):  # set by job_context's filter
+            entry["job_id"] = job_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from core.db import tenants
 from core.db.session import database
@@ -112,10 +113,15 @@ def announced(settings: Settings) -> Iterator[None]:
                 path.unlink()
 
 
+def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    migrate(settings)
+    return 0
+
+
 def run_api(settings: Settings) -> None:
     import uvicorn
 
-    options = dict(host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
+    options: dict[str, Any] = dict(host=settings.api_host, port=settings.api_port, log_config=None, proxy_headers=True)
     with announced(settings):
         if settings.api_workers > 1:  # several processes, each building the app from the environment's settings
             uvicorn.run("api.main:create_app", factory=True, workers=settings.api_workers, **options)
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="migrations + one Celery worker (one job at a time)")
     worker.add_argument("--name", default="worker", help="worker name (host name is appended)")
     worker.set_defaults(func=cmd_worker)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=lambda a, s: (migrate(s), 0)[1])
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     create = sub.add_parser("create-key", help="create an API key (and the tenant if new)")
     create.add_argument("tenant")
     create.add_argument("--name", default="", help="a label for the key")

@@ -33,8 +33,9 @@ async def curves_png(request: Request, db: Database, cpu_work: CpuWork, job: Job
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     png = RENDERED.get(etag)
     if png is None:
-        png = await cpu_work.run(request, job.tenant_id, lambda offload: offload(cpu_worker.training_curves_png, records, title))
-        RENDERED[etag] = png
+        png = RENDERED[etag] = await cpu_work.run(
+            request, job.tenant_id, lambda offload: offload(cpu_worker.training_curves_png, records, title)
+        )
         while len(RENDERED) > MAX_RENDERED:
             RENDERED.popitem(last=False)
     RENDERED.move_to_end(etag)

@@ -10,7 +10,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -52,7 +54,7 @@ def plan(db: Database, settings: Settings, tenant: TenantContext, body: JobCreat
 
 
 def _spec(body: JobCreate) -> JobSpec:
-    overrides = body.spec.model_dump(mode="json", exclude_unset=True)
+    overrides = cast(BaseModel, body.spec).model_dump(mode="json", exclude_unset=True)  # a model built from JobSpec
     if body.dataset is not None:
         overrides["dataset"] = body.dataset
     return build_spec(body.preset, overrides)
@@ -64,7 +66,7 @@ def _plan(settings: Settings, tenant: TenantContext, spec: JobSpec, dataset: Dat
     shape = (
         BUILTIN_SHAPES[spec.dataset]
         if dataset is None
-        else DataShape(*dataset.input_shape, num_classes=len(dataset.classes), num_train=dataset.num_train, num_test=dataset.num_test)
+        else DataShape(*_channels_height_width(dataset), len(dataset.classes), dataset.num_train, dataset.num_test)
     )
     try:
         estimate = compute(spec, shape)
@@ -72,6 +74,11 @@ def _plan(settings: Settings, tenant: TenantContext, spec: JobSpec, dataset: Dat
         raise InvalidFields([("student", str(err))], within=("spec",)) from None
     device = estimate_device(settings)
     return Plan(spec, dataset, shape, device, estimate, admission_refusals(settings, tenant, shape, estimate, device))
+
+
+def _channels_height_width(dataset: Dataset) -> tuple[int, int, int]:
+    channels, height, width = dataset.input_shape  # stored as a JSON list
+    return channels, height, width
 
 
 def estimate_device(settings: Settings) -> str:
@@ -183,7 +190,8 @@ def submit(
     if created:
         queue.enqueue(db, job.id)
         # as it is after the enqueue; a request that cancelled and deleted it meanwhile leaves the one we made
-        job = db.run(lambda session, made=job: session.get(Job, made.id) or made)
+        made = job
+        job = db.run(lambda session: session.get(Job, made.id) or made)
     return job, created
 
 

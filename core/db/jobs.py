@@ -135,7 +135,7 @@ def mark_enqueued(session: Session, job_id: str) -> None:
     )
 
 
-def _if_queued(value: Any, otherwise: ColumnElement[Any]) -> Any:
+def _if_queued(value: Any, otherwise: Any) -> Any:
     return case((Job.status == JobStatus.QUEUED, value), else_=otherwise)
 
 

@@ -77,7 +77,7 @@ class PostgresReads:
             compiled = self._compiled[statement] = CompiledRead(
                 sql=sql.string,
                 parameters=tuple((name, binds[name].type.bind_processor(self.dialect)) for name in sql.positiontup or ()),
-                columns=tuple((column.key, column.type.result_processor(self.dialect, None)) for column in statement.selected_columns),
+                columns=tuple((str(column.key), column.type.result_processor(self.dialect, None)) for column in statement.selected_columns),
             )
         return compiled
 

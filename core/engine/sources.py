@@ -1,5 +1,5 @@
 """Where datasets come from: the built-in offline digits, CIFAR-10/100 (torchvision), TinyImageNet
-(its standard folder layout) and user files (core/engine/dataset_files.py), resolved by name or path
+(its standard folder layout) and user files (the core/engine/dataset_files package), resolved by name or path
 into train / validation / test splits."""
 
 from __future__ import annotations

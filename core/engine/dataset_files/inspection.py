@@ -3,7 +3,6 @@ upload is validated with (`inspect_dataset_file`); and the resize option, as tex
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 
 from ..datasets import ImageDataset
 from ..errors import DatasetError
+from ..fingerprints import fingerprint
 from .archives import load_tar, load_zip
 from .formats import detect_format
 from .limits import DEFAULT_LIMITS, FileLimits
@@ -29,13 +29,13 @@ def load_dataset_file(
 
 
 def inspect_dataset_file(path: Path, limits: FileLimits = DEFAULT_LIMITS, *, resize: tuple[int, int] | None = None) -> dict:
-    """Validate a dataset file fully and summarise it (fingerprint: sha256 of the decoded content,
-    the same as `datasets.fingerprint(train, test)` of what `load_dataset_file` returns)."""
+    """Validate a dataset file fully and summarise it (fingerprint: `fingerprint(train, test)` of what
+    `load_dataset_file` returns, hashed where the arrays lie)."""
     resize = _resize_size(resize, limits, Path(path).name)
     fmt, train, test = _load(Path(path), limits, resize)
     return {
         "format": fmt,
-        "fingerprint": _fingerprint(train, test),
+        "fingerprint": fingerprint(train, test),
         "num_train": len(train),
         "num_test": len(test),
         "num_classes": train.num_classes,
@@ -51,16 +51,6 @@ def parse_resize(text: str) -> tuple[int, int]:
     if not match or 0 in (int(match[1]), int(match[2])):
         raise DatasetError(f"resize {text!r}: give the size as WIDTHxHEIGHT in pixels, e.g. 32x32")
     return int(match[2]), int(match[1])
-
-
-def _fingerprint(*datasets: ImageDataset) -> str:
-    """datasets.fingerprint's digest, hashing the arrays where they lie (its tobytes() copies them)."""
-    digest = hashlib.sha256()
-    for dataset in datasets:
-        digest.update(repr((tuple(dataset.images.shape), dataset.classes)).encode())
-        digest.update(dataset.images.contiguous().numpy().data)
-        digest.update(dataset.labels.contiguous().numpy().data)
-    return digest.hexdigest()
 
 
 def _load(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[str, ImageDataset, ImageDataset]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
+from ..splits import held_out_count
 from .limits import FileLimits
 
 TEST_FRACTION = 0.2
@@ -101,7 +102,6 @@ def _stratified_split(order: list[int], labels: np.ndarray, num_classes: int) ->
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     test: set[int] = set()
     for members in by_class:
-        n_test = min(len(members) - 1, max(1, round(TEST_FRACTION * len(members)))) if len(members) > 1 else 0
-        permutation = torch.randperm(len(members), generator=generator)[:n_test]
+        permutation = torch.randperm(len(members), generator=generator)[: held_out_count(len(members), TEST_FRACTION)]
         test.update(members[j] for j in permutation.tolist())
     return [i for i in order if i not in test], [i for i in order if i in test]

@@ -1,6 +1,7 @@
 """Fingerprints and split sizes pinned to the values the code gave before the fingerprint and the split
-count each got one home (core.engine.fingerprints, core.engine.splits): a change to either changes the
-id of every dataset already uploaded, or the data a job trains on."""
+count each got one home (core.engine.fingerprints, core.engine.splits) and a folder upload's test split
+was drawn without torch: a change to either changes the id of every dataset already uploaded, or the
+data a job trains on."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from core.engine.dataset_files import inspect_dataset_file, load_dataset_file
 from core.engine.datasets import ImageDataset, fingerprint, split_validation
-from core.engine.splits import held_out_count
+from core.engine.splits import TorchPermutations, held_out_count
 
 CLASS_SIZES = {"ant": 1, "bee": 2, "cat": 5, "dog": 11}
 
@@ -103,3 +104,12 @@ def test_held_out_counts_are_unchanged():
     assert [held_out_count(n, 0.1) for n in sizes] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 10]
     assert [held_out_count(n, 0.2) for n in sizes] == [0, 0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 5, 20]
     assert [held_out_count(n, 0.25) for n in sizes] == [0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 6, 25]
+
+
+def test_the_permutations_drawn_without_torch_are_torchs():
+    """A folder upload's test split is drawn with numpy (the upload check imports no torch), as torch.randperm drew it."""
+    for seed in (0, 1, 2**32 - 1):
+        generator = torch.Generator().manual_seed(seed)
+        permutations = TorchPermutations(seed)
+        for n in (0, 1, 2, 3, 5, 17, 1000, 0, 4096, 2, 70_000):
+            assert permutations.randperm(n).tolist() == torch.randperm(n, generator=generator).tolist(), (seed, n)

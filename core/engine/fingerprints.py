@@ -11,9 +11,14 @@ import numpy as np
 
 
 class _Dataset(Protocol):
-    images: Any  # uint8 N×C×H×W: a numpy array or a CPU tensor
-    labels: Any  # int64 N, likewise
-    classes: list[str]
+    @property
+    def images(self) -> Any: ...  # uint8 N×C×H×W: a numpy array or a CPU tensor
+
+    @property
+    def labels(self) -> Any: ...  # int64 N, likewise
+
+    @property
+    def classes(self) -> list[str]: ...
 
 
 def fingerprint(*datasets: _Dataset) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset_files import load_dataset_file
+from .dataset_files.tensors import load_dataset_file
 from .datasets import DatasetError, DatasetSplits, ImageDataset, fingerprint, split_validation
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "builtin_data"

@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ..datasets import ImageDataset
 from ..errors import DatasetError
+from .arrays import ArrayDataset
 from .folders import EntryStream, load_images
 from .limits import CHUNK, CORRUPT, Budget, FileLimits, check_entry_size, check_ratio, check_size, corrupt_entry
 
@@ -65,7 +65,7 @@ def check_zip_directory(infos: list[zipfile.ZipInfo], source: str, limits: FileL
     check_ratio(source, declared, archive_bytes, limits)
 
 
-def load_zip(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ImageDataset, ImageDataset]:
+def load_zip(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ArrayDataset, ArrayDataset]:
     source = path.name
     try:
         archive_bytes = path.stat().st_size
@@ -130,7 +130,7 @@ class _CountingReader:
         return data
 
 
-def load_tar(path: Path, gz: bool, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ImageDataset, ImageDataset]:
+def load_tar(path: Path, gz: bool, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ArrayDataset, ArrayDataset]:
     source = path.name
     try:
         return load_images(source, lambda: _tar_entries(path, gz, limits), limits, resize, path.stat().st_size)

@@ -8,10 +8,9 @@ import contextlib
 from collections.abc import Callable, Generator
 
 import numpy as np
-import torch
 
-from ..datasets import ImageDataset
 from ..errors import DatasetError
+from .arrays import ArrayDataset
 from .images import decode_image, image_header, store
 from .layout import layout
 from .limits import FileLimits, check_decoded, wh
@@ -61,7 +60,7 @@ class _Scan:
 
 def load_images(
     source: str, entries: Entries, limits: FileLimits, resize: tuple[int, int] | None, file_bytes: int
-) -> tuple[ImageDataset, ImageDataset]:
+) -> tuple[ArrayDataset, ArrayDataset]:
     """Headers first (limits, labels, split), then every image decoded into its row of the train or test array."""
     scan = _Scan(source, limits, resize, file_bytes)
     with contextlib.closing(entries()) as first_pass:
@@ -84,8 +83,8 @@ def load_images(
 
     _decode_all(entries, scan, row)
 
-    def dataset(array: np.ndarray, index: list[int]) -> ImageDataset:
-        return ImageDataset(torch.from_numpy(array), torch.from_numpy(labels[np.asarray(index, dtype=np.int64)]), classes)
+    def dataset(array: np.ndarray, index: list[int]) -> ArrayDataset:
+        return ArrayDataset(array, labels[np.asarray(index, dtype=np.int64)], classes)
 
     return dataset(train, train_index), dataset(test, test_index)
 

@@ -1,5 +1,6 @@
-"""A dataset file read whole, by its format's reader, into train and test datasets; the summary an
-upload is validated with (`inspect_dataset_file`); and the resize option, as text or (height, width)."""
+"""A dataset file read whole, by its format's reader, into train and test arrays; the summary an upload
+is validated with (`inspect_dataset_file`); and the resize option, as text or (height, width). Imports
+no torch: the API validates uploads with this module alone."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import ImageDataset
 from ..errors import DatasetError
 from ..fingerprints import fingerprint
 from .archives import load_tar, load_zip
+from .arrays import ArrayDataset
 from .formats import detect_format
 from .limits import DEFAULT_LIMITS, FileLimits
 from .npz import load_npz
@@ -20,19 +21,27 @@ from .npz import load_npz
 _RESIZE_TEXT = re.compile(r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$")
 
 
-def load_dataset_file(
+def read_dataset_file(
     path: Path, limits: FileLimits = DEFAULT_LIMITS, *, resize: tuple[int, int] | None = None
-) -> tuple[ImageDataset, ImageDataset]:
-    """Returns (train, test). `resize`: (height, width) every image is resized to, or None."""
-    _fmt, train, test = _load(Path(path), limits, _resize_size(resize, limits, Path(path).name))
-    return train, test
+) -> tuple[str, ArrayDataset, ArrayDataset]:
+    """(format, train, test), every check passed. `resize`: (height, width) every image is resized to, or None."""
+    path = Path(path)
+    resize = _resize_size(resize, limits, path.name)
+    fmt = detect_format(path)
+    if fmt == "npz":
+        train, test = load_npz(path, limits, resize)
+    elif fmt == "zip":
+        train, test = load_zip(path, limits, resize)
+    else:
+        train, test = load_tar(path, fmt == "tar.gz", limits, resize)
+    return fmt, train, test
 
 
 def inspect_dataset_file(path: Path, limits: FileLimits = DEFAULT_LIMITS, *, resize: tuple[int, int] | None = None) -> dict:
     """Validate a dataset file fully and summarise it (fingerprint: `fingerprint(train, test)` of what
     `load_dataset_file` returns, hashed where the arrays lie)."""
     resize = _resize_size(resize, limits, Path(path).name)
-    fmt, train, test = _load(Path(path), limits, resize)
+    fmt, train, test = read_dataset_file(path, limits, resize=resize)
     return {
         "format": fmt,
         "fingerprint": fingerprint(train, test),
@@ -51,17 +60,6 @@ def parse_resize(text: str) -> tuple[int, int]:
     if not match or 0 in (int(match[1]), int(match[2])):
         raise DatasetError(f"resize {text!r}: give the size as WIDTHxHEIGHT in pixels, e.g. 32x32")
     return int(match[2]), int(match[1])
-
-
-def _load(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[str, ImageDataset, ImageDataset]:
-    fmt = detect_format(path)
-    if fmt == "npz":
-        train, test = load_npz(path, limits, resize)
-    elif fmt == "zip":
-        train, test = load_zip(path, limits, resize)
-    else:
-        train, test = load_tar(path, fmt == "tar.gz", limits, resize)
-    return fmt, train, test
 
 
 def _resize_size(resize: Any, limits: FileLimits, source: str) -> tuple[int, int] | None:

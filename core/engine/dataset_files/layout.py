@@ -5,10 +5,9 @@ TEST_FRACTION test split of `<class>/` folders). One common top-level folder is 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..errors import DatasetError
-from ..splits import held_out_count
+from ..splits import TorchPermutations, held_out_count
 from .limits import FileLimits
 
 TEST_FRACTION = 0.2
@@ -99,9 +98,9 @@ def _stratified_split(order: list[int], labels: np.ndarray, num_classes: int) ->
     by_class: list[list[int]] = [[] for _ in range(num_classes)]
     for i in order:
         by_class[labels[i]].append(i)
-    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    permutations = TorchPermutations(SPLIT_SEED)  # the split torch.randperm made before, drawn without torch
     test: set[int] = set()
     for members in by_class:
-        permutation = torch.randperm(len(members), generator=generator)[: held_out_count(len(members), TEST_FRACTION)]
+        permutation = permutations.randperm(len(members))[: held_out_count(len(members), TEST_FRACTION)]
         test.update(members[j] for j in permutation.tolist())
     return [i for i in order if i not in test], [i for i in order if i in test]

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import torch
 
-from ..datasets import ImageDataset
 from ..errors import DatasetError
 from .archives import check_zip_directory
+from .arrays import ArrayDataset
 from .images import store
 from .limits import CORRUPT, FileLimits, check_decoded, check_size, wh
 
@@ -33,7 +32,7 @@ class _NpyHeader:
     dtype: np.dtype
 
 
-def load_npz(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ImageDataset, ImageDataset]:
+def load_npz(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> tuple[ArrayDataset, ArrayDataset]:
     source = path.name
     try:
         file_bytes = path.stat().st_size
@@ -68,10 +67,7 @@ def load_npz(path: Path, limits: FileLimits, resize: tuple[int, int] | None) -> 
     if len(present) < 2:
         raise DatasetError(f"{source}: y_train holds a single class (label {int(present[0])}); at least 2 classes are needed")
     classes = [str(k) for k in range(num_classes)]
-    return (
-        ImageDataset(torch.from_numpy(x_train), torch.from_numpy(y_train), classes),
-        ImageDataset(torch.from_numpy(x_test), torch.from_numpy(y_test), classes),
-    )
+    return ArrayDataset(x_train, y_train, classes), ArrayDataset(x_test, y_test, classes)
 
 
 def _open_npy(zf: zipfile.ZipFile, member: str, key: str, source: str) -> tuple[IO[bytes], _NpyHeader]:

@@ -5,7 +5,7 @@ before validating.
 The bound is one copy of the decoded dataset (uint8 N×C×H×W) plus ALLOWANCE: what
 `dataset_files` promises, and half of the "2× decoded + allowance" the security review asked for.
 
-To measure another version of dataset_files.py (e.g. the one before the two-pass loader), point
+To measure an earlier, single-file version of dataset_files.py (e.g. the one before the two-pass loader), point
 UPLOAD_MEMORY_MODULE at a copy of it:
 
     git show 10bbcb0~1:core/engine/dataset_files.py > /tmp/old_dataset_files.py
@@ -39,7 +39,7 @@ RNG = np.random.default_rng(0)
 
 pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset and read the peak RSS"),
-    pytest.mark.slow,  # each test starts a Python that imports torch: 5-15 s apiece on a busy 2-core machine
+    pytest.mark.slow,  # each test starts a fresh Python and validates a dataset of thousands of images
 ]
 
 

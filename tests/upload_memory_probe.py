@@ -4,7 +4,7 @@ far the resident set grew above what the process held right before validating.
     python tests/upload_memory_probe.py DATASET [--warm-up SMALL_DATASET] [--module FILE] [--resize WxH]
 
 --warm-up validates a tiny dataset first, so lazily imported codecs and plugins are not counted as
-the dataset's. --module loads inspect_dataset_file from another copy of dataset_files.py (e.g. an
+the dataset's. --module loads inspect_dataset_file from an earlier, single-file dataset_files.py (e.g. an
 older version taken with `git show`), imported as a module of core.engine so its relative imports
 resolve. A refused dataset is reported too, with its error.
 Linux only: the peak is /proc/self/status VmHWM, reset to the current RSS through /proc/self/clear_refs

@@ -7,32 +7,48 @@ and nothing of the service: the API, the workers, the benchmarks and notebooks s
     spec = build_spec("digits-demo", {"epochs": 5})
     result = run_job(spec, load_splits(spec.dataset, val_fraction=spec.val_fraction), "runs/demo")
 
-The names below load on first use: importing a torch-free module of the engine (the spec, the estimates, the
-report's keys, the built-in datasets' descriptions) does not load torch, so the API process never does.
+The names below are imported when first asked for (PEP 562), so importing a torch-free part of the
+engine (the spec, the estimates, the report's keys, the built-in datasets' descriptions, core.engine.dataset_files
+for validating an upload) imports no torch, so the API process never does.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from peeraid_models import create_model, list_models
+
+    from .errors import EngineError
+    from .export import load_model
+    from .job import run_job
+    from .sources import load_splits
+    from .spec import PRESETS, JobSpec, build_spec
+
+# name → the module it comes from
 _EXPORTS = {
     "PRESETS": ".spec",
+    "EngineError": ".errors",
     "JobSpec": ".spec",
     "build_spec": ".spec",
-    "EngineError": ".errors",
-    "load_model": ".export",
-    "run_job": ".job",
-    "load_splits": ".sources",
     "create_model": "peeraid_models",
     "list_models": "peeraid_models",
+    "load_model": ".export",
+    "load_splits": ".sources",
+    "run_job": ".job",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["PRESETS", "EngineError", "JobSpec", "build_spec", "create_model", "list_models", "load_model", "load_splits", "run_job"]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = _EXPORTS[name]
-    return getattr(importlib.import_module(module, __name__ if module.startswith(".") else None), name)
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # asked for once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,12 +8,13 @@ layer, as in the reference script.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from .errors import DatasetError
+from .fingerprints import fingerprint
+from .splits import held_out_count
 
 __all__ = ["DatasetError", "DatasetSplits", "ImageDataset", "fingerprint", "split_validation", "stratified_sample"]
 
@@ -93,17 +94,6 @@ class DatasetSplits:
         return self.train.input_shape
 
 
-def fingerprint(*datasets: ImageDataset) -> str:
-    """sha256 over images, labels and class names: the same data gives the same id anywhere (a dataset's is
-    that of its training and test data, as the API shows it at upload)."""
-    digest = hashlib.sha256()
-    for dataset in datasets:
-        digest.update(repr((tuple(dataset.images.shape), dataset.classes)).encode())
-        digest.update(dataset.images.contiguous().numpy().tobytes())
-        digest.update(dataset.labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """Carve a class-stratified validation split out of the training data."""
     if not 0 < fraction < 1:
@@ -113,7 +103,7 @@ def split_validation(train: ImageDataset, fraction: float, seed: int) -> tuple[I
     for label in range(train.num_classes):
         members = torch.nonzero(train.labels == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_val = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        n_val = held_out_count(len(members), fraction)
         val_per_class.append(members[:n_val])
     val_index = torch.cat(val_per_class).sort().values
     keep = torch.ones(len(train), dtype=torch.bool)

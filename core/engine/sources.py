@@ -1,5 +1,5 @@
 """Where datasets come from: the built-in offline digits, CIFAR-10/100 (torchvision), TinyImageNet
-(its standard folder layout) and user files (core/engine/dataset_files.py), resolved by name or path
+(its standard folder layout) and user files (the core/engine/dataset_files package), resolved by name or path
 into train / validation / test splits."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .builtin_datasets import BUILTIN_DATASETS
-from .dataset_files import load_dataset_file
+from .dataset_files.tensors import load_dataset_file
 from .datasets import DatasetError, DatasetSplits, ImageDataset, fingerprint, split_validation
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "builtin_data"

@@ -212,7 +212,7 @@ class Trainer:
         started = last_report = time.perf_counter()
         for step, (x, y) in enumerate(self.train_loader):
             if self.callbacks.should_stop():
-                raise TrainingCancelled(f"cancelled during epoch {epoch}")
+                raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
             step_losses = self.step(x, y)
             for name, value in step_losses.items():
                 sums[name] = sums.get(name, 0) + value * len(y)
@@ -269,10 +269,11 @@ class Trainer:
         return 10_000_019 + epoch
 
     def _finite_means(self, sums: dict[str, torch.Tensor], seen: int, epoch: int) -> dict[str, float]:
+        """`epoch` is the 0-based index run_epoch takes; the message numbers it from 1, as users count."""
         means = {name: (total / seen).item() for name, total in sums.items()}
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
-            raise TrainingDiverged(f"{', '.join(bad)} became non-finite in epoch {epoch}; training diverged")
+            raise TrainingDiverged(f"{', '.join(bad)} became non-finite in epoch {epoch + 1}; training diverged")
         return means
 
     def _validate(self, model: nn.Module) -> dict[str, float]:

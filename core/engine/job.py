@@ -33,8 +33,8 @@ from .evaluation import (
 from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
 from .spec import JobSpec, build_spec
-from .state_io import load_tensors, unprefixed
-from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_NAME, Trainer
+from .state_io import unprefixed
+from .trainer import CHECKPOINT_NAME, Trainer, read_checkpoint
 
 MAX_ERROR_CHARS = 500
 EXPORT_FORMATS = {"onnx": export_onnx, "pt2": export_program}  # artifact "<model>_<format>" for each student model
@@ -140,9 +140,7 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
     path = Path(workdir) / CHECKPOINT_NAME
     if not path.exists():
         raise CheckpointError(f"no epoch finished: {path} does not exist")
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of this version")
+    tensors, meta = read_checkpoint(path)
     if not splits.matches(meta["dataset_fingerprint"]):
         raise CheckpointError(f"{path} was written for a different dataset")
     spec = build_spec(None, meta["spec"])

@@ -316,11 +316,7 @@ class Trainer:
         save_tensors(self.checkpoint_path, tensors, meta)
 
     def load_checkpoint(self) -> None:
-        tensors, meta = load_tensors(self.checkpoint_path)
-        if meta.get("format") == CHECKPOINT_FORMAT_V1:
-            meta = _upgrade_v1(meta)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
+        tensors, meta = read_checkpoint(self.checkpoint_path)
         if not self.splits.matches(meta["dataset_fingerprint"]):
             raise CheckpointError(f"{self.checkpoint_path} was written for a different dataset")
         if _stored_spec(meta["spec"]) != self.spec:
@@ -343,6 +339,18 @@ class Trainer:
         self.callbacks.on_resume(self.history)
 
 
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A training checkpoint's tensors and metadata, as this version writes them: a v1 checkpoint (0-based
+    epochs) is upgraded, so that a job checkpointed before the change both resumes and exports its students.
+    CheckpointError for a file of any other format."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") == CHECKPOINT_FORMAT_V1:
+        meta = _upgrade_v1(meta)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this version (format {meta.get('format')!r})")
+    return tensors, meta
+
+
 def _stored_spec(data: dict[str, Any]) -> JobSpec | None:
     """A checkpoint's spec as this version reads it: fields added since take their defaults."""
     try:
@@ -352,7 +360,7 @@ def _stored_spec(data: dict[str, Any]) -> JobSpec | None:
 
 
 def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
-    """A v1 checkpoint (0-based epochs) as v2, so jobs checkpointed before the change resume."""
+    """A v1 checkpoint (0-based epochs) as v2, so jobs checkpointed before the change resume and export."""
     meta = {**meta, "format": CHECKPOINT_FORMAT}
     meta["history"] = [_shift_epochs(r) for r in meta["history"]]
     for name in ("best_student", "best_swa"):

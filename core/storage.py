@@ -14,8 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .engine.state_io import atomic_write
-
 CHUNK = 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
 # An upload in progress holds a lease: a file named by its dataset id whose mtime the API refreshes while the
@@ -144,4 +142,4 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["Storage", "UploadStalled", "UploadTooLarge", "atomic_write", "sha256_file"]
+__all__ = ["Storage", "UploadStalled", "UploadTooLarge", "sha256_file"]

@@ -13,8 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import SpecError
 from .losses import PAPER_WEIGHTS, PeerAiDWeights
 
-METHODS = ("peeraid", "pgd_at", "trades", "natural")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -48,13 +48,12 @@ class BestModel:
     metrics: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
 
-    def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+    def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> None:
         """`epoch` is 1-based; the later epoch wins only with a strictly higher PGD accuracy."""
         if self.state is not None and metrics["pgd_acc"] <= self.metrics["pgd_acc"]:
-            return False
+            return
         self.epoch, self.metrics = epoch, dict(metrics)
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return True
 
 
 def make_method(spec: JobSpec) -> TrainingMethod:

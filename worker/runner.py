@@ -31,6 +31,7 @@ from core.engine.spec import build_spec
 from core.engine.trainer import resolve_device
 from core.settings import Settings
 from core.storage import Storage, sha256_file
+from core.text import format_duration
 
 from .callbacks import DatabaseCallbacks
 from .lease import JobLease, JobLimits, claim, host_memory_bytes
@@ -124,7 +125,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             return "lease-lost"
         if reason in STOPPED_BY_LIMIT:
             limits = lease.limits
-            error = STOPPED_BY_LIMIT[reason].format(duration=_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
+            error = STOPPED_BY_LIMIT[reason].format(duration=format_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
             kept = _kept(storage, job.id, splits, f"stopped: {error}")
             outcome = "the last checkpoint's student is kept" if kept else "no epoch had finished, so no model is kept"
             lease.write(jobs.finish, JobStatus.FAILED, error=f"{error}; {outcome}", artifacts=kept)
@@ -153,13 +154,6 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         return "lease-lost"
     log.info("job %s succeeded", job.id)
     return "succeeded"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
 
 
 def _dataset_source(db: Database, storage: Storage, name: str) -> dict[str, Any]:

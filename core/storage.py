@@ -1,7 +1,9 @@
 """Files on local disk (a volume shared by the API and the workers in production).
 
 Every path is derived from server-generated ids, never from user input: a storage key is
-`datasets/<tenant>/<dataset>/data.<format>` or `jobs/<job>/...`, resolved under the root."""
+`datasets/<tenant>/<dataset>/data.upload` (an upload as received, whatever its format: its contents say
+which), `jobs/<job>` (a job's working folder: its checkpoint) or `jobs/<job>/artifacts/<file name>` (what
+it published), resolved under the root."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Files on local disk (a volume shared by the API and the workers in production).
 
 Every path is derived from server-generated ids, never from user input: a storage key is
-`datasets/<tenant>/<dataset>/data.<format>` or `jobs/<job>/...`, resolved under the root."""
+`datasets/<tenant>/<dataset>/data.upload` (an upload as received, whatever its format: its contents say
+which), `jobs/<job>` (a job's working folder: its checkpoint) or `jobs/<job>/artifacts/<file name>` (what
+it published), resolved under the root."""
 
 from __future__ import annotations
 
@@ -50,11 +52,13 @@ class Storage:
     def dataset_key(tenant_id: str, dataset_id: str, fmt: str) -> str:
         return f"datasets/{tenant_id}/{dataset_id}/data.{fmt}"
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.path(f"jobs/{job_id}")
+    @staticmethod
+    def job_key(job_id: str, *names: str) -> str:
+        """The key of a job's working folder, or of a file in it by its folder and file names (never from a local path)."""
+        return "/".join(("jobs", job_id, *names))
 
-    def job_key(self, job_id: str, path: Path) -> str:
-        return str(path.resolve().relative_to(self.root))
+    def job_dir(self, job_id: str) -> Path:
+        return self.path(self.job_key(job_id))
 
     async def receive(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int, idle_timeout: float) -> tuple[int, str]:
         """Stream chunks into the file at `key` (atomically), stopping at `max_bytes` (UploadTooLarge) or

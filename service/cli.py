@@ -136,7 +136,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     key = ensure_local_key(settings)
     worker = None
     if not args.no_worker:
-        # the embedded worker shares the cores with the API: one thread (measured: a demo of 768 s with two, 54 s with one)
+        # the embedded worker shares the cores with the API: one thread, where PyTorch's default of one per core is many
+        # times slower (the README's PEERAID_WORKER_THREADS)
         env = {"PEERAID_WORKER_THREADS": "1", **os.environ}
         worker = subprocess.Popen(worker_command(settings, "embedded"), cwd=REPO_ROOT, env=env, start_new_session=True)
     url = settings.resolved_public_url

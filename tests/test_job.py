@@ -120,6 +120,47 @@ def test_a_cancelled_job_still_leaves_loadable_students_and_a_card(tiny_splits, 
     assert "Not evaluated on the test set: cancelled after epoch 2" in md and "| Epochs | 2 of 3 (cancelled after epoch 2) |" in md
 
 
+def _as_v1(path):
+    """Rewrite a checkpoint as version 1 wrote it: epochs counted from 0, and no `selection` in its spec."""
+    from core.engine.state_io import save_tensors
+    from core.engine.trainer import CHECKPOINT_FORMAT_V1
+
+    tensors, meta = load_tensors(path)
+    zero_based = lambda entry: {**entry, "epoch": entry["epoch"] - 1}
+    meta["format"] = CHECKPOINT_FORMAT_V1
+    meta["history"] = [{**zero_based(r), "best": {k: zero_based(b) for k, b in r["best"].items()}} for r in meta["history"]]
+    for name in ("best_student", "best_swa"):
+        meta[name] = zero_based(meta[name])
+    del meta["spec"]["selection"]
+    save_tensors(path, tensors, meta)
+
+
+def test_a_job_stopped_with_a_v1_checkpoint_still_exports_its_students(tiny_splits, tmp_path):
+    """Resuming reads v1 checkpoints; so does the export of a stopped job's students (it once refused them,
+    so a job checkpointed before the upgrade and then cancelled kept nothing)."""
+    with pytest.raises(TrainingCancelled):
+        run_job(tiny_spec(epochs=3, lr_decay_epochs=[1]), tiny_splits, tmp_path, callbacks=StopAfter(2))
+    _, v2 = load_tensors(tmp_path / CHECKPOINT_NAME)
+    _as_v1(tmp_path / CHECKPOINT_NAME)
+    artifacts = export_checkpoint_student(tmp_path, tiny_splits, stopped="cancelled after epoch 2")
+    assert set(artifacts) == {"last_student", "student", "swa_student", "model_card", "model_card_markdown"}
+    card = json.loads(artifacts["model_card"].read_text())
+    assert card["metrics"]["student"]["best_epoch"] == v2["best_student"]["epoch"]  # counted from 1 again
+    assert [r["epoch"] for r in card["history"]] == [1, 2] and card["history"] == v2["history"]
+    load_model(artifacts["student"])
+
+
+def test_a_checkpoint_of_an_unknown_format_is_refused_naming_it(tiny_splits, tmp_path):
+    from core.engine.state_io import save_tensors
+
+    with pytest.raises(TrainingCancelled):
+        run_job(tiny_spec(epochs=3, lr_decay_epochs=[1]), tiny_splits, tmp_path, callbacks=StopAfter(1))
+    tensors, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
+    save_tensors(tmp_path / CHECKPOINT_NAME, tensors, {**meta, "format": "peeraid-service/checkpoint-v0"})
+    with pytest.raises(CheckpointError, match="not a training checkpoint of this version \\(format 'peeraid-service/checkpoint-v0'\\)"):
+        export_checkpoint_student(tmp_path, tiny_splits, stopped="cancelled")
+
+
 def test_a_job_stopped_before_its_first_epoch_has_no_model_to_export(tiny_splits, tmp_path):
     with pytest.raises(CheckpointError, match="no epoch finished"):
         export_checkpoint_student(tmp_path, tiny_splits, stopped="cancelled")

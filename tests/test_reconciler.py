@@ -129,9 +129,9 @@ def test_a_dropped_duplicate_message_costs_one_transaction_not_an_engine_start(s
     finished = add_job(settings, status="succeeded", attempts=1, worker="elsewhere:1")
     script = (
         "import sys, time\n"
-        "from worker.tasks import run_job\n"
+        "from worker.tasks import run_job_task\n"
         "started = time.perf_counter()\n"
-        f"outcomes = [run_job.run({finished!r}), run_job.run('job_00000000000000000000')]\n"
+        f"outcomes = [run_job_task.run({finished!r}), run_job_task.run('job_00000000000000000000')]\n"
         "print(outcomes, 'torch' in sys.modules, time.perf_counter() - started)\n"
     )
     env = {**os.environ, "PEERAID_DATA_DIR": str(settings.data_dir)}
@@ -164,3 +164,11 @@ def test_a_process_that_ran_a_job_is_recycled_and_one_that_dropped_messages_is_n
     assert out.returncode == 0, out.stderr
     without_engine, with_engine = (int(kib) for kib in out.stdout.split())
     assert without_engine < RECYCLE_ABOVE_KIB / 2 and with_engine > RECYCLE_ABOVE_KIB * 1.5, (without_engine, with_engine)
+
+
+def test_the_task_keeps_the_name_queued_messages_carry():
+    """Messages already queued name the task "peeraid.run_job": renaming the Python function must not rename it."""
+    from worker.celery_app import RUN_JOB_TASK
+    from worker.tasks import run_job_task
+
+    assert run_job_task.name == RUN_JOB_TASK == "peeraid.run_job"

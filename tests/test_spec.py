@@ -1,6 +1,6 @@
 import pytest
 
-from core.engine.cli import parse_overrides
+from core.engine.cli import UsageError, parse_overrides
 from core.engine.errors import SpecError
 from core.engine.spec import PRESETS, JobSpec, build_spec
 
@@ -96,7 +96,7 @@ def test_cli_overrides_parse_json_values():
         "lr_decay_epochs": [3, 4],
         "dataset": "my.zip",
     }
-    with pytest.raises(SpecError, match="KEY=VALUE"):
+    with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_overrides(["epochs"])
 
 

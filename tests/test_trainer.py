@@ -130,12 +130,18 @@ def test_divergence_fails_and_keeps_the_last_good_checkpoint(tiny_splits, tmp_pa
     good, _ = load_tensors(tmp_path / CHECKPOINT_NAME)
     with torch.no_grad():
         trainer.nets.student.linear.weight.fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match="non-finite in epoch 1"):
+    with pytest.raises(TrainingDiverged, match="non-finite in epoch 2;"):  # the second epoch, counted from 1 as users count
         trainer.run_epoch(1)
     kept, meta = load_tensors(tmp_path / CHECKPOINT_NAME)
     assert meta["next_epoch"] == 1
     assert torch.equal(kept["student.linear.weight"], good["student.linear.weight"])
     assert torch.isfinite(kept["student.linear.weight"]).all()
+
+
+def test_a_cancel_names_the_epoch_it_stopped_in_counting_from_1(tiny_splits, tmp_path):
+    trainer = Trainer(tiny_spec(epochs=3, lr_decay_epochs=[2]), tiny_splits, workdir=tmp_path, callbacks=Recorder(stop_after_epochs=1))
+    with pytest.raises(TrainingCancelled, match=r"^cancelled during epoch 2$"):  # one epoch finished: the second was running
+        trainer.fit()
 
 
 def test_checkpoint_of_another_job_is_refused(tiny_splits, tmp_path):

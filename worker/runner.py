@@ -7,12 +7,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from core.db import jobs
 from core.db.models import Dataset, Job, JobStatus
 from core.db.session import Database
+from core.engine.artifacts import ARTIFACTS, ARTIFACTS_DIR
 from core.engine.datasets import DatasetSplits
 from core.engine.errors import (
     CheckpointError,
@@ -31,13 +32,12 @@ from core.engine.spec import build_spec
 from core.engine.trainer import resolve_device
 from core.settings import Settings
 from core.storage import Storage, sha256_file
+from core.text import format_duration
 
 from .callbacks import DatabaseCallbacks
 from .lease import JobLease, JobLimits, claim, host_memory_bytes
 
 log = logging.getLogger(__name__)
-
-MEDIA_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8", ".onnx": "application/onnx"}
 
 # What a user reads when a job fails, by the kind of failure (the first matching type wins).
 FAILURE_MESSAGES: tuple[tuple[type[BaseException], str], ...] = (
@@ -126,7 +126,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
             return "lease-lost"
         if reason in STOPPED_BY_LIMIT:
             limits = lease.limits
-            error = STOPPED_BY_LIMIT[reason].format(duration=_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
+            error = STOPPED_BY_LIMIT[reason].format(duration=format_duration(settings.max_job_seconds), gib=limits.max_memory_bytes / 2**30)
             kept = _kept(storage, job.id, splits, f"stopped: {error}")
             outcome = "the last checkpoint's student is kept" if kept else "no epoch had finished, so no model is kept"
             lease.write(jobs.finish, JobStatus.FAILED, error=f"{error}; {outcome}", artifacts=kept)
@@ -141,7 +141,7 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         kept = _kept(storage, job.id, splits, f"failed: {error}")
         lease.write(jobs.finish, JobStatus.FAILED, error=error, artifacts=kept)
         return "failed"
-    artifacts = _artifact_files(storage, job.id, result.artifacts)
+    artifacts = _artifact_records(storage, job.id, result.artifacts)
     if not lease.write(
         jobs.succeed,
         result=result.report,
@@ -155,13 +155,6 @@ def _train(settings: Settings, db: Database, job: Job, lease: JobLease) -> str:
         return "lease-lost"
     log.info("job %s succeeded", job.id)
     return "succeeded"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
 
 
 def _dataset_source(db: Database, storage: Storage, name: str) -> dict[str, Any]:
@@ -180,27 +173,33 @@ def _best(result: JobResult) -> dict:
     return {key: {"epoch": m["best_epoch"], **m["validation"]} for key, m in result.report.items()}
 
 
-def _kept(storage: Storage, job_id: str, splits: DatasetSplits | None, stopped: str) -> list[jobs.ArtifactFile]:
+def _kept(storage: Storage, job_id: str, splits: DatasetSplits | None, stopped: str) -> list[jobs.ArtifactRecord]:
     """A job that stopped early keeps its last checkpoint's students, as weights with a model card."""
     if splits is None:
         return []
     try:
         exported = export_checkpoint_student(storage.job_dir(job_id), splits, stopped=stopped, job_id=job_id)
-        return _artifact_files(storage, job_id, exported)
+        return _artifact_records(storage, job_id, exported)
     except (CheckpointError, OSError) as err:  # no epoch finished, or the disk is full: nothing to keep
         log.info("job %s keeps no student: %s", job_id, err)
         return []
 
 
-def _artifact_files(storage: Storage, job_id: str, paths: dict[str, Path]) -> list[jobs.ArtifactFile]:
-    return [
-        jobs.ArtifactFile(
-            name=name,
-            file_name=Path(path).name,
-            media_type=MEDIA_TYPES.get(Path(path).suffix, "application/octet-stream"),
-            size_bytes=Path(path).stat().st_size,
-            sha256=sha256_file(Path(path)),
-            storage_key=storage.job_key(job_id, Path(path)),
+def _artifact_records(storage: Storage, job_id: str, names: Iterable[str]) -> list[jobs.ArtifactRecord]:
+    """The rows of the job's published artifacts (`names`, as the engine wrote them), each file's place built from ids."""
+    records = []
+    for name in names:
+        kind = ARTIFACTS[name]
+        key = storage.job_key(job_id, ARTIFACTS_DIR, kind.file_name)
+        path = storage.path(key)
+        records.append(
+            jobs.ArtifactRecord(
+                name=name,
+                file_name=kind.file_name,
+                media_type=kind.media_type,
+                size_bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                storage_key=key,
+            )
         )
-        for name, path in paths.items()
-    ]
+    return records

@@ -15,7 +15,8 @@ from .lease import claim, give_back, host_memory_bytes
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_job(job_id: str) -> str:
+def run_job_task(job_id: str) -> str:
+    """The task queued messages name (RUN_JOB_TASK, which must not change); the engine's run_job trains."""
     settings = get_settings()
     with job_context(job_id):
         claimed = claim(settings, job_id)  # before the engine loads: a duplicate message costs one short transaction

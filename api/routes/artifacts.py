@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from core.db import jobs
 from core.db.models import TERMINAL_STATUSES, Artifact, Job
 from core.db.session import Database
+from core.engine.artifacts import ARTIFACTS
 from core.settings import Settings
 from core.storage import Storage
 
@@ -15,6 +16,10 @@ from ..deps import ArtifactName, DatabaseDep, OwnedJob, SettingsDep, StorageDep
 from ..errors import responses
 from ..schemas import ArtifactOut
 
+# The download's documentation names every artifact a job may have, from the engine's table.
+ARTIFACT_LIST = "The artifacts a job may have:\n\n" + "\n".join(
+    f"- `{name}` ({kind.file_name}, {kind.media_type}): {kind.description}" for name, kind in ARTIFACTS.items()
+)
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"], responses=responses(401, 503))
 
 
@@ -34,6 +39,7 @@ async def artifacts_list(job: OwnedJob, request: Request, db: DatabaseDep, setti
 @router.get(
     "/{name}",
     summary="Download an artifact (streamed; Content-Length and an X-Content-SHA256 header)",
+    description=ARTIFACT_LIST,
     response_class=FileResponse,
     responses={
         200: {

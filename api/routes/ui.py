@@ -29,6 +29,7 @@ from core.db.models import ACTIVE_STATUSES, Job
 from core.db.tenants import TenantContext
 from core.engine.report import MODEL_LABELS, metric_label, per_class_table
 from core.settings import Settings
+from core.text import format_duration
 
 from ..deps import UI_COOKIE, ArtifactName, CpuWorkDep, DatabaseDep, SettingsDep, StorageDep, UIOwnedJob, UITenantDep, ui_signed_in
 from ..schemas import JOB_LISTING
@@ -51,14 +52,6 @@ def _percent(value: Any) -> str:
     return f"{value * 100:.1f}%" if isinstance(value, int | float) and math.isfinite(value) else "–"
 
 
-def _duration(seconds: Any) -> str:
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        return "–"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
 def _when(value: dt.datetime | None) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
 
@@ -72,7 +65,7 @@ def _size(n: float) -> str:
 
 
 env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"), autoescape=True)
-env.filters.update(percent=_percent, duration=_duration, when=_when, size=_size, metric_label=metric_label)
+env.filters.update(percent=_percent, duration=format_duration, when=_when, size=_size, metric_label=metric_label)
 templates = Jinja2Templates(env=env)
 
 

@@ -82,7 +82,9 @@ class Lease:
 
 
 @dataclass(frozen=True)
-class ArtifactFile:
+class ArtifactRecord:
+    """One published file of a job, as its artifacts row holds it (the file lies at `storage_key`)."""
+
     name: str
     file_name: str
     media_type: str
@@ -308,7 +310,7 @@ def record_epochs(
     return True
 
 
-def _replace_artifacts(session: Session, job_id: str, artifacts: Iterable[ArtifactFile]) -> None:
+def _replace_artifacts(session: Session, job_id: str, artifacts: Iterable[ArtifactRecord]) -> None:
     session.execute(delete(Artifact).where(Artifact.job_id == job_id))
     session.add_all(Artifact(job_id=job_id, **vars(a)) for a in artifacts)
 
@@ -322,7 +324,7 @@ def succeed(
     evaluation: dict[str, Any],
     warnings: list[dict[str, str]],
     execution: dict[str, Any],
-    artifacts: Iterable[ArtifactFile],
+    artifacts: Iterable[ArtifactRecord],
 ) -> bool:
     phase = "succeeded" if evaluation.get("status") == "complete" else "succeeded; the evaluation is incomplete"
     if not _write(
@@ -350,7 +352,7 @@ def finish(
     *,
     error: str | None = None,
     phase: str | None = None,
-    artifacts: Iterable[ArtifactFile] = (),
+    artifacts: Iterable[ArtifactRecord] = (),
 ) -> bool:
     """End a job as failed or cancelled, keeping whatever artifacts could be saved."""
     assert status in (JobStatus.FAILED, JobStatus.CANCELLED)

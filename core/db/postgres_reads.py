@@ -1,10 +1,8 @@
 """The API's hottest reads on PostgreSQL straight through asyncpg: a job polled by its clients, a page
 of jobs. Each statement is built once with SQLAlchemy (its SQL, its types) and compiled once here;
-a read then costs a pool acquire and one prepared query: 0.33 ms of CPU in process against 0.66 ms
-for the same prebuilt statement through SQLAlchemy's async engine and psycopg (its connection checkout
-and result handling), and 1.2 ms or more for a statement built per request, which SQLAlchemy must match
-to its cached compiled form. That was most of the time of GET /v1/jobs/{id} (cProfile, and
-`python -m bench.load_status --profile`).
+a read then costs a pool acquire and one prepared query. Through SQLAlchemy's async engine the same read
+also pays a connection checkout and result handling, and a statement built per request must be matched
+to its cached compiled form: most of the time of GET /v1/jobs/{id} (the README's load figures).
 
 Values come back as SQLAlchemy would return them: each column type's result processing (timestamps
 stored as naive UTC come back timezone-aware) and JSON decoded. Everything else — transactions,

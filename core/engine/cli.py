@@ -45,21 +45,29 @@ def job_overrides(spec: str | None, assignments: list[str], dataset: str | None)
     return merge_overrides(overrides, {"dataset": dataset}) if dataset else overrides
 
 
+class UsageError(ValueError):
+    """A command-line argument that does not parse; main() reports it as argparse does its own (exit status 2)."""
+
+
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """`a.b=value` pairs into a nested dict; values are JSON where they parse, else strings."""
+    """`a.b=value` pairs into a nested dict; values are JSON where they parse, else strings. The same rules and
+    messages as the client's `peeraid jobs submit --set` (peeraid_client.cli.parse_assignments; a test compares them)."""
     overrides: dict[str, Any] = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
-        if not sep or not key:
-            raise SpecError([{"field": assignment, "message": "expected KEY=VALUE"}])
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set {assignment!r}: expected KEY=VALUE, e.g. epochs=30 or peeraid.tau=3")
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except ValueError:
             value = raw
         node = overrides
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {assignment!r}: {part} was already set to a value")
+            node = child
         node[leaf] = value
     return overrides
 
@@ -188,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads for PyTorch (default: one per core); on a machine "
         "busy with other work, 1 is often several times faster than more",
     )
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, parser=train)
     listing = sub.add_parser("list", help="list presets, architectures or built-in datasets")
     listing.add_argument("what", choices=["presets", "architectures", "datasets"])
-    listing.set_defaults(func=cmd_list)
+    listing.set_defaults(func=cmd_list, parser=listing)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as err:
+        command: argparse.ArgumentParser = args.parser
+        command.error(str(err))  # exits 2
     except (SpecError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

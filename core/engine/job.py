@@ -16,6 +16,7 @@ import torch
 from peeraid_models import create_model
 from torch import nn
 
+from .artifacts import ARTIFACTS, ARTIFACTS_DIR
 from .attacks import AutoAttackSet
 from .callbacks import Stage, TrainingCallbacks
 from .datasets import DatasetSplits
@@ -25,32 +26,10 @@ from .export import export_onnx, export_program, save_weights, write_json
 from .model_card import COMPLETE, INCOMPLETE, NOT_RUN, PENDING, build_model_card, write_model_card_markdown
 from .report import AUTOATTACK_KEY, report_keys
 from .spec import JobSpec, build_spec
-from .state_io import load_tensors, unprefixed
-from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_NAME, Trainer
+from .state_io import unprefixed
+from .trainer import CHECKPOINT_NAME, Trainer, read_checkpoint
 
-ARTIFACTS_DIR = "artifacts"
 MAX_ERROR_CHARS = 500
-
-
-@dataclass(frozen=True)
-class ArtifactFile:
-    file_name: str
-    description: str
-
-
-# Every file a job can publish, by artifact name: the one place the service and the docs read them from.
-ARTIFACTS: dict[str, ArtifactFile] = {
-    "student": ArtifactFile("student.safetensors", "the best student (by validation PGD accuracy), safetensors weights"),
-    "swa_student": ArtifactFile("swa_student.safetensors", "the best SWA student, safetensors weights"),
-    "peer": ArtifactFile("peer.safetensors", "the peer tutor at the last epoch, safetensors weights"),
-    "last_student": ArtifactFile("last_student.safetensors", "the student of the last finished epoch of a stopped job"),
-    "student_onnx": ArtifactFile("student.onnx", "the student as ONNX (opset 17, any batch size), for onnxruntime"),
-    "student_pt2": ArtifactFile("student.pt2", "the student as a torch.export program, for PyTorch alone"),
-    "swa_student_onnx": ArtifactFile("swa_student.onnx", "the SWA student as ONNX"),
-    "swa_student_pt2": ArtifactFile("swa_student.pt2", "the SWA student as a torch.export program"),
-    "model_card": ArtifactFile("model_card.json", "the model card: setup, metrics, evaluation and export status"),
-    "model_card_markdown": ArtifactFile("model_card.md", "the model card, for people"),
-}
 EXPORT_FORMATS = {"onnx": export_onnx, "pt2": export_program}  # artifact "<model>_<format>" for each student model
 
 
@@ -154,9 +133,7 @@ def export_checkpoint_student(workdir: Path, splits: DatasetSplits, *, stopped: 
     path = Path(workdir) / CHECKPOINT_NAME
     if not path.exists():
         raise CheckpointError(f"no epoch finished: {path} does not exist")
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of this version")
+    tensors, meta = read_checkpoint(path)
     if not splits.matches(meta["dataset_fingerprint"]):
         raise CheckpointError(f"{path} was written for a different dataset")
     spec = build_spec(None, meta["spec"])

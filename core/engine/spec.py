@@ -11,8 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import SpecError
 
-METHODS = ("peeraid", "pgd_at", "trades", "natural")
-
 
 class PeerAiDWeights(BaseModel):
     """The loss weights and temperatures (paper notation), validated; the job spec's `peeraid` field.

@@ -48,13 +48,12 @@ class BestModel:
     metrics: dict[str, float] = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = None
 
-    def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
+    def consider(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> None:
         """`epoch` is 1-based; the later epoch wins only with a strictly higher PGD accuracy."""
         if self.state is not None and metrics["pgd_acc"] <= self.metrics["pgd_acc"]:
-            return False
+            return
         self.epoch, self.metrics = epoch, dict(metrics)
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return True
 
 
 def make_method(spec: JobSpec) -> TrainingMethod:
@@ -213,7 +212,7 @@ class Trainer:
         started = last_report = time.perf_counter()
         for step, (x, y) in enumerate(self.train_loader):
             if self.callbacks.should_stop():
-                raise TrainingCancelled(f"cancelled during epoch {epoch}")
+                raise TrainingCancelled(f"cancelled during epoch {epoch + 1}")
             step_losses = self.step(x, y)
             for name, value in step_losses.items():
                 sums[name] = sums.get(name, 0) + value * len(y)
@@ -270,10 +269,11 @@ class Trainer:
         return 10_000_019 + epoch
 
     def _finite_means(self, sums: dict[str, torch.Tensor], seen: int, epoch: int) -> dict[str, float]:
+        """`epoch` is the 0-based index run_epoch takes; the message numbers it from 1, as users count."""
         means = {name: (total / seen).item() for name, total in sums.items()}
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
-            raise TrainingDiverged(f"{', '.join(bad)} became non-finite in epoch {epoch}; training diverged")
+            raise TrainingDiverged(f"{', '.join(bad)} became non-finite in epoch {epoch + 1}; training diverged")
         return means
 
     def _validate(self, model: nn.Module) -> dict[str, float]:
@@ -316,11 +316,7 @@ class Trainer:
         save_tensors(self.checkpoint_path, tensors, meta)
 
     def load_checkpoint(self) -> None:
-        tensors, meta = load_tensors(self.checkpoint_path)
-        if meta.get("format") == CHECKPOINT_FORMAT_V1:
-            meta = _upgrade_v1(meta)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{self.checkpoint_path} is not a training checkpoint")
+        tensors, meta = read_checkpoint(self.checkpoint_path)
         if not self.splits.matches(meta["dataset_fingerprint"]):
             raise CheckpointError(f"{self.checkpoint_path} was written for a different dataset")
         if _stored_spec(meta["spec"]) != self.spec:
@@ -343,6 +339,18 @@ class Trainer:
         self.callbacks.on_resume(self.history)
 
 
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A training checkpoint's tensors and metadata, as this version writes them: a v1 checkpoint (0-based
+    epochs) is upgraded, so that a job checkpointed before the change both resumes and exports its students.
+    CheckpointError for a file of any other format."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") == CHECKPOINT_FORMAT_V1:
+        meta = _upgrade_v1(meta)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this version (format {meta.get('format')!r})")
+    return tensors, meta
+
+
 def _stored_spec(data: dict[str, Any]) -> JobSpec | None:
     """A checkpoint's spec as this version reads it: fields added since take their defaults."""
     try:
@@ -352,7 +360,7 @@ def _stored_spec(data: dict[str, Any]) -> JobSpec | None:
 
 
 def _upgrade_v1(meta: dict[str, Any]) -> dict[str, Any]:
-    """A v1 checkpoint (0-based epochs) as v2, so jobs checkpointed before the change resume."""
+    """A v1 checkpoint (0-based epochs) as v2, so jobs checkpointed before the change resume and export."""
     meta = {**meta, "format": CHECKPOINT_FORMAT}
     meta["history"] = [_shift_epochs(r) for r in meta["history"]]
     for name in ("best_student", "best_swa"):

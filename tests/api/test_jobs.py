@@ -150,7 +150,7 @@ def test_a_job_past_its_time_limit_fails_keeping_its_last_students(new_client, s
     job = client.post("/v1/jobs", json={"preset": "digits-demo", "spec": {**FAST_JOB, "epochs": 200, "lr_decay_epochs": [150]}}).json()
     assert run_job_here(settings.model_copy(update={"max_job_seconds": 8}), job["id"])["status"] == "failed"
     done = client.get(f"/v1/jobs/{job['id']}").json()
-    assert "time limit of 8 s" in done["error"]
+    assert "time limit of 8s (PEERAID_MAX_JOB_SECONDS)" in done["error"]
     artifacts = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
     if client.get(f"/v1/jobs/{job['id']}/metrics").json():  # an epoch finished in time (on a loaded machine it may not)
         assert "student is kept" in done["error"] and {"last_student", "student", "model_card"} <= artifacts

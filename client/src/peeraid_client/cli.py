@@ -164,7 +164,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
-    """`a.b=value` pairs into a nested dict; values are JSON where they parse, else strings."""
+    """`a.b=value` pairs into a nested dict; values are JSON where they parse, else strings. The same rules and
+    messages as the engine's `python -m core.engine.cli train --set` (core.engine.cli.parse_overrides; a test
+    compares them: this package may not import the service)."""
     result: dict[str, Any] = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")

@@ -36,7 +36,7 @@ UPLOAD_CHUNK = 1 << 20
 DOWNLOAD_CHUNK = 1 << 20
 # The service sends a keep-alive every 15 s on an event stream, so this much silence means the connection is gone.
 STREAM_READ_TIMEOUT = 60.0
-# The artifacts of a finished job (the service's core.engine.job.ARTIFACTS; tests keep the two in step).
+# The artifacts of a finished job (the service's core.engine.artifacts.ARTIFACTS; tests keep the two in step).
 ARTIFACT_NAMES = (
     "student",
     "swa_student",

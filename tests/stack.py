@@ -172,18 +172,19 @@ class Stack:
 
 
 def _postgres_available() -> str | None:
-    try:
-        import psycopg
+    """Why the tests' PostgreSQL or Redis cannot be reached, or None. Only a server that does not answer is a
+    reason to skip: a missing driver or a URL that is not one fails the test instead."""
+    import psycopg
+    import redis
 
+    try:
         with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
             pass
-    except Exception as err:
+    except psycopg.OperationalError as err:
         return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {err}"
     try:
-        import redis
-
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as err:
+    except (redis.ConnectionError, redis.TimeoutError) as err:
         return f"Redis not reachable at {REDIS_URL}: {err}"
     return None
 

@@ -1,6 +1,9 @@
 """What the load tools run against, on this machine only: a throwaway PostgreSQL database, the
 service's API (`python -m service api`) and the naive baseline (`python -m bench.naive_app`) as
-processes, API keys and job rows. Everything is removed again on exit, Ctrl-C included."""
+processes, API keys and job rows. Everything is removed again on exit, Ctrl-C included.
+
+The first part (up to Server) is also how the tests (tests/stack.py) start the service's API and worker
+processes against throwaway databases: the servers, the database names and the timeouts are the caller's."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,30 +41,82 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def postgres_problem(admin_url: str = PG_ADMIN_URL) -> str | None:
-    """Why PostgreSQL cannot be used here, or None."""
+def services_problem(admin_url: str = PG_ADMIN_URL, redis_url: str | None = None) -> str | None:
+    """Why PostgreSQL (and Redis, if given) cannot be used here, or None. Only a server that does not
+    answer is such a reason: a malformed URL raises."""
     import psycopg
+    import redis
 
     try:
         with psycopg.connect(admin_url, connect_timeout=3):
-            return None
-    except psycopg.Error as err:
+            pass
+    except psycopg.OperationalError as err:
         return f"PostgreSQL not reachable at {admin_url}: {err}"
+    if redis_url is not None:
+        try:
+            redis.Redis.from_url(redis_url, socket_connect_timeout=3).ping()
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            return f"Redis not reachable at {redis_url}: {err}"
+    return None
 
 
 @contextmanager
-def throwaway_database(admin_url: str = PG_ADMIN_URL):
-    """A new, empty database for one run; yields its SQLAlchemy URL, and drops it (connections and all) on exit."""
+def throwaway_database(admin_url: str = PG_ADMIN_URL, prefix: str = "peeraid_bench") -> Iterator[tuple[str, str]]:
+    """A new, empty database `{prefix}_*` for one run: (its name, its SQLAlchemy URL); dropped, connections and all, on exit."""
     import psycopg
 
-    name = f"peeraid_bench_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield sqlalchemy_url(f"{admin_url.rsplit('/', 1)[0]}/{name}")
+        yield name, sqlalchemy_url(f"{admin_url.rsplit('/', 1)[0]}/{name}")
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def spawn(module: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`python -m module args` from the repository, its output appended to `log`, in its own process group
+    (start_new_session), so that stopping it reaches its children too (uvicorn's, the Celery pool's)."""
+    with open(log, "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def run_service(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """One administrative command, `python -m service args` (migrate, create-key, ...), its output captured."""
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def log_tail(log: Path, chars: int) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def wait_until_up(name: str, process: subprocess.Popen, url: str, log: Path, timeout: float, interval: float = 0.2) -> None:
+    """Until GET {url}/healthz answers 200; RuntimeError, with the end of its log, if it exits or is not up in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_tail(log, 3000)}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"{name} not up on {url} after {timeout:.0f}s:\n{log_tail(log, 3000)}")
+
+
+def stop(process: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM to its process group; SIGKILL if it has not exited `timeout` seconds later."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def service_env(database_url: str, data_dir: Path, port: int) -> dict[str, str]:
@@ -87,46 +143,24 @@ class Server:
         return self.process.pid
 
     def wait_until_up(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not up on {self.url} after {timeout:.0f}s:\n{self.log_tail()}")
+        wait_until_up(self.name, self.process, self.url, self.log, timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop(self.process, timeout=10)
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return log_tail(self.log, chars)
 
 
 def start_server(name: str, module: str, args: list[str], env: dict[str, str], log: Path) -> Server:
-    """`python -m module args` in its own process group, so that stopping it reaches any children too.
-    Not waited for: call wait_until_up (after starting the others, so that they start side by side)."""
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return Server(name, process, f"http://{env['PEERAID_API_HOST']}:{env['PEERAID_API_PORT']}", log)
+    """`python -m module args` (see spawn). Not waited for: call wait_until_up (after starting the others, so
+    that they start side by side)."""
+    return Server(name, spawn(module, args, env, log), f"http://{env['PEERAID_API_HOST']}:{env['PEERAID_API_PORT']}", log)
 
 
 def create_key(env: dict[str, str], tenant: str) -> str:
     """A new API key for `tenant` (created if new), through the service's own command (which also migrates)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "service", "create-key", tenant], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    out = run_service(["create-key", tenant], env)
     if out.returncode != 0:
         raise RuntimeError(f"create-key {tenant} failed:\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]
@@ -181,10 +215,10 @@ class LocalService:
 def start_local_service(stack: ExitStack, tenants: list[str], naive: bool = False) -> LocalService:
     """A throwaway database, the service's API on it (and the naive app), a key per tenant; all
     undone when `stack` closes: servers stopped, queued messages dropped, database dropped."""
-    problem = postgres_problem()
+    problem = services_problem()
     if problem:
         raise SystemExit(problem)
-    database_url = stack.enter_context(throwaway_database())
+    _, database_url = stack.enter_context(throwaway_database())
     data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peeraid-bench-")))
     env = service_env(database_url, data_dir, free_port())
     stack.callback(forget_queue, env["PEERAID_TASK_QUEUE"])  # after the API has stopped: it may still send messages until then

@@ -6,7 +6,10 @@ drops a throwaway database `peeraid_test_*` per stack; default postgresql://post
 and PEERAID_TEST_REDIS_URL (default redis://127.0.0.1:6379/0; each stack's queue is its own, `peeraid-test-*`,
 and nothing else is touched). Every test that uses either takes it from here, the load tools the tests start
 included. Where they are missing, their tests skip and say why, unless REQUIRE_SERVICES=1 (as in CI), where
-they fail."""
+they fail.
+
+How the processes are started, waited for and stopped, and the throwaway databases, are bench/_stack.py's,
+shared with the load tools."""
 
 from __future__ import annotations
 
@@ -14,21 +17,19 @@ import io
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from bench import _stack
+from bench._stack import REPO, free_port  # noqa: F401  (REPO: re-exported for the tests)
 from core.engine.sources import load_digits
 
-REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("PEERAID_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("PEERAID_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_GROUP = "postgres-redis"  # the xdist group (and stack) of every test that uses the local PostgreSQL
@@ -41,12 +42,6 @@ FAST_JOB = {
     "eval_pgd_steps": 2,
     "evaluation": {"n_examples": 20, "autoattack": False},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
@@ -93,32 +88,16 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.logs / log_name, "ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", *args],
-            cwd=REPO,
-            env={**self.env, **(extra_env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a kill reaches the Celery pool children too
-        )
+        return _stack.spawn("service", args, {**self.env, **(extra_env or {})}, self.logs / log_name)
 
     def admin(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+        out = _stack.run_service(list(args), self.env)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
     def start_api(self) -> None:
         self.api = self._spawn(["api"], "api.log")
-        wait_until(self._api_up, 60, f"the {self.name} API on {self.url}")
-
-    def _api_up(self) -> bool:
-        if self.api.poll() is not None:
-            raise AssertionError(f"API exited: {self.log_tail('api.log')}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        _stack.wait_until_up(f"the {self.name} API", self.api, self.url, self.logs / "api.log", timeout=60, interval=0.25)
 
     def start_worker(self, extra_env: dict[str, str] | None = None) -> None:
         """extra_env: e.g. {"PEERAID_FAULTS": "write:checkpoint.safetensors:kill@3"} (core/engine/faults.py)."""
@@ -136,16 +115,10 @@ class Stack:
 
     def stop(self) -> None:
         for proc in (self.worker, self.api):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            _stack.stop(proc, timeout=20)
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
-        path = self.logs / name
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+        return _stack.log_tail(self.logs / name, chars)
 
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -172,20 +145,9 @@ class Stack:
 
 
 def _postgres_available() -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            pass
-    except Exception as err:
-        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {err}"
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as err:
-        return f"Redis not reachable at {REDIS_URL}: {err}"
-    return None
+    """Why the tests' PostgreSQL or Redis cannot be reached, or None. Only a server that does not answer is a
+    reason to skip: a missing driver or a URL that is not one fails the test instead."""
+    return _stack.services_problem(PG_ADMIN_URL, REDIS_URL)
 
 
 def require_services(problem: str | None) -> None:
@@ -196,19 +158,10 @@ def require_services(problem: str | None) -> None:
         pytest.skip(problem)
 
 
-@contextmanager
-def throwaway_database() -> Iterator[tuple[str, str]]:
-    """A new database on the local PostgreSQL: (its name, its SQLAlchemy URL); dropped, connections and all, on exit."""
-    import psycopg
-
-    name = f"peeraid_test_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name, f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def throwaway_database() -> AbstractContextManager[tuple[str, str]]:
+    """A new database `peeraid_test_*` on the tests' PostgreSQL: (its name, its SQLAlchemy URL); dropped,
+    connections and all, on exit."""
+    return _stack.throwaway_database(PG_ADMIN_URL, prefix="peeraid_test")
 
 
 @pytest.fixture(scope="session", params=["embedded", POSTGRES_GROUP])

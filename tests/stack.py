@@ -68,7 +68,9 @@ class Stack:
             "PEERAID_DATA_DIR": str(data_dir),
             "PEERAID_API_PORT": str(self.port),
             "PEERAID_HEARTBEAT_INTERVAL": "0.5",
-            "PEERAID_HEARTBEAT_TIMEOUT": "4",
+            # well above the heartbeats' interval even on a loaded machine: at 4 s, a live worker whose heartbeat
+            # thread was starved for a few seconds lost its job (a CI run saw five attempts where a kill makes two)
+            "PEERAID_HEARTBEAT_TIMEOUT": "10",
             "PEERAID_RECONCILE_INTERVAL": "1",
             "PEERAID_REQUEUE_AFTER": "5",
             "PEERAID_PROGRESS_INTERVAL": "0.5",

@@ -14,7 +14,8 @@ COPY worker worker
 COPY service service
 COPY bench bench
 COPY migrations migrations
-RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ./models ".[service]"
+# the service in place (editable), as `make install` does: it reads alembic.ini and migrations/ beside its packages
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ./models -e ".[service]"
 
 USER peeraid
 ENV PEERAID_DATA_DIR=/data PEERAID_API_HOST=0.0.0.0

@@ -283,6 +283,9 @@ def test_the_image_holds_what_it_installs_and_runs():
     installed = set(re.findall(r"pip install [^\n]*?\./(\w+)", dockerfile))
     needed = packages | installed | {project["project"]["readme"], "pyproject.toml", "alembic.ini", "migrations"}
     assert not needed - copied, f"the image does not copy {sorted(needed - copied)}"
+    # migrate() finds alembic.ini and migrations/ beside the service's packages (service.cli.REPO_ROOT): installed as a
+    # wheel they would be in site-packages, without them, and every container's first migration would fail
+    assert re.search(r'pip install [^\n]*-e "?\.\[service\]', dockerfile), "the image must install the service editable, in /app"
 
 
 def test_every_setting_is_documented_in_the_readme():

@@ -45,10 +45,9 @@ from bench.train_step import VARIANTS, measure_epoch, measure_step, sync
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint, split_validation
 from core.engine.evaluation import accuracies, pgd_attack
 from core.engine.execution import Execution, StepRunner
-from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
 from core.engine.sources import load_digits
-from core.engine.spec import build_spec
+from core.engine.spec import PAPER_WEIGHTS, build_spec
 from core.engine.trainer import Trainer
 
 GRAPH_TOLERANCE = {"fp32": 0.05, "tf32": 0.10}

@@ -28,8 +28,8 @@ from peeraid_models import create_model
 
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint
 from core.engine.execution import Execution, StepRunner
-from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
+from core.engine.spec import PAPER_WEIGHTS
 
 VARIANTS = {
     "reference": (Execution("tf32", False, False), 2),

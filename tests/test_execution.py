@@ -9,8 +9,8 @@ from peeraid_models import create_model
 
 from core.engine.errors import SpecError
 from core.engine.execution import Execution, StepRunner
-from core.engine.losses import PAPER_WEIGHTS
 from core.engine.methods import AttackSettings, Networks, PeerAiD
+from core.engine.spec import PAPER_WEIGHTS
 
 W = PAPER_WEIGHTS["cifar100"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.engine.losses import PeerAiDWeights, kl_mean, kl_sum, peer_loss, student_loss, trades_loss
+from core.engine.losses import kl_mean, kl_sum, peer_loss, student_loss, trades_loss
+from core.engine.spec import PeerAiDWeights
 
 W = PeerAiDWeights(tau=5.0, gamma1=1.0, gamma2=0.1, tau_peer=2.0, lambda1=0.3, lambda2=1.0, lambda3=0.7)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from peeraid_models import create_model
 from torch import nn
 
-from core.engine.losses import PeerAiDWeights
 from core.engine.methods import AttackSettings, Networks, PeerAiD
+from core.engine.spec import PeerAiDWeights
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. .mean. divides")  # the script uses the legacy reduction
 

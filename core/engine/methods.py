@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import kl_attack, pgd
-from .losses import PeerAiDWeights, peer_loss, student_loss, trades_loss
+from .losses import peer_loss, student_loss, trades_loss
+from .spec import PeerAiDWeights
 
 
 @dataclass(frozen=True)

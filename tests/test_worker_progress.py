@@ -42,13 +42,24 @@ def test_the_fraction_and_eta_run_through_training_then_the_evaluation(settings)
     trained = progress(settings, job_id)
     assert trained["fraction"] == pytest.approx(0.2) and trained["eta_seconds"] == pytest.approx(8.0)
 
-    start = EvaluationProgress("student", "clean, FGSM, PGD-20", 0, 4, None, None, fraction=0.0)
+    start = EvaluationProgress(model="student", attack="clean, FGSM, PGD-20", batch=0, batches=4, fraction=0.0)
     callbacks.on_evaluation(start)
     evaluating = progress(settings, job_id)
     assert evaluating["fraction"] == pytest.approx(0.2) and evaluating["eta_seconds"] == pytest.approx(8.0)  # no pace yet
     assert evaluating["images_per_sec"] is None and evaluating["evaluation"]["attack"] == "clean, FGSM, PGD-20"
 
-    callbacks.on_evaluation(EvaluationProgress("student", "AutoAttack", 1, 2, 0.4, 30.0, fraction=0.5, images_per_sec=3.0))
+    callbacks.on_evaluation(
+        EvaluationProgress(
+            model="student",
+            attack="AutoAttack",
+            batch=1,
+            batches=2,
+            accuracy_so_far=0.4,
+            eta_seconds=30.0,
+            fraction=0.5,
+            images_per_sec=3.0,
+        )
+    )
     halfway = progress(settings, job_id)
     assert halfway["fraction"] == pytest.approx(0.2 + 0.8 * 0.5) and halfway["eta_seconds"] == 30.0
     assert halfway["images_per_sec"] == 3.0 and halfway["epoch"] == 2  # the training's place is kept beside it

@@ -3,7 +3,6 @@ metrics, the stage (the job's status follows it), evaluation progress, and the s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from core.db import jobs
@@ -57,12 +56,13 @@ class DatabaseCallbacks(TrainingCallbacks):
         eta = p.eta_seconds
         if eta is None and self.expected_evaluation_seconds is not None:  # no pace measured yet: the training's
             eta = self.expected_evaluation_seconds * (1 - p.fraction)
-        progress = dataclasses.replace(
-            self.training,
-            fraction=round(1 - self.evaluation_share + self.evaluation_share * p.fraction, 4),
-            eta_seconds=None if eta is None else round(eta, 1),
-            images_per_sec=None if p.images_per_sec is None else round(p.images_per_sec, 1),
-            evaluation=p,
+        progress = self.training.model_copy(
+            update=dict(
+                fraction=round(1 - self.evaluation_share + self.evaluation_share * p.fraction, 4),
+                eta_seconds=None if eta is None else round(eta, 1),
+                images_per_sec=None if p.images_per_sec is None else round(p.images_per_sec, 1),
+                evaluation=p,
+            )
         )
         self._best_effort(progress, f"evaluating {p.model}: {p.attack} (batch {p.batch}/{p.batches})")
 

@@ -12,7 +12,7 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 
 class Stage(enum.StrEnum):
@@ -50,8 +50,7 @@ class EpochRecord:
         return asdict(self)
 
 
-@dataclass
-class EvaluationProgress:
+class EvaluationProgress(BaseModel):
     """The final report's progress: which model and attack, how far, and the robust accuracy so far; the
     fraction of the whole final evaluation done (every model and attack, by planned work) and its ETA."""
 
@@ -65,8 +64,7 @@ class EvaluationProgress:
     images_per_sec: Annotated[float | None, Field(description="of this model's attack so far")] = None
 
 
-@dataclass
-class JobProgress:
+class JobProgress(BaseModel):
     """A job's progress as the service reports it (a job's `progress`): the training's last step, then the final
     evaluation's, with the fraction and the ETA of the whole job. All empty until the first step."""
 
@@ -81,7 +79,7 @@ class JobProgress:
     evaluation: Annotated[EvaluationProgress | None, Field(description="the final report's progress, once it has started")] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 class TrainingCallbacks:

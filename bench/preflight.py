@@ -25,7 +25,7 @@ from bench import user_data
 from core.engine.callbacks import Stage, TrainingCallbacks
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint, split_validation
 from core.engine.estimates import DEVICE_RATES, DataShape
-from core.engine.job import run_job
+from core.engine.pipeline import run_job
 from core.engine.preflight import device_class, preflight
 from core.engine.sources import load_digits, load_splits
 from core.engine.spec import JobSpec, build_spec

@@ -10,7 +10,7 @@ from torch import nn
 from core.engine.attacks import AutoAttackSet
 from core.engine.datasets import DatasetSplits, ImageDataset, fingerprint
 from core.engine.evaluation import autoattack_accuracy
-from core.engine.job import run_job
+from core.engine.pipeline import run_job
 
 from .conftest import tiny_spec
 

@@ -22,7 +22,7 @@ from core.engine.evaluation import (
     predictions,
     subset_warning,
 )
-from core.engine.job import run_job
+from core.engine.pipeline import run_job
 from core.engine.report import metric_label, pgd_key, report_keys
 
 from .conftest import tiny_spec

@@ -11,7 +11,7 @@ import torch
 from peeraid_models import create_model, list_models
 from torch import nn
 
-from core.engine import job as job_module
+from core.engine import pipeline
 from core.engine.attacks import AutoAttackSet
 from core.engine.export import (
     ExportError,
@@ -22,8 +22,8 @@ from core.engine.export import (
     verify_onnx,
     verify_program,
 )
-from core.engine.job import ARTIFACTS, run_job
 from core.engine.model_card import model_card_markdown
+from core.engine.pipeline import ARTIFACTS, run_job
 from core.engine.spec import build_spec
 
 from .conftest import tiny_spec
@@ -319,7 +319,7 @@ def test_a_failed_export_is_recorded_and_the_training_result_kept(tiny_splits, t
     def broken(model, path, input_shape):
         raise ExportError("ONNX logits differ from PyTorch by 1 at batch 8")
 
-    monkeypatch.setitem(job_module.EXPORT_FORMATS, "onnx", broken)
+    monkeypatch.setitem(pipeline.EXPORT_FORMATS, "onnx", broken)
     result = run_job(_tiny_job_spec(), tiny_splits, tmp_path)
     card = json.loads(result.artifacts["model_card"].read_text())
     for model in ("student", "swa_student"):

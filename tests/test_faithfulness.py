@@ -186,7 +186,7 @@ def test_per_epoch_validation_uses_the_specs_pgd_steps_and_epsilon(tiny_splits, 
 
 def test_the_model_card_states_the_protocol_the_execution_and_the_report_attack(tiny_splits, tmp_path):
     from core.engine.datasets import DatasetSplits, fingerprint
-    from core.engine.job import run_job
+    from core.engine.pipeline import run_job
 
     train, test = tiny_splits.train, tiny_splits.test
     paper = DatasetSplits("digits-tiny", train, test, test, fingerprint(train, test, test), selection="test")

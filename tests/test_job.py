@@ -17,7 +17,7 @@ from core.engine.callbacks import TrainingCallbacks
 from core.engine.errors import CheckpointError, TrainingCancelled
 from core.engine.evaluation import accuracies, evaluation_sample
 from core.engine.export import load_model
-from core.engine.job import ARTIFACTS, export_checkpoint_student, run_job
+from core.engine.pipeline import ARTIFACTS, export_checkpoint_student, run_job
 from core.engine.sources import load_splits
 from core.engine.spec import build_spec
 from core.engine.state_io import load_tensors, unprefixed

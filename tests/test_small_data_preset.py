@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench import user_data
-from core.engine.job import run_job
+from core.engine.pipeline import run_job
 from core.engine.sources import load_splits
 from core.engine.spec import build_spec
 from core.engine.trainer import Trainer

@@ -25,7 +25,7 @@ from core.engine.errors import (
     TrainingDiverged,
 )
 from core.engine.estimates import DataShape
-from core.engine.job import JobResult, export_checkpoint_student, run_job
+from core.engine.pipeline import JobResult, export_checkpoint_student, run_job
 from core.engine.preflight import device_class, preflight
 from core.engine.sources import load_splits
 from core.engine.spec import build_spec

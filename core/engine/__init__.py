@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from .errors import EngineError
     from .export import load_model
-    from .job import run_job
+    from .pipeline import run_job
     from .sources import load_splits
     from .spec import PRESETS, JobSpec, build_spec
 
@@ -36,7 +36,7 @@ _EXPORTS = {
     "list_models": "peeraid_models",
     "load_model": ".export",
     "load_splits": ".sources",
-    "run_job": ".job",
+    "run_job": ".pipeline",
 }
 
 __all__ = ["PRESETS", "EngineError", "JobSpec", "build_spec", "create_model", "list_models", "load_model", "load_splits", "run_job"]

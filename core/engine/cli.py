@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .builtin_datasets import BUILTIN_DATASETS
 from .callbacks import EpochRecord, EvaluationProgress, Stage, StepProgress, TrainingCallbacks
 from .errors import DatasetError, SpecError
-from .job import JobResult, run_job
+from .pipeline import JobResult, run_job
 from .report import AUTOATTACK_KEY, metric_label
 from .sources import load_splits
 from .spec import PRESETS, build_spec, merge_overrides

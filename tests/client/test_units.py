@@ -101,7 +101,7 @@ def test_set_assignments_nest_and_parse_json():
 
 def test_the_clients_artifact_and_status_names_are_the_services():
     from core.db.models import JobStatus
-    from core.engine.job import ARTIFACTS
+    from core.engine.pipeline import ARTIFACTS
     from peeraid_client.cli import JOB_STATUSES
     from peeraid_client.client import ARTIFACT_NAMES
 
